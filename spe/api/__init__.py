@@ -1,0 +1,1 @@
+"""The SPE HTTP API: one FastAPI app composed of the packages' routers."""

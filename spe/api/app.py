@@ -1,0 +1,56 @@
+"""Compose the SPE API from the packages' routers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+
+import spe
+from spe.api import problems
+from spe.api.routers import health
+from spe.api.state import AppState
+from spe.config import Settings, get_settings
+from spe.db import Database
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    db = db or Database(settings.resolved_database_url)
+    app = FastAPI(
+        title="Secure Processing Environment API",
+        version=spe.__version__,
+        description="API of the SPE: permits for access bodies, DP queries for researchers, "
+        "datasets, exports and audit for hospital admins. Errors are RFC 9457 problem details.",
+    )
+    app.state.spe = AppState(settings=settings, db=db)
+    problems.install(app)
+
+    @app.middleware("http")
+    async def _request_context(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request.state.request_id = uuid.uuid4().hex
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
+            return problems.problem(413, "payload-too-large", "Payload too large",
+                                    f"Request bodies are limited to {settings.max_request_bytes} "
+                                    "bytes.", request)
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    app.include_router(health.router)
+    for router in _package_routers():
+        app.include_router(router)
+    return app
+
+
+def _package_routers() -> list:  # type: ignore[type-arg]
+    """Routers of the packages; each package adds its own import here."""
+    from spe.api.routers import datasets
+
+    return [datasets.router]

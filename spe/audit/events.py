@@ -1,0 +1,52 @@
+"""The typed audit event. Packages name their actions ``domain.verb`` (e.g. ``dataset.ingest``).
+
+An event records who did what, when, under which permit, to what, and how it ended. It never
+holds data values, tokens or secrets: ``details`` is for identifiers, counts, hashes and costs.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_ACTION = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"
+    REFUSED = "refused"
+    FAILURE = "failure"
+
+
+class AuditEvent(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    action: str = Field(description="domain.verb, e.g. dataset.ingest, permit.revoke")
+    actor: str = Field(description="who: Keycloak subject/username, client id, or 'system'")
+    role: str | None = Field(None, description="the role the actor acted in")
+    permit_id: str | None = Field(None, description="the permit the act was done under")
+    target: str | None = Field(None, description="what was acted on (id or name)")
+    outcome: Outcome = Outcome.SUCCESS
+    reason: str | None = Field(None, description="why it was refused or failed")
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    details: dict[str, Any] = Field(default_factory=dict)
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("action")
+    @classmethod
+    def _action_shape(cls, value: str) -> str:
+        if not _ACTION.match(value):
+            raise ValueError("action must look like 'domain.verb'")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("audit time must be timezone-aware")
+        return value.astimezone(UTC)

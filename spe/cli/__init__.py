@@ -1,0 +1,1 @@
+"""The `spe` command for operators."""

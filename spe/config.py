@@ -1,0 +1,180 @@
+"""One settings object for the whole SPE.
+
+Values come, highest priority first, from keyword arguments, environment variables
+(``SPE_`` prefix, e.g. ``SPE_DATABASE_URL``) and an optional TOML file (``spe.toml`` in the
+working directory, or the path in ``SPE_CONFIG``). Every option states whether and how it is
+enforced. Outside the ``dev`` profile, default secrets are refused at load time.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEV_SECRET = "dev-only-insecure-secret-change-me"  # noqa: S105 - refused outside dev
+DEV_KEYCLOAK_ADMIN_PASSWORD = "admin"  # noqa: S105 - refused outside dev
+
+Profile = Literal["dev", "test", "prod"]
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("SPE_CONFIG", "spe.toml"))
+
+
+class Settings(BaseSettings):
+    """Settings of one SPE installation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPE_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    profile: Profile = Field(
+        "dev",
+        description="Deployment profile. Enforced: outside 'dev', default secrets and "
+        "an unset secret_key make loading fail.",
+    )
+    data_dir: Path = Field(
+        Path("var"),
+        description="Directory for everything the SPE stores (control database, dataset "
+        "store, keys, workspaces). Created on first use; the dataset store inside it is "
+        "created with mode 0700.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the control-plane database. Default: a SQLite file "
+        "`control.db` in data_dir. PostgreSQL: postgresql+psycopg://user:pw@host:port/db.",
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(DEV_SECRET),
+        description="Server secret used to sign release receipts and workspace tokens. "
+        "Enforced: refused outside the dev profile while it is the default or shorter "
+        "than 32 characters.",
+    )
+    api_host: str = Field("127.0.0.1", description="Address the SPE API listens on.")
+    api_port: int = Field(8600, ge=1, le=65535, description="Port of the SPE API.")
+    public_url: str | None = Field(
+        None, description="URL under which the API is reached; default http://api_host:api_port."
+    )
+    keycloak_url: str | None = Field(
+        None,
+        description="Base URL of an external Keycloak (e.g. https://id.example.org). "
+        "Unset: `spe up` starts the bundled Keycloak from infra/keycloak on keycloak_port.",
+    )
+    keycloak_port: int = Field(
+        8180, ge=1, le=65535, description="Port of the bundled Keycloak started by `spe up`."
+    )
+    keycloak_realm: str = Field("spe", description="Keycloak realm holding the SPE's users.")
+    keycloak_admin_user: str = Field("admin", description="Keycloak admin user for provisioning.")
+    keycloak_admin_password: SecretStr = Field(
+        SecretStr(DEV_KEYCLOAK_ADMIN_PASSWORD),
+        description="Password of keycloak_admin_user. Enforced: the default is refused "
+        "outside the dev profile.",
+    )
+    api_audience: str = Field(
+        "spe-api", description="Audience the API requires in every bearer token (enforced)."
+    )
+    token_leeway_seconds: int = Field(
+        30, ge=0, le=120, description="Clock skew allowed on exp/nbf checks (enforced)."
+    )
+    workspace_token_ttl_seconds: int = Field(
+        900, ge=60, le=86400, description="Lifetime of workspace tokens (enforced at validation)."
+    )
+    duckdb_memory_limit: str = Field(
+        "2GB", description="Memory limit of each DuckDB query connection (enforced by DuckDB)."
+    )
+    duckdb_threads: int = Field(
+        2, ge=1, le=256, description="Threads per DuckDB query connection (enforced by DuckDB)."
+    )
+    query_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="Wall-clock limit of one DP query (enforced: interrupted)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of the structured JSON logs."
+    )
+    max_request_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        description="Largest request body the API accepts (enforced before parsing).",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("only sqlite:// and postgresql:// URLs are supported")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.profile == "dev":
+            return self
+        problems = []
+        secret = self.secret_key.get_secret_value()
+        if secret == DEV_SECRET or len(secret) < 32:
+            problems.append("secret_key must be set to a random value of at least 32 characters")
+        if self.keycloak_admin_password.get_secret_value() == DEV_KEYCLOAK_ADMIN_PASSWORD:
+            problems.append("keycloak_admin_password must not be the default")
+        if problems:
+            raise ValueError(f"profile {self.profile!r} refuses default secrets: " + "; ".join(problems))
+        return self
+
+    # Derived locations -------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'control.db').resolve()}"
+
+    @property
+    def store_dir(self) -> Path:
+        """Dataset store: DuckDB files owned by the service, never mounted in a workspace."""
+        return self.data_dir / "store"
+
+    @property
+    def keycloak_base_url(self) -> str:
+        return self.keycloak_url or f"http://127.0.0.1:{self.keycloak_port}"
+
+    @property
+    def api_base_url(self) -> str:
+        return self.public_url or f"http://{self.api_host}:{self.api_port}"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every option with its current value (secrets masked) and its documentation."""
+        rows = []
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********"
+            rows.append({"name": name, "value": value, "help": field.description})
+        return rows
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build their own ``Settings``)."""
+    return Settings()

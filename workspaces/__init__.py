@@ -1,0 +1,1 @@
+"""Researchers' enclave: sandboxed per-permit Jupyter servers, extracts and Ray."""
