@@ -140,7 +140,9 @@ class Settings(BaseSettings):
         if self.keycloak_admin_password.get_secret_value() == DEV_KEYCLOAK_ADMIN_PASSWORD:
             problems.append("keycloak_admin_password must not be the default")
         if problems:
-            raise ValueError(f"profile {self.profile!r} refuses default secrets: " + "; ".join(problems))
+            raise ValueError(
+                f"profile {self.profile!r} refuses default secrets: " + "; ".join(problems)
+            )
         return self
 
     # Derived locations -------------------------------------------------------------------

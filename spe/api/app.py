@@ -33,7 +33,10 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     ) -> Response:
         request.state.request_id = uuid.uuid4().hex
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
+        too_big = length is not None and (
+            not length.isdigit() or int(length) > settings.max_request_bytes
+        )
+        if too_big:
             return problems.problem(413, "payload-too-large", "Payload too large",
                                     f"Request bodies are limited to {settings.max_request_bytes} "
                                     "bytes.", request)
@@ -51,6 +54,11 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
 def _package_routers() -> list:  # type: ignore[type-arg]
     """Routers of the packages; each package adds its own import here."""
+    from permits import api as permits_api
     from spe.api.routers import datasets
+    from spe.auth import api as auth_api
+    from spe.dp import api as dp_api
+    from workspaces import api as workspaces_api
 
-    return [datasets.router]
+    return [datasets.router, auth_api.router, permits_api.router, dp_api.router,
+            workspaces_api.router]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -27,7 +28,7 @@ def test_chain_links_and_verifies(db: Database) -> None:
         entries = s.query(AuditEntry).order_by(AuditEntry.seq).all()
     assert report.ok and report.entries == 5
     assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
-    for prev, cur in zip(entries, entries[1:], strict=False):
+    for prev, cur in itertools.pairwise(entries):
         assert cur.prev_hash == prev.entry_hash
 
 

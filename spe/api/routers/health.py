@@ -7,8 +7,8 @@ from pydantic import BaseModel
 from sqlalchemy import text
 
 import spe
-from spe.db import Database
 from spe.api.state import get_db
+from spe.db import Database
 
 router = APIRouter(tags=["health"])
 

@@ -1,0 +1,5 @@
+"""HTTP routes of this package."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

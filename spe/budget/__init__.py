@@ -1,0 +1,1 @@
+"""Privacy budget ledger: reserve-then-run accounting per permit."""

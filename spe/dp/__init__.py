@@ -1,0 +1,1 @@
+"""DP query engine: parse, plan, mechanisms, engine."""
