@@ -19,6 +19,7 @@ from spe.db import Database
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 PG_URL = os.environ.get("SPE_TEST_POSTGRES_URL")
+pytest_plugins = ["tests.keycloak_fixtures"]
 
 
 def _fresh_pg_database() -> tuple[str, str]:

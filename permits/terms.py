@@ -1,0 +1,85 @@
+"""What a permit allows, as the enforcing parts of the SPE see it.
+
+``PermitTerms`` is the read-only view that the DP engine, the workspaces and the airlock take
+from a permit (``permits.service.get_terms``). It is computed from the newest version of the
+permit and its *effective* status (a permit past ``valid_until`` is ``expired`` even before the
+expiry sweeper has recorded it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class PermitStatus(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class AccessMode(StrEnum):
+    DP_ONLY = "dp_only"
+    PSEUDONYMISED = "pseudonymised"
+
+
+@dataclass(frozen=True)
+class DatasetGrant:
+    """One dataset of the permit and, per table, the columns allowed."""
+
+    dataset: str
+    tables: dict[str, frozenset[str]]
+
+
+@dataclass(frozen=True)
+class PrivacyBudget:
+    epsilon: float
+    delta: float
+    max_epsilon_per_query: float
+    per_person_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class ExportPolicy:
+    min_cell_count: int = 10
+    allowed_kinds: frozenset[str] = frozenset({"csv", "parquet", "png", "pdf", "txt"})
+    reviewers: int = 2
+
+
+@dataclass(frozen=True)
+class ComputeQuota:
+    gpus: int = 0
+    cpus: float = 1.0
+    memory_mb: int = 2048
+    disk_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class PermitTerms:
+    permit_id: str
+    version: int
+    access_body: str
+    status: PermitStatus
+    valid_from: datetime
+    valid_until: datetime
+    persons: frozenset[str]
+    access_mode: AccessMode
+    datasets: tuple[DatasetGrant, ...]
+    budget: PrivacyBudget
+    export: ExportPolicy = field(default_factory=ExportPolicy)
+    compute: ComputeQuota = field(default_factory=ComputeQuota)
+
+    @property
+    def usable(self) -> bool:
+        return self.status is PermitStatus.ACTIVE
+
+    def names(self, person: str) -> bool:
+        return person in self.persons
+
+    def allowed_columns(self, dataset: str, table: str) -> frozenset[str]:
+        for grant in self.datasets:
+            if grant.dataset == dataset:
+                return grant.tables.get(table, frozenset())
+        return frozenset()
