@@ -77,6 +77,27 @@ def audit_verify() -> None:
     raise typer.Exit(1)
 
 
+@audit_app.command("export")
+def audit_export(
+    after: int = typer.Option(0, help="Only entries with a sequence number above this."),
+) -> None:
+    """Write the audit log as JSON lines (one entry per line, with its hashes) to stdout."""
+    from sqlalchemy import select
+
+    from spe.audit.models import AuditEntry
+    from spe.audit.writer import entry_fields
+
+    db = database()
+    with db.read() as session:
+        rows = session.execute(
+            select(AuditEntry).where(AuditEntry.seq > after).order_by(AuditEntry.seq)
+        ).scalars()
+        for entry in rows:
+            line = {"seq": entry.seq, **entry_fields(entry), "prev_hash": entry.prev_hash,
+                    "entry_hash": entry.entry_hash}
+            typer.echo(json.dumps(line, sort_keys=True))
+
+
 @app.command()
 def openapi() -> None:
     """Print the OpenAPI document (no service is started, no database is touched)."""
