@@ -26,6 +26,17 @@ class ColumnMeta(BaseModel):
     public_values: list[str | int] | None = Field(
         None, description="declared public value set: group keys released in full"
     )
+    year_lower: int | None = Field(
+        None, description="DATE/TIMESTAMP columns: first calendar year of the declared range"
+    )
+    year_upper: int | None = Field(
+        None, description="DATE/TIMESTAMP columns: last calendar year of the declared range "
+        "(the years year_lower..year_upper are public group keys)"
+    )
+    dp_source: str | None = Field(
+        None, description="where the DP metadata came from: 'default' (built in), "
+        "'declared' (the data holder's spe-metadata file) or None (nothing declared)"
+    )
 
 
 class TableMeta(BaseModel):
@@ -42,6 +53,10 @@ class TableMeta(BaseModel):
     )
     unique_key: list[str] = Field(
         default_factory=list, description="key checked unique at ingest (reference tables)"
+    )
+    row_rank_column: str | None = Field(
+        None, description="ROW_RANK_COLUMN when the table has one (person-level tables); "
+        "it is not listed in columns and must never be released"
     )
 
     def column(self, name: str) -> ColumnMeta | None:
