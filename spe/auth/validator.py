@@ -1,34 +1,59 @@
 """The bearer-token validator an app uses, kept in ``AppState.extras``.
 
-``get_validator(state)`` returns the app's :class:`TokenValidator` (created on first use from
-``state.settings`` and ``state.db``). ``validate(token)`` returns a Principal or raises
-NotAuthenticated.
+``get_validator(state)`` returns the app's :class:`TokenValidator`, built once per app from
+``state.settings`` and ``state.db`` (tests or deployments may put their own object with a
+``validate(token) -> Principal`` method under :data:`EXTRAS_KEY` first).
+``validate(token)`` returns a Principal or raises NotAuthenticated (401); it routes SPE
+workspace tokens to :class:`WorkspaceTokenValidator` and everything else to
+:class:`KeycloakTokenValidator`; each verifies the signature with its own keys only.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from spe.api.state import AppState
+from spe.auth.keycloak_tokens import KeycloakTokenValidator
 from spe.auth.principal import Principal
+from spe.auth.workspace_tokens import WorkspaceTokenValidator, is_workspace_token
+from spe.config import Settings
+from spe.db import Database
 from spe.errors import NotAuthenticated
 
 EXTRAS_KEY = "auth.validator"
+_MAX_TOKEN_BYTES = 16_384
+_build_lock = threading.Lock()
 
 
 class TokenValidator(Protocol):
     def validate(self, token: str) -> Principal: ...
 
 
-class _Unavailable:
+class SPETokenValidator:
+    """Keycloak access tokens and SPE workspace tokens."""
+
+    def __init__(self, settings: Settings, db: Database,
+                 extras: Mapping[str, Any] | None = None) -> None:
+        self.keycloak = KeycloakTokenValidator(settings)
+        self.workspace = WorkspaceTokenValidator(settings, db, extras)
+
     def validate(self, token: str) -> Principal:
-        raise NotAuthenticated("Token validation is not configured on this server.")
+        if len(token) > _MAX_TOKEN_BYTES:
+            raise NotAuthenticated("The bearer token is too long.")
+        if is_workspace_token(token):
+            return self.workspace.validate(token)
+        return self.keycloak.validate(token)
 
 
 def get_validator(state: AppState) -> TokenValidator:
     """The app's validator, built once per app."""
     validator = state.extras.get(EXTRAS_KEY)
     if validator is None:
-        validator = _Unavailable()
-        state.extras[EXTRAS_KEY] = validator
+        with _build_lock:
+            validator = state.extras.get(EXTRAS_KEY)
+            if validator is None:
+                validator = SPETokenValidator(state.settings, state.db, state.extras)
+                state.extras[EXTRAS_KEY] = validator
     return validator  # type: ignore[no-any-return]

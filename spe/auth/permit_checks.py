@@ -1,0 +1,44 @@
+"""Where the permits package tells the identity package whether a permit is active.
+
+Contract: a permit checker is ``fn(session, permit_id) -> bool``, True only while the permit
+is active (not suspended, revoked or expired). The permits package registers one at import
+with :func:`register_permit_checker`; an app may override it by putting a checker in
+``AppState.extras[CHECKER_KEY]``. When none is registered, workspace tokens are refused:
+safe by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+PermitChecker = Callable[[Session, str], bool]
+
+CHECKER_KEY = "auth.permit_checker"
+_registered: PermitChecker | None = None
+
+
+def register_permit_checker(fn: PermitChecker | None) -> None:
+    """Register the process-wide permit checker (``None`` removes it)."""
+    global _registered
+    _registered = fn
+
+
+def get_permit_checker(extras: Mapping[str, Any] | None = None) -> PermitChecker | None:
+    """The app's checker if set in ``extras``, else the registered one, else None."""
+    if extras is not None:
+        override = extras.get(CHECKER_KEY)
+        if override is not None:
+            return override  # type: ignore[no-any-return]
+    return _registered
+
+
+def permit_is_active(session: Session, permit_id: str,
+                     extras: Mapping[str, Any] | None = None) -> bool:
+    """True only when a checker is registered and says the permit is active."""
+    checker = get_permit_checker(extras)
+    if checker is None:
+        return False
+    return bool(checker(session, permit_id))
