@@ -1,0 +1,490 @@
+"""Ingest OMOP CDM 5.4 exports into one DuckDB file per dataset.
+
+Contract of ``ingest(db, settings, name, source, principal)``:
+
+* ``source`` is a directory of table files as data holders export them: ``person.csv`` or
+  ``PERSON.csv`` (also ``.tsv``/``.txt``; comma or tab separated, detected from the header;
+  header names quoted or not) or ``person.parquet``. Other file kinds (e.g. the declaration
+  ``spe-metadata.yaml``, READMEs) are ignored; a data file that is not a CDM table is an error.
+* Column names are matched case-insensitively; unknown columns, duplicated columns and missing
+  required columns are errors; missing optional columns are stored as NULL. Values get the
+  spec's DuckDB types. A bad value, a wrong number of fields, a truncated line, a NULL in a
+  required column or a duplicated primary key (``person_id`` in ``person``) is an
+  ``IngestError`` naming the file, line (for Parquet: row) and column — never the value.
+* Every table holding ``person_id`` gets ``ROW_RANK_COLUMN``: a uniformly random rank of the row
+  among the person's rows (1..n), computed once here.
+* Atomic: the database is built in a temporary file in the store directory (mode 0700), moved to
+  ``<name>.duckdb`` (mode 0600) and registered — ``DatasetRecord`` row plus a ``dataset.ingest``
+  audit event — in one control-database transaction. Any failure leaves neither file nor row,
+  and is itself audited (outcome ``failure``, with the reason) in a separate transaction.
+* An existing dataset name is refused (``Conflict``); nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from tqdm import tqdm
+
+from spe.audit import AuditEvent, Outcome, record
+from spe.auth.principal import Principal
+from spe.config import Settings
+from spe.datasets import defaults
+from spe.datasets.metadata import (
+    PRIVACY_UNIT,
+    ROW_RANK_COLUMN,
+    DatasetMetadata,
+    TableMeta,
+)
+from spe.datasets.models import DatasetRecord
+from spe.datasets.omop_spec import CDM_VERSION, TableSpec, load_spec
+from spe.db import Database
+from spe.errors import Conflict, IngestError, SPEError
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+DELIMITED = {".csv", ".tsv", ".txt"}
+DATA_SUFFIXES = DELIMITED | {".parquet"}
+STORE_SUFFIX = ".duckdb"
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_HEADER_LIMIT = 1 << 20
+_REJECT_TEXT = {
+    "CAST": "value does not match the column type",
+    "MISSING COLUMNS": "too few fields (truncated or short line)",
+    "TOO MANY COLUMNS": "too many fields",
+    "UNQUOTED VALUE": "badly quoted value (unterminated or stray quote; truncated file?)",
+    "LINE SIZE OVER MAXIMUM": "line too long",
+    "INVALID UNICODE": "not valid UTF-8",
+    "INVALID STATE": "malformed line",
+}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One table file found in the source directory."""
+
+    table: str
+    path: Path
+    kind: str  # "csv", "tsv" or "parquet"
+    delimiter: str | None
+    columns: tuple[str, ...]  # lower-case, in file order
+
+
+@dataclass
+class IngestResult:
+    """What ``ingest`` registered, with wall seconds per table (load + checks + rank)."""
+
+    name: str
+    metadata: DatasetMetadata
+    path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {t: m.row_count for t, m in self.metadata.tables.items()}
+
+
+def store_path(settings: Settings, name: str) -> Path:
+    return settings.store_dir / f"{name}{STORE_SUFFIX}"
+
+
+def ensure_store(settings: Settings) -> Path:
+    """Create the dataset store (mode 0700) and tighten its mode if it exists."""
+    store = settings.store_dir
+    store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(store, 0o700)
+    return store
+
+
+def check_name(name: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise IngestError(
+            "dataset names are 1-63 characters: a lower-case letter, then lower-case letters, "
+            "digits, '_' or '-'")
+
+
+# Discovery -------------------------------------------------------------------------------
+
+
+def _describe(column: str, position: int) -> str:
+    """A header entry safe to echo: identifiers by name, anything else by position only."""
+    return repr(column) if _IDENT.match(column) else f"field {position} of the header"
+
+
+def _read_header(path: Path) -> tuple[str, str]:
+    """First line of a delimited file (without BOM/line end) and the detected delimiter."""
+    with path.open("rb") as fh:
+        raw = fh.readline(_HEADER_LIMIT)
+    if not raw.strip():
+        raise IngestError(f"{path.name}: the file is empty (a header line is required)")
+    if not raw.endswith(b"\n") and len(raw) >= _HEADER_LIMIT:
+        raise IngestError(f"{path.name} line 1: header line too long")
+    try:
+        line = raw.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise IngestError(f"{path.name} line 1: header is not valid UTF-8") from None
+    unquoted = re.sub(r'"[^"]*"', "", line)
+    tabs, commas = unquoted.count("\t"), unquoted.count(",")
+    if tabs or commas:
+        delimiter = "\t" if tabs >= commas else ","
+    else:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    return line, delimiter
+
+
+def _header_columns(path: Path, line: str, delimiter: str) -> tuple[str, ...]:
+    fields = next(csv.reader([line], delimiter=delimiter, quotechar='"'))
+    return tuple(f.strip().strip('"').strip().lower() for f in fields)
+
+
+def _check_columns(path: Path, spec: TableSpec, columns: tuple[str, ...]) -> None:
+    known = set(spec.column_names)
+    problems = []
+    seen: set[str] = set()
+    for position, column in enumerate(columns, start=1):
+        if column in seen:
+            problems.append(f"column {_describe(column, position)} appears twice")
+        seen.add(column)
+        if column not in known:
+            problems.append(f"unknown column {_describe(column, position)} "
+                            f"(not in OMOP CDM {CDM_VERSION} {spec.name})")
+    missing = [c for c in spec.required_columns if c not in seen]
+    if missing:
+        problems.append("missing required column(s): " + ", ".join(missing))
+    if problems:
+        hint = "" if all(_IDENT.match(c) for c in columns) else " (is the header missing?)"
+        raise IngestError(f"{path.name} line 1 (header): " + "; ".join(problems) + hint)
+
+
+def discover(source: Path) -> list[SourceFile]:
+    """The table files in ``source``, checked against the spec (see module docstring)."""
+    if not source.is_dir():
+        raise IngestError(f"{source}: not a directory of OMOP table files")
+    specs = load_spec()
+    found: dict[str, SourceFile] = {}
+    for path in sorted(source.iterdir()):
+        suffix = path.suffix.lower()
+        if not path.is_file() or path.name.startswith(".") or suffix not in DATA_SUFFIXES:
+            continue
+        table = path.stem.lower()
+        spec = specs.get(table)
+        if spec is None:
+            raise IngestError(f"{path.name}: not an OMOP CDM {CDM_VERSION} table "
+                              "(file names must be table names, e.g. person.csv)")
+        if table in found:
+            raise IngestError(f"{path.name} and {found[table].path.name} both hold table "
+                              f"{table}; keep one")
+        if suffix == ".parquet":
+            try:
+                names = pq.read_schema(path).names
+            except (OSError, ValueError):  # pyarrow.ArrowInvalid is a ValueError
+                raise IngestError(f"{path.name}: not a readable Parquet file") from None
+            columns = tuple(n.strip().lower() for n in names)
+            sf = SourceFile(table, path, "parquet", None, columns)
+        else:
+            line, delimiter = _read_header(path)
+            columns = _header_columns(path, line, delimiter)
+            sf = SourceFile(table, path, "tsv" if delimiter == "\t" else "csv", delimiter,
+                            columns)
+        _check_columns(path, spec, sf.columns)
+        found[table] = sf
+    if not found:
+        raise IngestError(f"{source}: no OMOP table files (.csv, .tsv, .txt or .parquet)")
+    if "person" not in found:
+        raise IngestError(f"{source}: the person table is required (it defines the "
+                          "privacy unit person_id)")
+    return list(found.values())
+
+
+def content_hash(files: list[Path]) -> str:
+    """SHA-256 over the files' names, sizes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Loading ---------------------------------------------------------------------------------
+
+
+def _q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                     stage: str) -> None:
+    types = spec.duckdb_columns()
+    columns = "{" + ", ".join(f"{_lit(c)}: {_lit(types[c])}" for c in sf.columns) + "}"
+    rejects, scan = f"{stage}_rejects", f"{stage}_scan"
+    assert sf.delimiter is not None
+    con.execute(
+        f"CREATE TEMP TABLE {stage} AS SELECT * FROM read_csv({_lit(str(sf.path))}, "
+        f"auto_detect=false, header=true, delim={_lit(sf.delimiter)}, quote='\"', "
+        f"escape='\"', columns={columns}, store_rejects=true, "
+        f"rejects_table={_lit(rejects)}, rejects_scan={_lit(scan)})")
+    first = con.execute(
+        f"SELECT line, column_idx, column_name, CAST(error_type AS VARCHAR) FROM {rejects} "
+        "ORDER BY line, column_idx LIMIT 1").fetchone()
+    if first is not None:
+        total = con.execute(f"SELECT count(*) FROM {rejects}").fetchone()
+        line, idx, column, kind = first
+        where = f"column {column}" if column else f"field {idx}"
+        if kind == "CAST":
+            where += f" ({types.get(str(column).lower(), '?')})"
+        more = f" ({int(total[0]) - 1} more bad line(s))" if total and total[0] > 1 else ""
+        raise IngestError(f"{sf.path.name} line {line}, {where}: "
+                          f"{_REJECT_TEXT.get(kind, kind.lower())}{more}")
+
+
+def _stage_parquet(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                   stage: str) -> None:
+    types = spec.duckdb_columns()
+    src = f"read_parquet({_lit(str(sf.path))}, file_row_number=true)"
+    originals = pq.read_schema(sf.path).names
+    by_lower = {n.strip().lower(): n for n in originals}
+    for column in sf.columns:
+        orig = _q(by_lower[column])
+        bad = con.execute(
+            f"SELECT min(file_row_number) FROM {src} WHERE {orig} IS NOT NULL "
+            f"AND TRY_CAST({orig} AS {types[column]}) IS NULL").fetchone()
+        if bad is not None and bad[0] is not None:
+            raise IngestError(f"{sf.path.name} row {int(bad[0]) + 1}, column {column} "
+                              f"({types[column]}): value does not match the column type")
+    select_list = ", ".join(
+        f"TRY_CAST({_q(by_lower[c])} AS {types[c]}) AS {_q(c)}" for c in sf.columns)
+    con.execute(f"CREATE TEMP TABLE {stage} AS SELECT {select_list} FROM {src} "
+                "ORDER BY file_row_number")
+
+
+def _line(sf: SourceFile, rowid: int) -> str:
+    """Where staged row ``rowid`` came from (header is line 1; Parquet rows count from 1)."""
+    if sf.kind == "parquet":
+        return f"row {rowid + 1}"
+    return f"line {rowid + 2}"
+
+
+def _check_stage(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                 stage: str) -> int:
+    """Required columns hold no NULL and the primary key is unique; returns the row count."""
+    required = [c for c in spec.required_columns if c in sf.columns]
+    counts = [f"count(*) FILTER (WHERE {_q(c)} IS NULL)" for c in required]
+    row = con.execute(f"SELECT count(*) {''.join(', ' + c for c in counts)} "
+                      f"FROM {stage}").fetchone()
+    assert row is not None
+    rows = int(row[0])
+    for column, nulls in zip(required, row[1:], strict=True):
+        if nulls:
+            first = con.execute(f"SELECT min(rowid) FROM {stage} "
+                                f"WHERE {_q(column)} IS NULL").fetchone()
+            assert first is not None
+            raise IngestError(f"{sf.path.name} {_line(sf, int(first[0]))}, column {column}: "
+                              f"required value is empty ({nulls} row(s) in all)")
+    for key in spec.primary_key:
+        if key not in sf.columns:
+            continue
+        dup = con.execute(f"SELECT count(*) - count(DISTINCT {_q(key)}) "
+                          f"FROM {stage}").fetchone()
+        if dup and dup[0]:
+            first = con.execute(
+                f"SELECT min(rowid) FROM (SELECT rowid, row_number() OVER "
+                f"(PARTITION BY {_q(key)} ORDER BY rowid) AS n FROM {stage}) WHERE n > 1"
+            ).fetchone()
+            assert first is not None
+            raise IngestError(f"{sf.path.name} {_line(sf, int(first[0]))}, column {key}: "
+                              f"duplicate {key} ({dup[0]} duplicate row(s) in all; "
+                              f"{key} must be unique in {spec.name})")
+    return rows
+
+
+def _build_table(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                 stage: str) -> None:
+    cols = [
+        _q(f.name) if f.name in sf.columns else f"CAST(NULL AS {f.duckdb_type}) AS {_q(f.name)}"
+        for f in spec.fields
+    ]
+    source = stage
+    if spec.has_person_id:
+        # Window ORDER BY may not be volatile: draw the random key in a subquery.
+        source = f"(SELECT *, random() AS _spe_draw FROM {stage})"
+        cols.append(f"row_number() OVER (PARTITION BY {_q(PRIVACY_UNIT)} ORDER BY _spe_draw) "
+                    f"AS {_q(ROW_RANK_COLUMN)}")
+    con.execute(f"CREATE TABLE {_q(spec.name)} AS SELECT {', '.join(cols)} FROM {source}")
+    con.execute(f"DROP TABLE {stage}")
+
+
+def _table_meta(spec: TableSpec, rows: int, decl: defaults.Declaration) -> TableMeta:
+    columns = [defaults.column_meta(spec.name, f.name, f.duckdb_type, f.required, decl)
+               for f in spec.fields]
+    person = spec.has_person_id
+    return TableMeta(
+        name=spec.name,
+        columns=columns,
+        row_count=rows,
+        privacy_unit=PRIVACY_UNIT if person else None,
+        max_rows_per_person=defaults.max_rows_per_person(spec.name, decl),
+        unique_key=spec.primary_key,
+        row_rank_column=ROW_RANK_COLUMN if person else None,
+    )
+
+
+def _source_format(files: list[SourceFile]) -> str:
+    kinds = {f.kind for f in files}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def build_database(settings: Settings, name: str, files: list[SourceFile],
+                   decl: defaults.Declaration, target: Path, *,
+                   progress: bool = False) -> tuple[dict[str, TableMeta], dict[str, float]]:
+    """Load ``files`` into a new DuckDB file ``target``; per-table metadata and seconds."""
+    specs = load_spec()
+    tmpdir = target.parent / f".{target.name}.spill"
+    tables: dict[str, TableMeta] = {}
+    seconds: dict[str, float] = {}
+    con = duckdb.connect(str(target))
+    try:
+        tmpdir.mkdir(mode=0o700)
+        con.execute(f"SET threads = {int(settings.duckdb_threads)}")
+        con.execute(f"SET memory_limit = {_lit(settings.duckdb_memory_limit)}")
+        con.execute(f"SET temp_directory = {_lit(str(tmpdir))}")
+        con.execute("SET preserve_insertion_order = true")
+        ordered = sorted(files, key=lambda f: (f.table != "person", f.table))
+        with tqdm(ordered, desc=f"ingesting {name}", unit="table", file=sys.stderr,
+                  disable=not progress) as bar:
+            for index, sf in enumerate(bar):
+                bar.set_postfix_str(sf.table)
+                started = time.perf_counter()
+                spec = specs[sf.table]
+                stage = f"_spe_stage_{index}"
+                if sf.kind == "parquet":
+                    _stage_parquet(con, sf, spec, stage)
+                else:
+                    _stage_delimited(con, sf, spec, stage)
+                rows = _check_stage(con, sf, spec, stage)
+                _build_table(con, sf, spec, stage)
+                tables[sf.table] = _table_meta(spec, rows, decl)
+                seconds[sf.table] = time.perf_counter() - started
+        con.execute("CHECKPOINT")
+    except duckdb.Error as exc:
+        # DuckDB messages can quote data values: report the kind of error only.
+        raise IngestError(f"ingest failed in DuckDB ({type(exc).__name__}); "
+                          "check the files' encoding and format") from None
+    finally:
+        con.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return tables, seconds
+
+
+# Registration ----------------------------------------------------------------------------
+
+
+def _audit_failure(db: Database, principal: Principal, name: str, source: Path,
+                   reason: str) -> None:
+    try:
+        with db.write() as session:
+            record(session, AuditEvent(
+                action="dataset.ingest", actor=principal.actor, role=principal.primary_role(),
+                target=name, outcome=Outcome.FAILURE, reason=reason[:2000],
+                details={"source": str(source)}))
+    except Exception:  # never mask the original error
+        log.exception("could not audit a failed ingest")
+
+
+def _exists(db: Database, name: str) -> bool:
+    with db.read() as session:
+        return session.execute(
+            select(DatasetRecord.id).where(DatasetRecord.name == name)).first() is not None
+
+
+def ingest(db: Database, settings: Settings, name: str, source: Path, principal: Principal,
+           *, progress: bool = False) -> IngestResult:
+    """Ingest ``source`` as dataset ``name`` (see module docstring for the contract)."""
+    started = time.perf_counter()
+    source = Path(source)
+    try:
+        return _ingest(db, settings, name, source, principal, progress, started)
+    except SPEError as exc:
+        _audit_failure(db, principal, name, source, exc.detail)
+        raise
+    except Exception as exc:
+        _audit_failure(db, principal, name, source, f"internal error ({type(exc).__name__})")
+        raise
+
+
+def _ingest(db: Database, settings: Settings, name: str, source: Path, principal: Principal,
+            progress: bool, started: float) -> IngestResult:
+    check_name(name)
+    if _exists(db, name):
+        raise Conflict(f"dataset {name!r} already exists; remove it first or choose "
+                       "another name")
+    files = discover(source)
+    decl, decl_path = defaults.load_declaration(source, load_spec())
+    store = ensure_store(settings)
+    final = store_path(settings, name)
+    if final.exists():
+        raise Conflict(f"the store already holds a file for dataset {name!r}; "
+                       "nothing was overwritten")
+    digest = content_hash([f.path for f in files] + ([decl_path] if decl_path else []))
+    tmp = store / f".{name}.{uuid.uuid4().hex}.tmp{STORE_SUFFIX}"
+    moved = False
+    try:
+        tables, seconds = build_database(settings, name, files, decl, tmp, progress=progress)
+        os.chmod(tmp, 0o600)
+        meta = DatasetMetadata(
+            name=name, cdm_version=CDM_VERSION, privacy_unit=PRIVACY_UNIT,
+            max_groups_per_person=decl.max_groups_per_person or 1,
+            tables=tables, source_format=_source_format(files), content_sha256=digest)
+        total = sum(t.row_count for t in tables.values())
+        with db.write() as session:
+            session.add(DatasetRecord(name=name, store_file=final.name,
+                                      created_by=principal.actor, total_rows=total,
+                                      meta=meta.model_dump(mode="json")))
+            record(session, AuditEvent(
+                action="dataset.ingest", actor=principal.actor, role=principal.primary_role(),
+                target=name, details={"rows": total, "tables": sorted(tables),
+                                      "content_sha256": digest, "source": str(source),
+                                      "declaration": decl_path.name if decl_path else None}))
+            session.flush()
+            if final.exists():
+                raise Conflict(f"the store already holds a file for dataset {name!r}")
+            os.replace(tmp, final)
+            moved = True
+        return IngestResult(name=name, metadata=meta, path=final, seconds=seconds,
+                            total_seconds=time.perf_counter() - started)
+    except IntegrityError:
+        if moved:
+            with contextlib.suppress(FileNotFoundError):
+                final.unlink()
+        raise Conflict(f"dataset {name!r} already exists; nothing was overwritten") from None
+    except BaseException:
+        if moved:
+            with contextlib.suppress(FileNotFoundError):
+                final.unlink()
+        raise
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
