@@ -1,0 +1,267 @@
+"""Run commands inside a workspace sandbox.
+
+A sandboxed command runs, in this order of wrapping (outermost first):
+
+1. ``sh`` that moves itself into the workspace's cgroup (:mod:`workspaces.cgroups`), then
+2. ``nsenter`` into the workspace's network namespace (:mod:`workspaces.network`), or bwrap's
+   own empty network namespace when the workspace has no network, then
+3. ``bwrap`` (running as root, no user namespace) that builds a new mount, PID, IPC and UTS
+   namespace, then
+4. ``setpriv`` that drops to the workspace account (``--reuid --regid --init-groups``), clears
+   every capability (inheritable, ambient, bounding set) and sets ``no_new_privs``, then
+5. the command.
+
+What the command sees (and nothing else):
+
+=====================  ==========================================================
+``/usr`` (+ ``/bin``,   the system image, read-only
+``/lib``...)
+``/etc``                a generated minimal one: passwd/group with only root and the
+                        workspace account, ``hosts`` with localhost, an empty ``resolv.conf``
+runtime dir             the Python runtime (venv from the system Python), read-only, same path
+``/home/<account>``     the workspace home, the only writable persistent directory
+``/data/extract``       the permit's pseudonymised extract, read-only (pseudonymised permits
+                        only)
+``/tmp``, ``/dev/shm``  private tmpfs (1777)
+``/proc``               a new procfs of the sandbox's own PID namespace
+``/dev``                a minimal devtmpfs plus the allocated GPU device nodes
+=====================  ==========================================================
+
+Never visible: the SPE data dir (dataset store, keys, control DB), other workspaces, hub
+and SPE secrets, other processes. :class:`Workspace` composes account, home, cgroup and
+network into one object whose :meth:`Workspace.destroy` removes them (idempotent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from permits.terms import ComputeQuota
+from workspaces import accounts, cgroups, network
+from workspaces.accounts import Account
+from workspaces.cgroups import WorkspaceCgroup
+from workspaces.network import WorkspaceNetwork
+from workspaces.settings import WorkspaceSettings
+
+EXTRACT_MOUNT = "/data/extract"
+HOST_ETC_BINDS = ("ld.so.cache", "alternatives", "localtime")
+SYSTEM_BINDS = ("/usr",)
+SYMLINKS = {"/bin": "usr/bin", "/lib": "usr/lib", "/lib64": "usr/lib64", "/sbin": "usr/sbin"}
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything bwrap needs to build one workspace's view of the machine."""
+
+    account: Account
+    home: Path
+    etc_dir: Path
+    runtime: Path | None = None
+    extract: Path | None = None
+    network: WorkspaceNetwork | None = None
+    cgroup: WorkspaceCgroup | None = None
+    devices: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def home_in_sandbox(self) -> str:
+        return f"/home/{self.account.name}"
+
+
+def _parents(path: PurePosixPath) -> list[str]:
+    return [str(p) for p in reversed(path.parents) if str(p) != "/"]
+
+
+def write_etc(etc_dir: Path, account: Account) -> None:
+    """Write the sandbox's minimal /etc files (root-owned, world-readable)."""
+    etc_dir.mkdir(parents=True, exist_ok=True)
+    etc_dir.chmod(0o755)
+    home = f"/home/{account.name}"
+    files = {
+        "passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                  f"{account.name}:x:{account.uid}:{account.gid}:SPE workspace:{home}:/bin/sh\n"
+                  "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+        "group": f"root:x:0:\n{account.name}:x:{account.gid}:\nnogroup:x:65534:\n",
+        "hosts": "127.0.0.1 localhost\n",
+        "resolv.conf": "# no name service inside a workspace\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+        "hostname": "workspace\n",
+    }
+    for name, text in files.items():
+        path = etc_dir / name
+        path.write_text(text)
+        path.chmod(0o644)
+
+
+def bwrap_argv(spec: SandboxSpec, command: Sequence[str]) -> list[str]:
+    """The full host command line that runs ``command`` inside the sandbox."""
+    a: list[str] = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid",
+                    "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                    "--hostname", "workspace"]
+    if spec.network is None:
+        a.append("--unshare-net")
+    for path in SYSTEM_BINDS:
+        a += ["--ro-bind", path, path]
+    for link, target in SYMLINKS.items():
+        if os.path.islink(link):
+            a += ["--symlink", target, link]
+    a += ["--perms", "0755", "--dir", "/etc"]
+    for name in sorted(os.listdir(spec.etc_dir)):
+        a += ["--ro-bind", str(spec.etc_dir / name), f"/etc/{name}"]
+    for name in HOST_ETC_BINDS:
+        if os.path.lexists(f"/etc/{name}"):
+            a += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    a += ["--proc", "/proc", "--dev", "/dev"]
+    for dev in spec.devices:
+        a += ["--dev-bind", dev, dev]
+    # Private tmpfs mounts inside the sandbox's own mount namespace, not the host's /tmp.
+    a += ["--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/dev/shm"]  # noqa: S108
+    a += ["--perms", "0755", "--dir", "/home", "--bind", str(spec.home), spec.home_in_sandbox]
+    if spec.runtime is not None:
+        runtime = PurePosixPath(spec.runtime.resolve())
+        for parent in _parents(runtime):
+            a += ["--perms", "0755", "--dir", parent]
+        a += ["--ro-bind", str(runtime), str(runtime)]
+    if spec.extract is not None:
+        a += ["--perms", "0755", "--dir", "/data", "--ro-bind", str(spec.extract), EXTRACT_MOUNT]
+    a += ["--chdir", spec.home_in_sandbox, "--clearenv"]
+    for key, value in sandbox_env(spec).items():
+        a += ["--setenv", key, value]
+    a += ["--", "setpriv", f"--reuid={spec.account.uid}", f"--regid={spec.account.gid}",
+          "--init-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+          "--", *command]
+    if spec.network is not None:
+        a = spec.network.enter_argv(a)
+    if spec.cgroup is not None:
+        a = spec.cgroup.enter_argv(a)
+    return a
+
+
+def sandbox_env(spec: SandboxSpec) -> dict[str, str]:
+    path = "/usr/local/bin:/usr/bin:/bin"
+    if spec.runtime is not None:
+        path = f"{spec.runtime.resolve()}/bin:{path}"
+    env = {
+        "HOME": spec.home_in_sandbox, "USER": spec.account.name,
+        "LOGNAME": spec.account.name, "SHELL": "/bin/sh", "PATH": path,
+        "LANG": "C.UTF-8", "TMPDIR": "/tmp",  # noqa: S108 - the sandbox's private tmpfs
+        "PYTHONNOUSERSITE": "1",
+    }
+    if spec.extract is not None:
+        env["SPE_EXTRACT_DIR"] = EXTRACT_MOUNT
+    env.update(spec.env)
+    return env
+
+
+@dataclass
+class Workspace:
+    """A provisioned workspace: account, home, cgroup and network namespace.
+
+    States: *provisioned* (after :meth:`provision`; commands may run) and *destroyed* (after
+    :meth:`destroy`; every process killed, cgroup, namespace, nftables table and account
+    removed; the home is kept unless ``remove_home``).
+    """
+
+    ws_id: str
+    root: Path
+    spec: SandboxSpec
+    _procs: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def provision(cls, *, workspaces_dir: Path, person: str, permit_id: str,
+                  quota: ComputeQuota, settings: WorkspaceSettings,
+                  extract: Path | None = None, with_network: bool = True,
+                  devices: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
+                  ws_id: str | None = None) -> Workspace:
+        """Create everything the workspace of (person, permit) needs; undo it on failure."""
+        ws_id = ws_id or accounts.workspace_id(person, permit_id)
+        workspaces_dir.mkdir(parents=True, exist_ok=True)
+        workspaces_dir.chmod(0o700)
+        root = workspaces_dir / ws_id
+        root.mkdir(exist_ok=True)
+        root.chmod(0o700)
+        home = root / "home"
+        created: list[Any] = []
+        try:
+            account = accounts.ensure_account(ws_id, home, f"SPE workspace {ws_id}")
+            created.append(account)
+            home.mkdir(exist_ok=True)
+            os.chown(home, account.uid, account.gid)
+            home.chmod(0o700)
+            write_etc(root / "etc", account)
+            cg = cgroups.create(ws_id, quota, parent=settings.cgroup_parent,
+                                pids_max=settings.pids_max)
+            created.append(cg)
+            net = None
+            if with_network:
+                net = network.create(ws_id, settings.allowed_host_ports,
+                                     pool=settings.subnet_pool)
+                created.append(net)
+            runtime = settings.runtime_dir if settings.runtime_dir.is_dir() else None
+            spec = SandboxSpec(account=account, home=home, etc_dir=root / "etc",
+                               runtime=runtime, extract=extract, network=net, cgroup=cg,
+                               devices=devices, env=dict(env or {}))
+        except BaseException:
+            for item in reversed(created):
+                with contextlib.suppress(Exception):
+                    item.destroy() if not isinstance(item, Account) else \
+                        accounts.delete_account(item.name)
+            raise
+        return cls(ws_id=ws_id, root=root, spec=spec)
+
+    @property
+    def account(self) -> Account:
+        return self.spec.account
+
+    @property
+    def network(self) -> WorkspaceNetwork | None:
+        return self.spec.network
+
+    def argv(self, command: Sequence[str]) -> list[str]:
+        return bwrap_argv(self.spec, command)
+
+    def popen(self, command: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(self.argv(command), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def _kill_and_reap(self) -> None:
+        if self.spec.cgroup is not None:
+            self.spec.cgroup.kill_all()
+        for proc in self._procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        self._procs.clear()
+
+    def run(self, command: Sequence[str], *, timeout: float = 60.0,
+            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(command), capture_output=True, text=True,
+                              input=input_text, timeout=timeout, check=False)
+
+    def destroy(self, *, remove_home: bool = False) -> None:
+        """Kill every process and remove cgroup, network and account. Idempotent."""
+        errors: list[BaseException] = []
+        for step in (
+            self._kill_and_reap,
+            lambda: self.spec.cgroup.destroy() if self.spec.cgroup else None,
+            lambda: self.spec.network.destroy() if self.spec.network else None,
+            lambda: accounts.delete_account(self.account.name),
+        ):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - finish cleaning, then report
+                errors.append(exc)
+        if remove_home:
+            shutil.rmtree(self.root, ignore_errors=True)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,74 @@
+"""Settings of the workspace enclave (``SPE_WS_`` environment prefix).
+
+Kept apart from :mod:`spe.config` so the enclave's knobs live with the code that enforces
+them. Every option says how it is enforced.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkspaceSettings(BaseSettings):
+    """Options of the workspace sandboxes, the GPU allocator and the hub."""
+
+    model_config = SettingsConfigDict(env_prefix="SPE_WS_", extra="forbid", frozen=True)
+
+    runtime_dir: Path = Field(
+        Path("var/runtime"),
+        description="Python runtime (a venv built from the system Python) bind-mounted "
+        "read-only into every sandbox at the same path. Enforced: read-only bind; it must be "
+        "world-readable and must not live under a home directory.",
+    )
+    subnet_pool: str = Field(
+        "10.237.0.0/16",
+        description="Private IPv4 pool carved into one /30 per workspace veth pair. Enforced: "
+        "allocation refuses a pool that overlaps a route already on the host.",
+    )
+    cgroup_parent: str = Field(
+        "spe-workspaces",
+        description="Name of the cgroup (created under the SPE's own cgroup) that holds one "
+        "child cgroup per workspace. Enforced by the kernel (memory, cpu and pids limits).",
+    )
+    pids_max: int = Field(
+        512, ge=16, description="Most processes/threads one workspace may run (pids cgroup)."
+    )
+    allowed_host_ports: tuple[int, ...] = Field(
+        (8081, 8600),
+        description="Host loopback TCP ports a sandbox may reach through its veth (the hub "
+        "API and the SPE API). Enforced by nftables on the host side: everything else "
+        "arriving from a workspace is dropped, and nothing is forwarded.",
+    )
+    gpu_indices: tuple[int, ...] = Field(
+        (),
+        description="Physical GPU indices the allocator hands out. Empty: detected from "
+        "/dev/nvidia[0-9]* (none on machines without GPUs).",
+    )
+    gpu_share_limit: int = Field(
+        1,
+        ge=1,
+        description="How many workspaces may hold the same GPU at once. 1 (default) means no "
+        "sharing; anything higher is an explicit operator opt-in. Enforced in the allocator's "
+        "write transaction.",
+    )
+
+    @field_validator("subnet_pool")
+    @classmethod
+    def _check_pool(cls, value: str) -> str:
+        net = ipaddress.ip_network(value)
+        if not isinstance(net, ipaddress.IPv4Network) or not net.is_private:
+            raise ValueError("subnet_pool must be a private IPv4 network")
+        if net.prefixlen > 28:
+            raise ValueError("subnet_pool must hold several /30 networks")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_workspace_settings() -> WorkspaceSettings:
+    """The process-wide workspace settings (tests build their own)."""
+    return WorkspaceSettings()
