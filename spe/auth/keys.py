@@ -84,6 +84,9 @@ def rotate_signing_key(session: Session, settings: Settings, *,
         retire_at=None,
     ))
     session.flush()
+    if retire_previous_now:
+        for ring in list(_keyrings.values()):
+            ring.forget()
     record(session, AuditEvent(action="auth.key_rotate", actor=actor.actor,
                                role=actor.primary_role(), target=kid,
                                details={"algorithm": ALGORITHM,
@@ -141,3 +144,15 @@ class KeyRing:
         with self._lock:
             self._public = {}
             self._signing = None
+
+
+_keyrings: dict[str, KeyRing] = {}
+
+
+def keyring_for(settings: Settings, db_url: str) -> KeyRing:
+    """One KeyRing per database in this process (minting and validation share cached keys)."""
+    ring = _keyrings.get(db_url)
+    if ring is None or ring.settings.secret_key != settings.secret_key:
+        ring = KeyRing(settings)
+        _keyrings[db_url] = ring
+    return ring

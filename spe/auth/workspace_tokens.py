@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from spe.audit import AuditEvent, Outcome, record
 from spe.auth.keycloak_tokens import describe_jwt_error, unverified_header
-from spe.auth.keys import ALGORITHM, KeyRing
+from spe.auth.keys import ALGORITHM, KeyRing, keyring_for
 from spe.auth.models import WorkspaceGrant
 from spe.auth.permit_checks import PermitChecker, get_permit_checker
 from spe.auth.principal import SYSTEM, Principal, Role
@@ -45,18 +45,6 @@ from spe.errors import Forbidden, InvalidInput, NotAuthenticated
 
 WORKSPACE_ISSUER = "urn:spe:workspace-token"
 TOKEN_TYPE = "spe-workspace+jwt"  # noqa: S105 - a JWT "typ", not a secret
-
-_keyrings: dict[str, KeyRing] = {}
-
-
-def keyring_for(settings: Settings, db_url: str) -> KeyRing:
-    """One KeyRing per database (so minting and validation share cached keys)."""
-    ring = _keyrings.get(db_url)
-    if ring is None or ring.settings.secret_key != settings.secret_key:
-        ring = KeyRing(settings)
-        _keyrings[db_url] = ring
-    return ring
-
 
 @dataclass(frozen=True)
 class MintedToken:
@@ -97,7 +85,8 @@ def mint_workspace_token(
             reason="permit not active" if check else "no permit checker registered",
             details={"username": username}))
         raise Forbidden(f"Permit {permit_id} is not active: no workspace token is issued.")
-    ring = keyring or keyring_for(settings, str(session.get_bind().engine.url))
+    ring = keyring or keyring_for(
+        settings, session.get_bind().engine.url.render_as_string(hide_password=False))
     kid, private = ring.signing_key(session)
     now = utcnow()
     expires = now + timedelta(seconds=ttl)
