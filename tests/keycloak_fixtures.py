@@ -198,3 +198,61 @@ def api_client(api_app: FastAPI) -> Iterator[TestClient]:
     """A TestClient for ``api_app`` (no Authorization header by default)."""
     with TestClient(api_app) as client:
         yield client
+
+
+class RealmForgeKey:
+    """A key the test session adds to the realm (lowest priority, so Keycloak never signs with
+    it) so tests can forge tokens the realm's JWKS vouches for: expired, wrong issuer, ..."""
+
+    def __init__(self, kid: str, private_key: Any, issuer: str) -> None:
+        self.kid, self.private_key, self.issuer = kid, private_key, issuer
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        """Claims of a valid researcher access token; ``overrides`` replace or (None) drop."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer, "aud": ["spe-api", "account"], "sub": "forged-subject",
+            "typ": "Bearer", "azp": TEST_CLIENT, "iat": now, "nbf": now, "exp": now + 300,
+            "jti": f"forged-{now}", "preferred_username": "alice",
+            "realm_access": {"roles": ["researcher"]},
+        }
+        for key, value in overrides.items():
+            if value is None:
+                claims.pop(key, None)
+            else:
+                claims[key] = value
+        return claims
+
+    def sign(self, claims: dict[str, Any], **header: Any) -> str:
+        import jwt
+
+        return jwt.encode(claims, self.private_key, algorithm="RS256",
+                          headers={"kid": self.kid, **header})
+
+
+@pytest.fixture(scope="session")
+def realm_forge_key(keycloak_url: str, keycloak_admin: Any) -> Iterator[RealmForgeKey]:
+    """An RSA key published in the realm's JWKS for the test session (removed afterwards)."""
+    import uuid
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption()).decode()
+    realm_id = keycloak_admin.get_realm(REALM)["id"]
+    name = f"spe-tests-forge-{uuid.uuid4().hex[:8]}"
+    component_id = keycloak_admin.create_component({
+        "name": name, "providerId": "rsa", "providerType": "org.keycloak.keys.KeyProvider",
+        "parentId": realm_id,
+        "config": {"priority": ["1"], "enabled": ["true"], "active": ["true"],
+                   "algorithm": ["RS256"], "keyUse": ["sig"], "privateKey": [pem]},
+    })
+    try:
+        keys = keycloak_admin.get_keys()["keys"]
+        kid = next(k["kid"] for k in keys if k.get("providerId") == component_id)
+        yield RealmForgeKey(kid, private, f"{keycloak_url}/realms/{REALM}")
+    finally:
+        keycloak_admin.delete_component(component_id)
