@@ -14,10 +14,14 @@ from enum import StrEnum
 
 
 class PermitStatus(StrEnum):
+    """Effective status. ``pending`` (before valid_from) is never stored: it is derived from
+    the clock, as ``expired`` is before the sweeper records it. Only ``active`` is usable."""
+
     ACTIVE = "active"
     SUSPENDED = "suspended"
     REVOKED = "revoked"
     EXPIRED = "expired"
+    PENDING = "pending"
 
 
 class AccessMode(StrEnum):
@@ -70,6 +74,8 @@ class PermitTerms:
     budget: PrivacyBudget
     export: ExportPolicy = field(default_factory=ExportPolicy)
     compute: ComputeQuota = field(default_factory=ComputeQuota)
+    purposes: frozenset[str] = frozenset()
+    retention_days: int = 183
 
     @property
     def usable(self) -> bool:
