@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from spe.audit import AuditEvent, record
@@ -66,7 +66,9 @@ def rotate_signing_key(session: Session, settings: Settings, *,
     now = utcnow()
     retire = now if retire_previous_now else now + timedelta(
         seconds=settings.workspace_token_ttl_seconds + settings.token_leeway_seconds + 60)
-    for old in session.scalars(select(SigningKey).where(SigningKey.retire_at.is_(None))):
+    live = select(SigningKey).where(or_(SigningKey.retire_at.is_(None),
+                                        SigningKey.retire_at > retire))
+    for old in session.scalars(live):
         old.retire_at = retire
     private = Ed25519PrivateKey.generate()
     kid = KID_PREFIX + secrets.token_hex(8)
