@@ -1,0 +1,356 @@
+"""Run a plan on DuckDB and release the noisy table.
+
+Contract: :func:`execute` takes a :class:`~spe.dp.plan.QueryPlan`, the units from
+:func:`spe.dp.mechanisms.allocate` (already paid for) and a locked-down connection from
+:mod:`spe.dp.duck`; it generates SQL from the plan, fetches exact integer statistics, adds
+OpenDP noise and returns a :class:`Release`. The output's shape depends only on the plan
+(public keys: every declared key, empty groups included) or on DP outputs (keys released by
+the threshold). HAVING / ORDER BY / LIMIT run afterwards on the noisy table only.
+
+Stability arguments (what one person can change in the statistics fed to OpenDP):
+
+* Row statistics (COUNT, SUM, AVG, VARIANCE, quantile histograms) are computed on rows that
+  pass ``_spe_row_rank <= k_t`` for every person-level table. After inner joins on person_id
+  one person has at most K = prod(k_t) rows (joins to reference tables on a unique key add
+  none), so over all groups one person changes counts by at most K in L1 (and in at most K
+  groups), quantised sums by at most K * ceil(B / g) where B bounds |clamped value|.
+  Self-joins are covered: each copy of the table is filtered and counted in the product.
+* COUNT(DISTINCT person_id) is computed without row truncation, so it is exact; a person adds
+  at most 1 per group and is kept in at most m groups (salted-hash choice), so L1 <= m.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from spe.config import Settings
+from spe.dp import mechanisms as mech
+from spe.dp.duck import connect_memory, run
+from spe.dp.mechanisms import Unit
+from spe.dp.plan import Aggregate, QueryPlan
+
+PID = "_spe_pid"
+
+
+@dataclass
+class Release:
+    """The noisy answer: the table plus, per column and per cell, how it was produced."""
+
+    table: pd.DataFrame
+    accuracy: dict[str, dict[str, Any]]  # column -> mechanism, scale, ci95 half-width
+    cells: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per row
+
+
+def _lit(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _base_where(plan: QueryPlan, truncate: bool) -> str:
+    parts = [plan.truncation_sql] if truncate else []
+    if plan.where_sql:
+        parts.append(f"({plan.where_sql})")
+    for key in plan.keys:
+        if key.public_values is not None:
+            vals = ", ".join(_lit(v) for v in key.public_values)
+            parts.append(f"({key.sql} IN ({vals}))")
+    return " AND ".join(parts) if parts else "TRUE"
+
+
+def _key_cols(plan: QueryPlan) -> list[str]:
+    return [f"{k.sql} AS g{i}" for i, k in enumerate(plan.keys)]
+
+
+def _group_by(plan: QueryPlan) -> str:
+    return (" GROUP BY " + ", ".join(f"g{i}" for i in range(len(plan.keys)))) if plan.keys \
+        else ""
+
+
+def _q_sum(agg: Aggregate, squared: bool = False) -> str:
+    v = agg.value_sql
+    if squared:
+        return f"SUM(CAST(round(({v}) * ({v}) / {mech.sq_grid(agg)!r}) AS BIGINT))"
+    return f"SUM(CAST(round(({v}) / {agg.grid!r}) AS BIGINT))"
+
+
+def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
+    """SQL for the truncated integer statistics per group, and the statistic names."""
+    stats = ["COUNT(*)"]
+    names = ["rows"]
+    for i, agg in enumerate(plan.aggregates):
+        if agg.kind in ("count_distinct", "quantile") or (agg.kind == "count"
+                                                           and agg.value_sql is None):
+            continue
+        stats.append(f"COUNT({agg.value_sql})")
+        names.append(f"nvals{i}")
+        if agg.kind in ("sum", "avg", "variance", "stddev"):
+            stats.append(_q_sum(agg))
+            names.append(f"sum{i}")
+        if agg.kind in ("variance", "stddev"):
+            stats.append(_q_sum(agg, squared=True))
+            names.append(f"sumsq{i}")
+    cols = ", ".join([*_key_cols(plan), *stats])
+    sql = (f"SELECT {cols} FROM {plan.join_sql} WHERE {_base_where(plan, True)}"
+           f"{_group_by(plan)}")
+    return sql, names
+
+
+def _pid_sql(plan: QueryPlan) -> str:
+    first = next(t for t in plan.tables if t.person_level)
+    return f'{first.alias}."person_id"'
+
+
+def distinct_sql(plan: QueryPlan, salt: int) -> str:
+    """Exact per-group distinct persons; each person kept in at most m groups."""
+    where = _base_where(plan, False)
+    if not plan.keys:
+        return f"SELECT COUNT(DISTINCT {_pid_sql(plan)}) FROM {plan.join_sql} WHERE {where}"
+    keys = ", ".join(_key_cols(plan))
+    gs = ", ".join(f"g{i}" for i in range(len(plan.keys)))
+    m = plan.groups_per_person
+    if plan.public_keys and m >= _cells(plan):  # nobody can exceed m groups: no truncation
+        return (f"SELECT {keys}, COUNT(DISTINCT {_pid_sql(plan)}) FROM {plan.join_sql} "
+                f"WHERE {where} GROUP BY {gs}")
+    return (f"WITH pairs AS (SELECT DISTINCT {keys}, {_pid_sql(plan)} AS {PID} "
+            f"FROM {plan.join_sql} WHERE {where}), ranked AS (SELECT {gs}, row_number() OVER "
+            f"(PARTITION BY {PID} ORDER BY hash({PID}, {gs}, {salt})) AS r FROM pairs) "
+            f"SELECT {gs}, COUNT(*) FROM ranked WHERE r <= {m} GROUP BY {gs}")
+
+
+def _cells(plan: QueryPlan) -> int:
+    cells = 1
+    for key in plan.keys:
+        cells *= max(1, len(key.public_values or ()))
+    return cells
+
+
+def quantile_grid(agg: Aggregate) -> tuple[float, int]:
+    """(first candidate, number of candidates) of the power-of-two candidate grid."""
+    step = agg.grid
+    lo = math.floor(agg.lower / step) * step
+    hi = math.ceil(agg.upper / step) * step
+    return lo, round((hi - lo) / step) + 1
+
+
+def quantile_sql(plan: QueryPlan, agg: Aggregate) -> str:
+    lo, n = quantile_grid(agg)
+    bin_expr = (f"least(greatest(CAST(round((({agg.value_sql}) - {lo!r}) / {agg.grid!r}) "
+                f"AS BIGINT), 0), {n - 1})")
+    cols = ", ".join([*_key_cols(plan), f"{bin_expr} AS b", "COUNT(*)"])
+    gs = [f"g{i}" for i in range(len(plan.keys))]
+    return (f"SELECT {cols} FROM {plan.join_sql} WHERE {_base_where(plan, True)} AND "
+            f"({agg.value_sql}) IS NOT NULL GROUP BY {', '.join([*gs, 'b'])}")
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _keystr(key: tuple[Any, ...]) -> str:
+    return json.dumps([_norm(v) for v in key], default=str)
+
+
+def execute(plan: QueryPlan, units: tuple[Unit, ...], con: duckdb.DuckDBPyConnection,
+            settings: Settings) -> Release:
+    """Run ``plan`` and release its noisy table (see module docstring)."""
+    mech.assert_safe_features()
+    timeout = settings.query_timeout_seconds
+    nk = len(plan.keys)
+    sql, names = row_stats_sql(plan)
+    stats: dict[str, dict[str, int]] = {}
+    raw_keys: dict[str, tuple[Any, ...]] = {}
+    for row in run(con, sql, timeout):
+        key = tuple(row[:nk])
+        ks = _keystr(key)
+        raw_keys[ks] = key
+        stats[ks] = {n: int(v or 0) for n, v in zip(names, row[nk:], strict=True)}
+
+    by_role = {(u.role, u.agg): u for u in units}
+    select_unit = by_role.get(("select", None))
+    selected_counts: dict[str, int] = {}
+    if plan.public_keys:
+        key_list = [tuple(p) for p in itertools.product(
+            *[k.public_values or () for k in plan.keys])]
+        key_strs = [_keystr(k) for k in key_list]
+    else:
+        assert select_unit is not None
+        selected_counts = mech.threshold_release(
+            {ks: s["rows"] for ks, s in stats.items()}, select_unit)
+        key_strs = sorted(selected_counts)
+        key_list = [raw_keys[ks] for ks in key_strs]
+
+    distinct: dict[str, int] = {}
+    if any(a.kind == "count_distinct" for a in plan.aggregates):
+        for row in run(con, distinct_sql(plan, secrets.randbits(62)), timeout):
+            distinct[_keystr(tuple(row[:nk]))] = int(row[nk] or 0)
+
+    def stat(name: str) -> list[int]:
+        return [stats.get(ks, {}).get(name, 0) for ks in key_strs]
+
+    columns: dict[str, list[Any]] = {k.name: [_norm(v[i]) for v in key_list]
+                                     for i, k in enumerate(plan.keys)}
+    accuracy: dict[str, dict[str, Any]] = {}
+    cell_ci: dict[str, list[tuple[float | None, float | None]]] = {}
+    for i, agg in enumerate(plan.aggregates):
+        vals, acc, cis = _release_aggregate(plan, i, agg, by_role, key_strs, stat, distinct,
+                                            selected_counts, con, timeout)
+        columns[agg.name] = vals
+        accuracy[agg.name] = acc
+        cell_ci[agg.name] = cis
+    table = pd.DataFrame({name: columns[name] for name in _all_columns(plan)})
+    cells = []
+    for r in range(len(table)):
+        cells.append({name: {"mechanism": accuracy[name]["mechanism"],
+                             "scale": accuracy[name]["scale"],
+                             "ci95": list(cell_ci[name][r])}
+                      for name in accuracy})
+    table, cells = _post(plan, table, cells, settings)
+    return Release(table=table, accuracy=accuracy, cells=cells)
+
+
+def _all_columns(plan: QueryPlan) -> list[str]:
+    seen = list(plan.columns)
+    for k in plan.keys:
+        if k.name not in seen:
+            seen.insert(0, k.name)
+    return seen
+
+
+def _on_grid(value: float, grid: float) -> float:
+    return round(value / grid) * grid
+
+
+def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
+                       by_role: dict[tuple[str, int | None], Unit], key_strs: list[str],
+                       stat: Any, distinct: dict[str, int], selected: dict[str, int],
+                       con: duckdb.DuckDBPyConnection, timeout: float
+                       ) -> tuple[list[Any], dict[str, Any], list[tuple[Any, Any]]]:
+    n = len(key_strs)
+    if agg.kind == "count" and agg.value_sql is None:
+        own = by_role.get(("count", i))
+        if own is None:  # the first COUNT(*) of a thresholded query: the threshold's counts
+            unit = by_role[("select", None)]
+            return _with_ci([selected[ks] for ks in key_strs], unit, "laplace threshold")
+        return _with_ci(mech.laplace_release(stat("rows"), own), own, "discrete laplace")
+    if agg.kind == "count":
+        unit = by_role[("nvals", i)]
+        return _with_ci(mech.laplace_release(stat(f"nvals{i}"), unit), unit,
+                        "discrete laplace")
+    if agg.kind == "count_distinct":
+        unit = by_role[("distinct", i)]
+        vals = mech.laplace_release([distinct.get(ks, 0) for ks in key_strs], unit)
+        return _with_ci(vals, unit, "discrete laplace")
+    if agg.kind == "sum":
+        unit = by_role[("sum", i)]
+        noisy = mech.laplace_release(stat(f"sum{i}"), unit)
+        return _with_ci([v * agg.grid for v in noisy], unit, "discrete laplace (gridded)")
+    if agg.kind in ("avg", "variance", "stddev"):
+        su, cu = by_role[("sum", i)], by_role[("nvals", i)]
+        s = [v * agg.grid for v in mech.laplace_release(stat(f"sum{i}"), su)]
+        c = mech.laplace_release(stat(f"nvals{i}"), cu)
+        out: list[Any] = []
+        cis: list[tuple[Any, Any]] = []
+        if agg.kind == "avg":
+            hw_s, hw_c = mech.ci95_halfwidth(su), mech.ci95_halfwidth(cu)
+            for sv, cv in zip(s, c, strict=True):
+                if cv <= 0:
+                    out.append(None)
+                    cis.append((agg.lower, agg.upper))
+                    continue
+                mean = min(max(sv / cv, agg.lower), agg.upper)
+                out.append(_on_grid(mean, agg.grid))
+                hw = (hw_s + abs(mean) * hw_c) / max(cv - hw_c, 1.0)
+                cis.append((max(mean - hw, agg.lower), min(mean + hw, agg.upper)))
+            acc = {"mechanism": "discrete laplace on sum and count (ratio)",
+                   "scale": {"sum": su.scale * su.grid, "count": cu.scale},
+                   "ci95_kind": "approximate"}
+            return out, acc, cis
+        qu = by_role[("sumsq", i)]
+        s2 = [v * qu.grid for v in mech.laplace_release(stat(f"sumsq{i}"), qu)]
+        vmax = ((agg.upper - agg.lower) / 2.0) ** 2
+        for sv, s2v, cv in zip(s, s2, c, strict=True):
+            denom = cv if agg.population else cv - 1
+            if cv <= 1 or denom <= 0:
+                out.append(None)
+                cis.append((None, None))
+                continue
+            var = (s2v - sv * sv / cv) / denom
+            var = min(max(var, 0.0), vmax)
+            value = math.sqrt(var) if agg.kind == "stddev" else var
+            out.append(_on_grid(value, agg.grid))
+            cis.append((None, None))
+        acc = {"mechanism": "discrete laplace on count, sum and sum of squares",
+               "scale": {"sum": su.scale * su.grid, "sumsq": qu.scale * qu.grid,
+                         "count": cu.scale}, "ci95_kind": "not available"}
+        return out, acc, cis
+    # Quantile: one report-noisy-max per group over the candidate grid.
+    unit = by_role[("quantile", i)]
+    lo, ncand = quantile_grid(agg)
+    hists: dict[str, list[int]] = {ks: [0] * ncand for ks in key_strs}
+    nk = len(plan.keys)
+    for row in run(con, quantile_sql(plan, agg), timeout):
+        ks = _keystr(tuple(row[:nk]))
+        if ks in hists:
+            hists[ks][int(row[nk])] += int(row[nk + 1])
+    out = []
+    a = mech.alpha_num(agg)
+    for ks in key_strs:
+        j = mech.noisy_argmin(mech.quantile_scores(hists[ks], a), unit)
+        out.append(lo + j * agg.grid)
+    acc = {"mechanism": "report noisy max (gumbel) on quantile scores", "scale": unit.scale,
+           "candidates": ncand, "grid": agg.grid, "ci95_kind": "not available"}
+    return out, acc, [(None, None)] * n
+
+
+def _with_ci(vals: list[Any], unit: Unit, mechanism: str
+             ) -> tuple[list[Any], dict[str, Any], list[tuple[Any, Any]]]:
+    hw = mech.ci95_halfwidth(unit)
+    acc = {"mechanism": mechanism, "scale": unit.scale * unit.grid, "ci95_halfwidth": hw}
+    if unit.threshold is not None:
+        acc["threshold"] = unit.threshold
+    return vals, acc, [(v - hw, v + hw) for v in vals]
+
+
+def _post(plan: QueryPlan, table: pd.DataFrame, cells: list[dict[str, Any]],
+          settings: Settings) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """Apply HAVING / ORDER BY / LIMIT to the noisy table (post-processing only)."""
+    post = plan.post
+    if not (post.having_sql or post.order_sql or post.limit is not None):
+        return table, cells
+    work = table.copy()
+    work["_spe_row"] = range(len(work))
+    con = connect_memory(settings)
+    try:
+        con.register("noisy", work)
+        sql = "SELECT * FROM noisy"
+        if post.having_sql:
+            sql += f" WHERE {post.having_sql}"
+        if post.order_sql:
+            sql += f" ORDER BY {post.order_sql}"
+        if post.limit is not None:
+            sql += f" LIMIT {post.limit}"
+        out = con.execute(sql).df()
+    finally:
+        con.close()
+    order = [int(r) for r in out["_spe_row"]]
+    out = out.drop(columns=["_spe_row"]).reset_index(drop=True)
+    return out, [cells[r] for r in order]
