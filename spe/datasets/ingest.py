@@ -156,6 +156,12 @@ def _header_columns(path: Path, line: str, delimiter: str) -> tuple[str, ...]:
 
 def _check_columns(path: Path, spec: TableSpec, columns: tuple[str, ...]) -> None:
     known = set(spec.column_names)
+    matching = sum(1 for c in columns if c in known)
+    if matching * 2 < len(columns):
+        # Probably data, not a header: echo nothing from the line.
+        raise IngestError(f"{path.name} line 1: not a header of OMOP CDM {CDM_VERSION} "
+                          f"{spec.name} columns ({matching} of {len(columns)} fields are "
+                          "column names; is the header missing?)")
     problems = []
     seen: set[str] = set()
     for position, column in enumerate(columns, start=1):
@@ -169,8 +175,7 @@ def _check_columns(path: Path, spec: TableSpec, columns: tuple[str, ...]) -> Non
     if missing:
         problems.append("missing required column(s): " + ", ".join(missing))
     if problems:
-        hint = "" if all(_IDENT.match(c) for c in columns) else " (is the header missing?)"
-        raise IngestError(f"{path.name} line 1 (header): " + "; ".join(problems) + hint)
+        raise IngestError(f"{path.name} line 1 (header): " + "; ".join(problems))
 
 
 def discover(source: Path) -> list[SourceFile]:
@@ -248,9 +253,9 @@ def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: Table
         f"rejects_table={_lit(rejects)}, rejects_scan={_lit(scan)})")
     first = con.execute(
         f"SELECT line, column_idx, column_name, CAST(error_type AS VARCHAR) FROM {rejects} "
-        "ORDER BY line, column_idx LIMIT 1").fetchone()
+        "ORDER BY line, error_type = 'CAST', column_idx LIMIT 1").fetchone()
     if first is not None:
-        total = con.execute(f"SELECT count(*) FROM {rejects}").fetchone()
+        total = con.execute(f"SELECT count(DISTINCT line) FROM {rejects}").fetchone()
         line, idx, column, kind = first
         where = f"column {column}" if column else f"field {idx}"
         if kind == "CAST":
