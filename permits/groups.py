@@ -13,8 +13,11 @@ Keycloak outage refuses the request before anything is written.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+from spe.config import Settings
 
 
 class PermitGroups(Protocol):
@@ -25,3 +28,36 @@ class PermitGroups(Protocol):
     def sync(self, permit_id: str, usernames: Sequence[str]) -> None: ...
 
     def remove(self, permit_id: str) -> None: ...
+
+
+class KeycloakPermitGroups:
+    """``PermitGroups`` on the real Keycloak, through :mod:`spe.auth.groups` (python-keycloak).
+
+    One admin session per app, created on first use (so building the app needs no Keycloak).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._groups: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def _impl(self) -> Any:
+        with self._lock:
+            if self._groups is None:
+                from spe.auth.groups import PermitGroups as KeycloakGroups
+
+                self._groups = KeycloakGroups(self.settings)
+            return self._groups
+
+    def missing_users(self, usernames: Sequence[str]) -> list[str]:
+        return sorted(self._impl.users_exist(usernames))
+
+    def provision(self, permit_id: str, usernames: Sequence[str]) -> None:
+        self._impl.sync(permit_id, usernames, create=True)
+
+    def sync(self, permit_id: str, usernames: Sequence[str]) -> None:
+        self._impl.sync(permit_id, usernames, create=True)
+
+    def remove(self, permit_id: str) -> None:
+        self._impl.remove(permit_id)
