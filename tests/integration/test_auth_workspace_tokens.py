@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from spe.audit import verify_chain
 from spe.audit.models import AuditEntry
+from spe.auth import permit_checks
 from spe.auth.keys import rotate_signing_key
 from spe.auth.permit_checks import CHECKER_KEY
 from spe.auth.workspace_tokens import (
@@ -123,9 +124,10 @@ def test_permit_no_longer_active_refuses_tokens_without_explicit_revocation(
 
 
 def test_without_a_permit_checker_workspace_tokens_are_refused(
-    api_app: FastAPI, api_settings: Settings, db: Database
+    api_app: FastAPI, api_settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     minted = _mint(db, api_settings, PermitStatus("P-1"))
+    monkeypatch.setattr(permit_checks, "_registered", None)  # what the permits package sets
     with TestClient(api_app) as client:  # no checker in this app, none registered globally
         response = _me(client, minted.token)
     assert response.status_code == 401
