@@ -58,6 +58,7 @@ ensure_java() {
   log "Keycloak $VERSION needs JDK 17 or newer (found: ${major:-none})"
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     log "installing a JDK from the distribution's packages"
+    apt-get update -q >&2 || true
     apt-get install -y -q openjdk-17-jre-headless >&2 || apt-get install -y -q default-jre-headless >&2
   else
     log "install OpenJDK 17, 21 or 25 and retry"; exit 1
