@@ -118,8 +118,8 @@ def remove_cmd(
     s = settings()
     db = database()
     try:
-        info = get_dataset(db, name)
         if not yes:
+            info = get_dataset(db, name)
             typer.confirm(f"Remove dataset {name!r} ({info.total_rows:,} rows)? "
                           "This deletes its data from the store", abort=True)
         remove_dataset(db, s, name, cli_principal())

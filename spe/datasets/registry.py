@@ -20,13 +20,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from spe.audit import AuditEvent, record
+from spe.audit import AuditEvent, Outcome, record
 from spe.auth.principal import Principal
 from spe.config import Settings
 from spe.datasets.metadata import DatasetMetadata
 from spe.datasets.models import DatasetRecord
 from spe.db import Database
-from spe.errors import NotFound, ServiceUnavailable
+from spe.errors import NotFound, ServiceUnavailable, SPEError
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,23 @@ def open_dataset(db: Database, settings: Settings, name: str) -> tuple[DatasetMe
 
 
 def remove_dataset(db: Database, settings: Settings, name: str, principal: Principal) -> None:
-    """Delete dataset ``name`` (file and row) with a ``dataset.remove`` audit event."""
+    """Delete dataset ``name`` (file and row) with a ``dataset.remove`` audit event.
+
+    A refused or failed removal is audited too (outcome ``failure``, own transaction).
+    """
+    try:
+        _remove(db, settings, name, principal)
+    except Exception as exc:
+        reason = exc.detail if isinstance(exc, SPEError) else (
+            f"internal error ({type(exc).__name__})")
+        with db.write() as session:
+            record(session, AuditEvent(
+                action="dataset.remove", actor=principal.actor, role=principal.primary_role(),
+                target=name, outcome=Outcome.FAILURE, reason=reason))
+        raise
+
+
+def _remove(db: Database, settings: Settings, name: str, principal: Principal) -> None:
     path: Path | None = None
     tomb: Path | None = None
     committed = False
