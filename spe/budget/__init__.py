@@ -1,1 +1,1 @@
-"""Privacy budget ledger: reserve-then-run accounting per permit."""
+"""Privacy budget ledger: reserve-then-run accounting per permit (see ``ledger``)."""

@@ -1,5 +1,103 @@
-"""HTTP routes of this package."""
+"""HTTP API of DP queries.
 
-from fastapi import APIRouter
+* ``POST /v1/permits/{permit_id}/queries``: body ``{sql, epsilon?, delta?, dry_run?, dataset?,
+  max_rows_per_person?, max_groups_per_person?}``, optional ``Idempotency-Key`` header.
+* ``GET /v1/permits/{permit_id}/budget``: spent and remaining budget.
 
-router = APIRouter()
+Authorised for a researcher named in the permit (user token) or a workspace token bound to that
+permit; the permit must be active. Errors are RFC 9457 problems (QueryRefused 400,
+BudgetExceeded 403, QueryFailed 500 with one generic message).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from permits.terms import PermitTerms
+from spe.api.state import get_state
+from spe.auth.deps import require_role
+from spe.auth.principal import Principal, Role
+from spe.datasets.metadata import DatasetMetadata
+from spe.dp.service import Caller, QueryRequest, budget_status, run_query
+from spe.errors import Forbidden, InvalidInput
+
+router = APIRouter(tags=["dp-queries"])
+
+
+class QueryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sql: str = Field(min_length=1, max_length=20_000, description="one DuckDB SELECT")
+    epsilon: float | None = Field(None, gt=0, description="epsilon to spend (default: "
+                                  "min(1, the permit's per-query maximum))")
+    delta: float | None = Field(None, ge=0, lt=1, description="delta offered for non-public "
+                                "group keys (charged only when keys are thresholded)")
+    dry_run: bool = Field(False, description="return the cost without running (free)")
+    dataset: str | None = Field(None, max_length=64)
+    max_rows_per_person: int | None = Field(None, ge=1, le=1000)
+    max_groups_per_person: int | None = Field(None, ge=1, le=1000)
+
+
+def _terms(request: Request, permit_id: str) -> PermitTerms:
+    from permits.service import get_terms
+
+    with get_state(request).db.read() as session:
+        return get_terms(session, permit_id)
+
+
+def authorise(principal: Principal, terms: PermitTerms) -> None:
+    """Raise Forbidden unless ``principal`` may query under ``terms`` right now."""
+    if principal.kind == "workspace":
+        if principal.permit_id != terms.permit_id:
+            raise Forbidden("This workspace token is bound to another permit.")
+    elif principal.kind == "user":
+        if not terms.names(principal.username):
+            raise Forbidden("You are not named in this permit.")
+    else:
+        raise Forbidden("DP queries are made by researchers named in the permit.")
+    if not terms.usable:
+        raise Forbidden(f"The permit is {terms.status.value}; queries need an active permit.")
+
+
+def _opener(request: Request) -> Any:
+    from spe.datasets.registry import open_dataset
+
+    state = get_state(request)
+
+    def _open(name: str) -> tuple[DatasetMetadata, Path]:
+        return open_dataset(state.db, state.settings, name)
+
+    return _open
+
+
+@router.post("/v1/permits/{permit_id}/queries")
+def post_query(permit_id: str, body: QueryBody, request: Request,
+               idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+               principal: Principal = Depends(require_role(Role.RESEARCHER))
+               ) -> dict[str, Any]:
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
+        raise InvalidInput("Idempotency-Key must be 1 to 128 characters.")
+    terms = _terms(request, permit_id)
+    authorise(principal, terms)
+    state = get_state(request)
+    caller = Caller(actor=principal.actor, role=principal.primary_role(),
+                    request_id=getattr(request.state, "request_id", None))
+    req = QueryRequest(sql=body.sql, epsilon=body.epsilon, delta=body.delta,
+                       dry_run=body.dry_run, dataset=body.dataset,
+                       max_rows_per_person=body.max_rows_per_person,
+                       max_groups_per_person=body.max_groups_per_person,
+                       idempotency_key=idempotency_key)
+    return run_query(state.db, state.settings, terms, caller, req, _opener(request))
+
+
+@router.get("/v1/permits/{permit_id}/budget")
+def get_budget(permit_id: str, request: Request,
+               principal: Principal = Depends(require_role(Role.RESEARCHER))
+               ) -> dict[str, Any]:
+    terms = _terms(request, permit_id)
+    authorise(principal, terms)
+    return budget_status(get_state(request).db, terms, principal.actor)

@@ -1,0 +1,246 @@
+"""One DP query end to end: authorise, plan, price, reserve, run, release, audit.
+
+Contract of :func:`run_query` (the function the HTTP API and tests call):
+
+1. The permit must be active (else Forbidden). Parsing and planning use metadata only; a
+   refusal is audited (``dp.query``, outcome refused, with the SQL text) and raised as
+   QueryRefused. Nothing is charged.
+2. A dry run returns the cost and the remaining budget, is audited, and costs nothing.
+3. Otherwise the cost is reserved in the ledger in one transaction with its audit entry
+   (``dp.query.reserve``). BudgetExceeded is audited and raised; nothing is charged.
+4. The query runs on DuckDB. Any failure after this point keeps the charge and returns one
+   generic :class:`QueryFailed` (no data-dependent detail).
+5. The noisy answer, its receipt and the outcome are stored and audited in one transaction.
+   Re-sending the same idempotency key returns the stored answer without a new charge.
+
+Audit details hold the SQL text, the plan summary, the cost and ids; never data values.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from permits.terms import PermitTerms
+from spe.audit import AuditEvent, Outcome, record
+from spe.budget import ledger
+from spe.config import Settings
+from spe.datasets.metadata import DatasetMetadata
+from spe.db import Database
+from spe.db.base import utcnow
+from spe.dp import receipt as receipts
+from spe.dp.runner import Prepared, prepare, release
+from spe.errors import BudgetExceeded, Conflict, Forbidden, QueryRefused, SPEError
+
+logger = logging.getLogger("spe.dp")
+DatasetOpener = Callable[[str], tuple[DatasetMetadata, Path]]
+DEFAULT_EPSILON = 1.0
+
+
+class QueryFailed(SPEError):
+    status, code, title = 500, "query-failed", "Query failed"
+
+
+GENERIC_FAILURE = ("The query failed after the data were accessed. Its privacy cost has been "
+                   "charged; no further detail can be given without revealing data.")
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    sql: str
+    epsilon: float | None = None
+    delta: float | None = None
+    dry_run: bool = False
+    dataset: str | None = None
+    max_rows_per_person: int | None = None
+    max_groups_per_person: int | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Caller:
+    actor: str
+    role: str | None = "researcher"
+    request_id: str | None = None
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _audit(db: Database, caller: Caller, terms: PermitTerms, outcome: Outcome,
+           details: dict[str, Any], reason: str | None = None,
+           action: str = "dp.query") -> None:
+    with db.write() as session:
+        record(session, _event(caller, terms, outcome, details, reason, action))
+
+
+def _event(caller: Caller, terms: PermitTerms, outcome: Outcome, details: dict[str, Any],
+           reason: str | None = None, action: str = "dp.query") -> AuditEvent:
+    kwargs: dict[str, Any] = {}
+    if caller.request_id:
+        kwargs["request_id"] = caller.request_id
+    return AuditEvent(action=action, actor=caller.actor, role=caller.role,
+                      permit_id=terms.permit_id, target=details.get("dataset"),
+                      outcome=outcome, reason=reason, details=details, **kwargs)
+
+
+def default_delta(terms: PermitTerms) -> float:
+    """Delta offered to a query that thresholds non-public keys, unless it names one."""
+    return min(1e-6, terms.budget.delta / 10.0)
+
+
+def _pick_dataset(terms: PermitTerms, requested: str | None) -> str:
+    names = [g.dataset for g in terms.datasets]
+    if requested is not None:
+        if requested not in names:
+            raise QueryRefused(f"The permit does not grant the dataset {requested!r}.")
+        return requested
+    if len(names) != 1:
+        raise QueryRefused("The permit grants several datasets: name one in 'dataset'.")
+    return names[0]
+
+
+def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Caller,
+              req: QueryRequest, open_dataset: DatasetOpener) -> dict[str, Any]:
+    """Answer ``req`` under ``terms`` for ``caller`` (see module docstring)."""
+    base = {"sql": req.sql[:20_000], "sql_sha256": _sha(req.sql), "dry_run": req.dry_run}
+    if not terms.usable:
+        _audit(db, caller, terms, Outcome.REFUSED, base, f"permit is {terms.status.value}")
+        raise Forbidden(f"The permit is {terms.status.value}; queries need an active permit.")
+    epsilon = DEFAULT_EPSILON if req.epsilon is None else float(req.epsilon)
+    if req.epsilon is None:
+        epsilon = min(epsilon, terms.budget.max_epsilon_per_query)
+    delta = default_delta(terms) if req.delta is None else float(req.delta)
+    try:
+        dataset = _pick_dataset(terms, req.dataset)
+        base["dataset"] = dataset
+        meta, path = open_dataset(dataset)
+        prepared = prepare(req.sql, meta, terms, epsilon=epsilon, delta=delta,
+                           max_rows_per_person=req.max_rows_per_person,
+                           max_groups_per_person=req.max_groups_per_person)
+    except QueryRefused as err:
+        _audit(db, caller, terms, Outcome.REFUSED, base, err.detail)
+        raise
+    cost = prepared.cost
+    details = {**base, "plan": prepared.plan.summary(),
+               "cost": {"epsilon": cost.epsilon, "delta": cost.delta}}
+    if req.dry_run:
+        with db.write() as session:
+            snap = ledger.snapshot(session, terms, caller.actor)
+            record(session, _event(caller, terms, Outcome.SUCCESS, details,
+                                   action="dp.query.dry_run"))
+        return {"dry_run": True, "cost": details["cost"], "plan": details["plan"],
+                "budget": snap.as_dict()}
+    if req.idempotency_key:
+        replay = _replay(db, caller, terms, req, details)
+        if replay is not None:
+            return replay
+    charge_id = _reserve(db, caller, terms, req, prepared, details)
+    try:
+        rel = release(prepared, path, settings)
+        answer = _answer(settings, terms, prepared, rel, charge_id, dataset)
+    except Exception as err:  # noqa: BLE001 - every failure after data access is generic
+        logger.warning("dp query failed after reserve",
+                       extra={"fields": {"charge_id": charge_id, "error": type(err).__name__}})
+        with db.write() as session:
+            ledger.finish(session, charge_id, released=False, error=type(err).__name__)
+            record(session, _event(caller, terms, Outcome.FAILURE,
+                                   {**details, "charge_id": charge_id},
+                                   reason="failed after data access (charged)"))
+        raise QueryFailed(GENERIC_FAILURE) from None
+    with db.write() as session:
+        ledger.finish(session, charge_id, released=True, result=answer)
+        snap = ledger.snapshot(session, terms, caller.actor)
+        record(session, _event(caller, terms, Outcome.SUCCESS,
+                               {**details, "charge_id": charge_id,
+                                "receipt_sha256_csv": answer["receipt"]["sha256_csv"]}))
+    return {**answer, "budget": snap.as_dict(), "replayed": False}
+
+
+def _replay(db: Database, caller: Caller, terms: PermitTerms, req: QueryRequest,
+            details: dict[str, Any]) -> dict[str, Any] | None:
+    assert req.idempotency_key is not None
+    with db.read() as session:
+        charge = ledger.find_charge(session, terms.permit_id, req.idempotency_key)
+        if charge is None:
+            return None
+        state, result, sql_sha = charge.state, charge.result, charge.sql_sha256
+    if sql_sha != details["sql_sha256"]:
+        raise Conflict("This idempotency key was already used for a different query.")
+    if state == ledger.RESERVED:
+        raise Conflict("The query with this idempotency key is still running; retry later.")
+    if state == ledger.FAILED or result is None:
+        raise QueryFailed(GENERIC_FAILURE)
+    with db.write() as session:
+        snap = ledger.snapshot(session, terms, caller.actor)
+        record(session, _event(caller, terms, Outcome.SUCCESS,
+                               {**details, "charge_id": result.get("charge_id")},
+                               action="dp.query.replay"))
+    return {**result, "budget": snap.as_dict(), "replayed": True}
+
+
+def _reserve(db: Database, caller: Caller, terms: PermitTerms, req: QueryRequest,
+             prepared: Prepared, details: dict[str, Any]) -> str:
+    try:
+        with db.write() as session:
+            if req.idempotency_key:
+                ledger.lock(session, terms.permit_id)
+                if ledger.find_charge(session, terms.permit_id, req.idempotency_key):
+                    raise Conflict("This idempotency key is already in use; retry to replay.")
+            charge = ledger.reserve(
+                session, terms, actor=caller.actor, epsilon=prepared.cost.epsilon,
+                delta=prepared.cost.delta, plan_hash=prepared.plan.fingerprint(),
+                sql_sha256=details["sql_sha256"], idempotency_key=req.idempotency_key)
+            record(session, _event(caller, terms, Outcome.SUCCESS,
+                                   {**details, "charge_id": charge.id},
+                                   action="dp.query.reserve"))
+            return charge.id
+    except BudgetExceeded as err:
+        _audit(db, caller, terms, Outcome.REFUSED, details, err.detail)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):
+        return _clean(value.item())
+    return value
+
+
+def _answer(settings: Settings, terms: PermitTerms, prepared: Prepared, rel: Any,
+            charge_id: str, dataset: str) -> dict[str, Any]:
+    table = rel.table
+    csv, parquet = receipts.output_bytes(table)
+    issued = utcnow().isoformat(timespec="seconds")
+    receipt = receipts.sign(
+        settings.secret_key.get_secret_value(), permit_id=terms.permit_id,
+        charge_id=charge_id, dataset=dataset, csv=csv, parquet=parquet,
+        epsilon=prepared.cost.epsilon, delta=prepared.cost.delta, issued_at=issued,
+        rows=len(table), columns=[str(c) for c in table.columns])
+    rows = [[_clean(v) for v in row] for row in table.itertuples(index=False, name=None)]
+    return {
+        "charge_id": charge_id,
+        "columns": [str(c) for c in table.columns],
+        "rows": rows,
+        "accuracy": rel.accuracy,
+        "cells": rel.cells,
+        "cost": {"epsilon": prepared.cost.epsilon, "delta": prepared.cost.delta},
+        "plan": prepared.plan.summary(),
+        "receipt": receipt,
+        "csv": csv.decode(),
+        "parquet_b64": base64.b64encode(parquet).decode(),
+    }
+
+
+def budget_status(db: Database, terms: PermitTerms, actor: str | None = None
+                  ) -> dict[str, Any]:
+    with db.read() as session:
+        return ledger.snapshot(session, terms, actor).as_dict()
