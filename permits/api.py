@@ -220,7 +220,7 @@ def _permit_response(permit: PermitPublic, status_code: int = 200) -> Response:
     "the first response (header `Idempotent-Replayed: true`); with a different body, 422.",
     response_model=PermitPublic,
     responses={**_ok(PermitPublic, "The permit as issued (version 1).", 201),
-               **_errors(*_WRITE_ERRORS)},
+               **_errors(401, 403, 409, 413, 422, 503)},
 )
 def issue_permit(
     request: Request,
