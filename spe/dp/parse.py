@@ -192,6 +192,8 @@ def _check_node(node: exp.Expression, root: exp.Select) -> None:
     if isinstance(node, exp.Join):
         _check_join(node)
         return
+    if isinstance(node, exp.Star) and not isinstance(node.parent, exp.Count):
+        raise refuse("SELECT * (row-level output)", "select aggregates and group keys")
     if isinstance(node, exp.Cast):
         to = node.args.get("to")
         if not (isinstance(node.this, exp.Literal) and node.this.is_string and isinstance(

@@ -1,0 +1,173 @@
+"""Notebook client for DP queries from a workspace.
+
+Usage::
+
+    import spe.client
+    spe = spe.client.connect()          # reads SPE_API_URL, SPE_TOKEN, SPE_PERMIT_ID
+    df = spe.sql("SELECT gender_concept_id, COUNT(*) FROM person GROUP BY 1", epsilon=0.5)
+    df.attrs["accuracy"], df.attrs["cost"], df.attrs["receipt"]
+    spe.cost("SELECT COUNT(*) FROM measurement")   # dry run: free
+    spe.budget()                                   # spent / remaining, plot when possible
+
+Environment variables: ``SPE_API_URL`` (the SPE API base URL), ``SPE_TOKEN`` (the workspace
+token; never printed) and ``SPE_PERMIT_ID`` (the permit the workspace is bound to). Errors are
+raised as :class:`SPEClientError` carrying the server's problem details.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+
+ENV_URL, ENV_TOKEN, ENV_PERMIT = "SPE_API_URL", "SPE_TOKEN", "SPE_PERMIT_ID"
+
+
+class SPEClientError(Exception):
+    """A problem reported by the SPE API (``problem`` holds the RFC 9457 body)."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        super().__init__(f"{problem.get('title', 'Error')} ({status}): "
+                         f"{problem.get('detail', '')}")
+
+
+@dataclass
+class Budget:
+    data: dict[str, Any]
+
+    def __repr__(self) -> str:
+        d = self.data
+        return (f"Budget(permit={d['permit_id']}, epsilon spent {d['epsilon_spent']:.4g} of "
+                f"{d['epsilon_total']:.4g} (remaining {d['epsilon_remaining']:.4g}), delta "
+                f"spent {d['delta_spent']:.3g} of {d['delta_total']:.3g}, queries "
+                f"{d['queries']})")
+
+    def plot(self) -> Any:
+        """A small bar of spent vs remaining epsilon (None when matplotlib is missing)."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        fig, ax = plt.subplots(figsize=(5, 0.8))
+        ax.barh([0], [self.data["epsilon_spent"]], color="tab:red", label="spent")
+        ax.barh([0], [self.data["epsilon_remaining"]], left=[self.data["epsilon_spent"]],
+                color="tab:green", label="remaining")
+        ax.set_yticks([])
+        ax.set_xlabel("epsilon")
+        ax.legend(loc="upper right", fontsize="small")
+        return fig
+
+
+def to_frame(answer: dict[str, Any]) -> pd.DataFrame:
+    """The released table as a DataFrame with accuracy, cost and receipt in ``.attrs``."""
+    df = pd.DataFrame(answer["rows"], columns=answer["columns"])
+    for key in ("accuracy", "cost", "receipt", "budget", "plan", "charge_id", "cells"):
+        df.attrs[key] = answer.get(key)
+    df.attrs["csv"] = answer.get("csv")
+    df.attrs["parquet_b64"] = answer.get("parquet_b64")
+    return df
+
+
+def describe(df: pd.DataFrame) -> str:
+    """A readable summary of a DP result: table, per-column accuracy, cost."""
+    lines = [df.to_string(index=False), ""]
+    for col, acc in (df.attrs.get("accuracy") or {}).items():
+        hw = acc.get("ci95_halfwidth")
+        extra = f", 95% CI ±{hw:.4g}" if isinstance(hw, int | float) else ""
+        lines.append(f"  {col}: {acc.get('mechanism')}{extra}")
+    cost = df.attrs.get("cost") or {}
+    if cost:
+        lines.append(f"cost: epsilon {cost.get('epsilon', 0):.4g}, delta "
+                     f"{cost.get('delta', 0):.3g}")
+    return "\n".join(lines)
+
+
+def save_release(df: pd.DataFrame, path: str | Path, kind: str = "csv") -> Path:
+    """Write the exact released bytes (what the receipt signs) for an export request."""
+    target = Path(path)
+    if kind == "csv":
+        target.write_text(df.attrs["csv"])
+    else:
+        target.write_bytes(base64.b64decode(df.attrs["parquet_b64"]))
+    return target
+
+
+class Client:
+    def __init__(self, url: str, token: str, permit_id: str,
+                 transport: httpx.BaseTransport | None = None, timeout: float = 120.0) -> None:
+        self.permit_id = permit_id
+        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                                  headers={"Authorization": f"Bearer {token}"},
+                                  transport=transport)
+
+    def __repr__(self) -> str:
+        return f"spe.client.Client(permit={self.permit_id!r})"
+
+    def _post(self, body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": key} if key else {}
+        resp = self._http.post(f"/v1/permits/{self.permit_id}/queries", json=body,
+                               headers=headers)
+        if resp.status_code >= 400:
+            raise SPEClientError(resp.status_code, _problem(resp))
+        return resp.json()  # type: ignore[no-any-return]
+
+    def sql(self, query: str, epsilon: float | None = None, *, delta: float | None = None,
+            dataset: str | None = None, idempotency_key: str | None = None,
+            **options: Any) -> pd.DataFrame:
+        """Run a DP query; the answer is replayed (not recharged) if the call is retried."""
+        body = {"sql": query, "epsilon": epsilon, "delta": delta, "dataset": dataset,
+                **options}
+        body = {k: v for k, v in body.items() if v is not None}
+        key = idempotency_key or uuid.uuid4().hex
+        for attempt in range(2):
+            try:
+                return to_frame(self._post(body, key))
+            except httpx.TransportError:
+                if attempt:
+                    raise
+        raise RuntimeError("unreachable")
+
+    def cost(self, query: str, epsilon: float | None = None, **options: Any) -> dict[str, Any]:
+        """Dry run: the cost and remaining budget; spends nothing."""
+        body = {"sql": query, "epsilon": epsilon, "dry_run": True, **options}
+        return self._post({k: v for k, v in body.items() if v is not None})
+
+    def budget(self, plot: bool = True) -> Budget:
+        resp = self._http.get(f"/v1/permits/{self.permit_id}/budget")
+        if resp.status_code >= 400:
+            raise SPEClientError(resp.status_code, _problem(resp))
+        budget = Budget(resp.json())
+        if plot:
+            budget.plot()
+        return budget
+
+
+def _problem(resp: httpx.Response) -> dict[str, Any]:
+    try:
+        body = resp.json()
+        return body if isinstance(body, dict) else {"detail": str(body)}
+    except ValueError:
+        return {"title": "HTTP error", "detail": resp.text[:200]}
+
+
+def connect(url: str | None = None, token: str | None = None, permit_id: str | None = None,
+            **kwargs: Any) -> Client:
+    """A client from arguments or the SPE_API_URL / SPE_TOKEN / SPE_PERMIT_ID variables."""
+    url = url or os.environ.get(ENV_URL)
+    token = token or os.environ.get(ENV_TOKEN)
+    permit_id = permit_id or os.environ.get(ENV_PERMIT)
+    missing = [n for n, v in ((ENV_URL, url), (ENV_TOKEN, token), (ENV_PERMIT, permit_id))
+               if not v]
+    if missing:
+        raise SPEClientError(0, {"title": "Not configured",
+                                 "detail": "set " + ", ".join(missing)})
+    assert url and token and permit_id
+    return Client(url, token, permit_id, **kwargs)
