@@ -86,13 +86,19 @@ ensure_dist() {
 # A per-checkout Keycloak home: its own bin/conf/data (so the import directory, the H2 database
 # and the logs stay in this checkout), the read-only parts linked from the shared cache.
 prepare_home() {
-  mkdir -p "$HOME_DIR/bin" "$HOME_DIR/data/import" "$HOME_DIR/conf"
+  # lib/quarkus is rewritten by the dev-mode build, so lib is per checkout too; only the
+  # dependency jars (lib/lib), providers and themes are shared, read-only, with the cache.
+  [ -L "$HOME_DIR/lib" ] && rm -f "$HOME_DIR/lib"
+  mkdir -p "$HOME_DIR/bin" "$HOME_DIR/data/import" "$HOME_DIR/conf" "$HOME_DIR/lib"
   local part
-  for part in lib providers themes; do
+  for part in providers themes lib/lib; do
     if [ "$(readlink "$HOME_DIR/$part" 2>/dev/null)" != "$DIST/$part" ]; then
       rm -rf "${HOME_DIR:?}/$part"; ln -s "$DIST/$part" "$HOME_DIR/$part"
     fi
   done
+  if [ ! -d "$HOME_DIR/lib/quarkus" ]; then
+    cp -r "$DIST/lib/app" "$DIST/lib/quarkus" "$DIST/lib/quarkus-run.jar" "$HOME_DIR/lib/"
+  fi
   cp -f "$DIST"/bin/kc.sh "$HOME_DIR/bin/kc.sh"
   [ -e "$HOME_DIR/conf/keycloak.conf" ] || cp -r "$DIST/conf/." "$HOME_DIR/conf/"
   # Re-import from scratch when the realm file changed since the database was created.
@@ -144,7 +150,7 @@ cmd_start() {
     export KC_BOOTSTRAP_ADMIN_PASSWORD=${KC_BOOTSTRAP_ADMIN_PASSWORD:-admin}
     export JAVA_OPTS_KC_HEAP=${JAVA_OPTS_KC_HEAP:-"-Xms64m -Xmx768m"}
     exec setsid "$HOME_DIR/bin/kc.sh" start-dev --http-host=127.0.0.1 --http-port="$port" \
-      --import-realm --health-enabled=true </dev/null >>"$LOG" 2>&1
+      --import-realm </dev/null >>"$LOG" 2>&1
   ) &
   pid=$!
   echo "$pid" > "$PID_FILE"
