@@ -5,7 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 eval "$(scripts/services.sh start)"
-trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
+# Stop the services at the end unless asked to keep them (SPE_KEEP_SERVICES=1 while developing).
+if [ "${SPE_KEEP_SERVICES:-0}" != "1" ]; then
+  trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
+fi
 .venv/bin/ruff check .
 set +e
 .venv/bin/python -m pytest "$@"
