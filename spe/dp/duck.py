@@ -36,7 +36,14 @@ def _config(settings: Settings) -> dict[str, Any]:
     }
 
 
+_CONNECT_LOCK = threading.Lock()
+
+
 def _lock(con: duckdb.DuckDBPyConnection) -> None:
+    """Lock the configuration (connections to one file in a process share one instance)."""
+    locked = con.execute("SELECT current_setting('lock_configuration')").fetchone()
+    if locked and locked[0] in (True, "true"):
+        return
     with contextlib.suppress(duckdb.Error):  # older DuckDB: division by zero yields NULL
         con.execute("SET error_on_division_by_zero = false")
     con.execute("SET lock_configuration = true")
@@ -44,8 +51,9 @@ def _lock(con: duckdb.DuckDBPyConnection) -> None:
 
 def connect(path: Path, settings: Settings) -> duckdb.DuckDBPyConnection:
     """Open ``path`` read-only and locked down (see module docstring)."""
-    con = duckdb.connect(str(path), read_only=True, config=_config(settings))
-    _lock(con)
+    with _CONNECT_LOCK:
+        con = duckdb.connect(str(path), read_only=True, config=_config(settings))
+        _lock(con)
     return con
 
 
@@ -53,8 +61,9 @@ def connect_memory(settings: Settings) -> duckdb.DuckDBPyConnection:
     """An empty in-memory connection, locked down, for post-processing noisy outputs."""
     cfg = _config(settings)
     cfg.pop("access_mode")
-    con = duckdb.connect(":memory:", config=cfg)
-    _lock(con)
+    with _CONNECT_LOCK:
+        con = duckdb.connect(":memory:", config=cfg)
+        _lock(con)
     return con
 
 
