@@ -267,29 +267,43 @@ def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: Table
 
 def _stage_parquet(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
                    stage: str) -> None:
+    """Stage a Parquet file; its row numbers (from 0) are kept in ``_spe_pos``."""
     types = spec.duckdb_columns()
     src = f"read_parquet({_lit(str(sf.path))}, file_row_number=true)"
-    originals = pq.read_schema(sf.path).names
-    by_lower = {n.strip().lower(): n for n in originals}
-    for column in sf.columns:
-        orig = _q(by_lower[column])
-        bad = con.execute(
-            f"SELECT min(file_row_number) FROM {src} WHERE {orig} IS NOT NULL "
-            f"AND TRY_CAST({orig} AS {types[column]}) IS NULL").fetchone()
-        if bad is not None and bad[0] is not None:
-            raise IngestError(f"{sf.path.name} row {int(bad[0]) + 1}, column {column} "
+    described = con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
+    by_lower = {str(r[0]).strip().lower(): (str(r[0]), str(r[1])) for r in described}
+    # One scan finds the first bad value of every column whose type needs a conversion.
+    convert = [c for c in sf.columns if by_lower[c][1] != types[c]]
+    if convert:
+        probes = ", ".join(
+            f"min(file_row_number) FILTER (WHERE {_q(by_lower[c][0])} IS NOT NULL AND "
+            f"TRY_CAST({_q(by_lower[c][0])} AS {types[c]}) IS NULL)" for c in convert)
+        bad = con.execute(f"SELECT {probes} FROM {src}").fetchone()
+        assert bad is not None
+        found = [(int(row), column) for row, column in zip(bad, convert, strict=True)
+                 if row is not None]
+        if found:
+            row, column = min(found)
+            raise IngestError(f"{sf.path.name} row {row + 1}, column {column} "
                               f"({types[column]}): value does not match the column type")
     select_list = ", ".join(
-        f"TRY_CAST({_q(by_lower[c])} AS {types[c]}) AS {_q(c)}" for c in sf.columns)
-    con.execute(f"CREATE TEMP TABLE {stage} AS SELECT {select_list} FROM {src} "
-                "ORDER BY file_row_number")
+        (_q(by_lower[c][0]) if c not in convert
+         else f"TRY_CAST({_q(by_lower[c][0])} AS {types[c]})") + f" AS {_q(c)}"
+        for c in sf.columns)
+    con.execute(f"CREATE TEMP TABLE {stage} AS SELECT {select_list}, "
+                f"file_row_number AS _spe_pos FROM {src}")
 
 
-def _line(sf: SourceFile, rowid: int) -> str:
-    """Where staged row ``rowid`` came from (header is line 1; Parquet rows count from 1)."""
+def _position(sf: SourceFile) -> str:
+    """Staging expression giving a row's position in its file (0 = first data row)."""
+    return "_spe_pos" if sf.kind == "parquet" else "rowid"
+
+
+def _line(sf: SourceFile, position: int) -> str:
+    """Where a staged row came from (header is line 1; Parquet rows count from 1)."""
     if sf.kind == "parquet":
-        return f"row {rowid + 1}"
-    return f"line {rowid + 2}"
+        return f"row {position + 1}"
+    return f"line {position + 2}"
 
 
 def _check_stage(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
@@ -303,7 +317,7 @@ def _check_stage(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec
     rows = int(row[0])
     for column, nulls in zip(required, row[1:], strict=True):
         if nulls:
-            first = con.execute(f"SELECT min(rowid) FROM {stage} "
+            first = con.execute(f"SELECT min({_position(sf)}) FROM {stage} "
                                 f"WHERE {_q(column)} IS NULL").fetchone()
             assert first is not None
             raise IngestError(f"{sf.path.name} {_line(sf, int(first[0]))}, column {column}: "
@@ -315,8 +329,9 @@ def _check_stage(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec
                           f"FROM {stage}").fetchone()
         if dup and dup[0]:
             first = con.execute(
-                f"SELECT min(rowid) FROM (SELECT rowid, row_number() OVER "
-                f"(PARTITION BY {_q(key)} ORDER BY rowid) AS n FROM {stage}) WHERE n > 1"
+                f"SELECT min(pos) FROM (SELECT {_position(sf)} AS pos, row_number() OVER "
+                f"(PARTITION BY {_q(key)} ORDER BY {_position(sf)}) AS n FROM {stage}) "
+                "WHERE n > 1"
             ).fetchone()
             assert first is not None
             raise IngestError(f"{sf.path.name} {_line(sf, int(first[0]))}, column {key}: "

@@ -217,3 +217,20 @@ def test_existing_store_file_is_not_overwritten(db: Database, settings: Settings
     with pytest.raises(Conflict, match="nothing was overwritten"):
         ingest(db, settings, "bad", source, OPERATOR)
     assert stray.read_bytes() == b"keep me"
+
+
+def test_parquet_null_and_duplicate_name_rows(db: Database, settings: Settings,
+                                              tmp_path: Path) -> None:
+    src = tmp_path / "pq2"
+    generator.generate(src, 50, seed=2, fmt="parquet")
+    path = src / "person.parquet"
+    original = pq.read_table(path)
+    ids = original.column("person_id").to_pylist()
+    ids[20] = ids[4]
+    pq.write_table(original.set_column(0, "person_id", pa.array(ids, pa.int64())), path)
+    expect_failure(db, settings, src, "person.parquet row 21", "duplicate person_id")
+
+    ids[20] = None
+    pq.write_table(original.set_column(0, "person_id", pa.array(ids, pa.int64())), path)
+    with pytest.raises(IngestError, match=r"person.parquet row 21, column person_id: required"):
+        ingest(db, settings, "bad", src, OPERATOR)
