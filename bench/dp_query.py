@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from spe.config import Settings
 from spe.dp import duck
 from spe.dp.engine import execute

@@ -109,9 +109,10 @@ def test_hostile_values_clamped_nan_null_inf(pair) -> None:  # type: ignore[no-u
 
 def test_no_data_dependent_shape_or_error(pair) -> None:  # type: ignore[no-untyped-def]
     meta, with_path, without_path, settings = pair
-    sql = ("SELECT measurement_concept_id, SUM(value_as_number), AVG(LEAST(GREATEST(value_as_number / 0, 0), 10)), "
-           "STDDEV(LEAST(GREATEST(value_as_number * 1e300, -100), 100)), MEDIAN(value_as_number), "
-           "COUNT(DISTINCT person_id) FROM measurement GROUP BY 1")
+    sql = ("SELECT measurement_concept_id, SUM(value_as_number), "
+           "AVG(LEAST(GREATEST(value_as_number / 0, 0), 10)), "
+           "STDDEV(LEAST(GREATEST(value_as_number * 1e300, -100), 100)), "
+           "MEDIAN(value_as_number), COUNT(DISTINCT person_id) FROM measurement GROUP BY 1")
     prepared = prepare(sql, meta, make_terms(meta), epsilon=1.0, delta=1e-6)
     shapes = []
     for path in (with_path, without_path):
