@@ -3,9 +3,10 @@
 Contract of ``ingest(db, settings, name, source, principal)``:
 
 * ``source`` is a directory of table files as data holders export them: ``person.csv`` or
-  ``PERSON.csv`` (also ``.tsv``/``.txt``; comma or tab separated, detected from the header;
-  header names quoted or not) or ``person.parquet``. Other file kinds (e.g. the declaration
-  ``spe-metadata.yaml``, READMEs) are ignored; a data file that is not a CDM table is an error.
+  ``PERSON.csv`` (also ``.tsv``/``.txt``, each optionally gzipped as ``.csv.gz``; comma or
+  tab separated, detected from the header; header names quoted or not) or ``person.parquet``.
+  Other file kinds (e.g. the declaration ``spe-metadata.yaml``, READMEs) are ignored; a
+  data file that is not a CDM table is an error.
 * Column names are matched case-insensitively; unknown columns, duplicated columns and missing
   required columns are errors; missing optional columns are stored as NULL. Values get the
   spec's DuckDB types. A bad value, a wrong number of fields, a truncated line, a NULL in a
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import hashlib
 import logging
 import os
@@ -59,8 +61,10 @@ from spe.errors import Conflict, IngestError, SPEError
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-DELIMITED = {".csv", ".tsv", ".txt"}
-DATA_SUFFIXES = DELIMITED | {".parquet"}
+#: Data file names: <table>.csv|.tsv|.txt (optionally .gz) or <table>.parquet, any case.
+DATA_FILE = re.compile(r"^(?P<table>[A-Za-z_0-9]+)\.(?P<kind>csv|tsv|txt|parquet)"
+                       r"(?P<gz>\.gz)?$", re.IGNORECASE)
+_ANY_DATA = re.compile(r"\.(csv|tsv|txt|parquet)(\.gz)?$", re.IGNORECASE)
 STORE_SUFFIX = ".duckdb"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _HEADER_LIMIT = 1 << 20
@@ -130,8 +134,12 @@ def _describe(column: str, position: int) -> str:
 
 def _read_header(path: Path) -> tuple[str, str]:
     """First line of a delimited file (without BOM/line end) and the detected delimiter."""
-    with path.open("rb") as fh:
-        raw = fh.readline(_HEADER_LIMIT)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.readline(_HEADER_LIMIT)
+    except (OSError, EOFError):
+        raise IngestError(f"{path.name}: cannot read the file (corrupt compression?)") from None
     if not raw.strip():
         raise IngestError(f"{path.name}: the file is empty (a header line is required)")
     if not raw.endswith(b"\n") and len(raw) >= _HEADER_LIMIT:
@@ -145,7 +153,7 @@ def _read_header(path: Path) -> tuple[str, str]:
     if tabs or commas:
         delimiter = "\t" if tabs >= commas else ","
     else:
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        delimiter = "\t" if ".tsv" in path.name.lower() else ","
     return line, delimiter
 
 
@@ -185,18 +193,20 @@ def discover(source: Path) -> list[SourceFile]:
     specs = load_spec()
     found: dict[str, SourceFile] = {}
     for path in sorted(source.iterdir()):
-        suffix = path.suffix.lower()
-        if not path.is_file() or path.name.startswith(".") or suffix not in DATA_SUFFIXES:
+        if not path.is_file() or path.name.startswith(".") or not _ANY_DATA.search(path.name):
             continue
-        table = path.stem.lower()
+        match = DATA_FILE.match(path.name)
+        table = match.group("table").lower() if match else ""
         spec = specs.get(table)
-        if spec is None:
-            raise IngestError(f"{path.name}: not an OMOP CDM {CDM_VERSION} table "
-                              "(file names must be table names, e.g. person.csv)")
+        if match is None or spec is None or (match.group("gz") and
+                                              match.group("kind").lower() == "parquet"):
+            raise IngestError(f"{path.name}: not an OMOP CDM {CDM_VERSION} table file "
+                              "(names must be table names, e.g. person.csv, PERSON.tsv, "
+                              "person.csv.gz or person.parquet)")
         if table in found:
             raise IngestError(f"{path.name} and {found[table].path.name} both hold table "
                               f"{table}; keep one")
-        if suffix == ".parquet":
+        if match.group("kind").lower() == "parquet":
             try:
                 names = pq.read_schema(path).names
             except (OSError, ValueError):  # pyarrow.ArrowInvalid is a ValueError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import shutil
 import stat
 from pathlib import Path
@@ -76,9 +77,10 @@ def check_ingested(db: Database, settings: Settings, name: str, rows: dict[str, 
     with db.read() as session:
         rec = session.execute(select(DatasetRecord).where(DatasetRecord.name == name)).scalar_one()
         meta = DatasetMetadata.model_validate(rec.meta)
-        audit = session.execute(select(AuditEntry).where(AuditEntry.action == "dataset.ingest",
-                                                         AuditEntry.target == name)).scalar_one()
-    assert audit.outcome == "success" and audit.actor == "tester"
+        audit = session.execute(select(AuditEntry).where(
+            AuditEntry.action == "dataset.ingest", AuditEntry.target == name,
+            AuditEntry.outcome == "success")).scalar_one()
+    assert audit.actor == "tester" and audit.details["rows"] == sum(rows.values())
     assert {t: m.row_count for t, m in meta.tables.items()} == rows
     assert rec.total_rows == sum(rows.values())
     con = duckdb.connect(str(path), read_only=True)
@@ -155,3 +157,44 @@ def test_content_hash_depends_on_the_files(db: Database, settings: Settings,
     (copy / "person.csv").write_text((copy / "person.csv").read_text().replace(",8527,", ",0,"))
     c = ingest(db, settings, "c", copy, OPERATOR).metadata.content_sha256
     assert len(a) == 64 and a == b != c
+
+
+def test_gzipped_csv(db: Database, settings: Settings, source_csv: Path, source_parquet: Path,
+                     tmp_path: Path) -> None:
+    src = tmp_path / "gz"
+    src.mkdir()
+    for path in source_csv.iterdir():
+        if path.suffix == ".csv":
+            (src / (path.name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))
+        else:
+            shutil.copy(path, src / path.name)
+    ingest(db, settings, "zipped", src, OPERATOR)
+    check_ingested(db, settings, "zipped", expected_rows(source_parquet))
+
+
+def test_store_dir_mode_is_tightened(db: Database, settings: Settings,
+                                     source_parquet: Path) -> None:
+    settings.store_dir.mkdir(parents=True, mode=0o755)
+    settings.store_dir.chmod(0o755)
+    ingest(db, settings, "tight", source_parquet, OPERATOR)
+    assert stat.S_IMODE(settings.store_dir.stat().st_mode) == 0o700
+
+
+def test_concurrent_ingests_of_one_name(db: Database, settings: Settings,
+                                        source_parquet: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spe.errors import Conflict
+
+    def attempt() -> str:
+        try:
+            ingest(db, settings, "race", source_parquet, OPERATOR)
+        except Conflict:
+            return "conflict"
+        return "ok"
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(lambda _: attempt(), range(2)))
+    assert outcomes == ["conflict", "ok"]
+    assert sorted(p.name for p in settings.store_dir.iterdir()) == ["race.duckdb"]
+    check_ingested(db, settings, "race", expected_rows(source_parquet))
