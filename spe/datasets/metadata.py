@@ -76,5 +76,5 @@ class DatasetMetadata(BaseModel):
         1, ge=1, description="default m: groups one person may contribute to"
     )
     tables: dict[str, TableMeta]
-    source_format: str = Field(description="csv, tsv or parquet")
+    source_format: str = Field(description="csv, tsv, parquet, or mixed (several kinds)")
     content_sha256: str = Field(description="hash over the ingested source files")
