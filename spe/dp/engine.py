@@ -240,7 +240,7 @@ def _on_grid(value: float, grid: float) -> float:
 
 
 def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
-                       by_role: dict[tuple[str, int | None], Unit], key_strs: list[str],
+                       by_role: dict[Any, Unit], key_strs: list[str],
                        stat: Any, distinct: dict[str, int], selected: dict[str, int],
                        con: duckdb.DuckDBPyConnection, timeout: float
                        ) -> tuple[list[Any], dict[str, Any], list[tuple[Any, Any]]]:
@@ -280,7 +280,7 @@ def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
                 out.append(_on_grid(mean, agg.grid))
                 hw = (hw_s + abs(mean) * hw_c) / max(cv - hw_c, 1.0)
                 cis.append((max(mean - hw, agg.lower), min(mean + hw, agg.upper)))
-            acc = {"mechanism": "discrete laplace on sum and count (ratio)",
+            acc: dict[str, Any] = {"mechanism": "discrete laplace on sum and count (ratio)",
                    "scale": {"sum": su.scale * su.grid, "count": cu.scale},
                    "ci95_kind": "approximate"}
             return out, acc, cis
@@ -316,7 +316,8 @@ def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
     for ks in key_strs:
         j = mech.noisy_argmin(mech.quantile_scores(hists[ks], a), unit)
         out.append(lo + j * agg.grid)
-    acc = {"mechanism": "report noisy max (gumbel) on quantile scores", "scale": unit.scale,
+    acc = {
+           "mechanism": "report noisy max (gumbel) on quantile scores", "scale": unit.scale,
            "candidates": ncand, "grid": agg.grid, "ci95_kind": "not available"}
     return out, acc, [(None, None)] * n
 

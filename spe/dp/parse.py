@@ -158,6 +158,7 @@ def _check_select(select: exp.Select) -> None:
     if not select.args.get("from_") and not select.args.get("from"):
         raise refuse("a SELECT without FROM", "select from a permitted table")
     for node in select.walk():
+        assert isinstance(node, exp.Expression)
         _check_node(node, select)
 
 

@@ -218,6 +218,8 @@ def _resolve_table(node: exp.Table, ctx: _Ctx, rows_per_person: int | None) -> T
 def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
                   ) -> tuple[str, str]:
     from_ = select.args.get("from_") or select.args.get("from")
+    if from_ is None:
+        raise refuse("a SELECT without FROM", "select from a permitted table")
     first = _resolve_table(from_.this, ctx, rows_per_person)
     parts = [f"{_q(first.table)} AS {first.alias}"]
     joins = select.args.get("joins") or []
@@ -395,8 +397,8 @@ def _render(node: exp.Expression, ctx: _Ctx, mode: str = "value") -> str:
             type(node)]
         args = [node.this, *node.expressions]
         return f"{name}({', '.join(_render(a, ctx) for a in args)})"
-    for cls, fname in _UNARY_FUNCS.items():
-        if type(node) is cls:
+    for fcls, fname in _UNARY_FUNCS.items():
+        if type(node) is fcls:
             return f"{fname}({_render(node.this, ctx)})"
     if isinstance(node, exp.Round):
         digits = node.args.get("decimals")
