@@ -396,6 +396,7 @@ def build_database(settings: Settings, name: str, files: list[SourceFile],
     seconds: dict[str, float] = {}
     con = duckdb.connect(str(target))
     try:
+        os.chmod(target, 0o600)
         tmpdir.mkdir(mode=0o700)
         con.execute(f"SET threads = {int(settings.duckdb_threads)}")
         con.execute(f"SET memory_limit = {_lit(settings.duckdb_memory_limit)}")
@@ -482,7 +483,6 @@ def _ingest(db: Database, settings: Settings, name: str, source: Path, principal
     moved = False
     try:
         tables, seconds = build_database(settings, name, files, decl, tmp, progress=progress)
-        os.chmod(tmp, 0o600)
         meta = DatasetMetadata(
             name=name, cdm_version=CDM_VERSION, privacy_unit=PRIVACY_UNIT,
             max_groups_per_person=decl.max_groups_per_person or 1,
