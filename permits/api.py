@@ -46,7 +46,7 @@ from spe.api.state import AppState, get_state
 from spe.audit import AuditEvent, Outcome, record
 from spe.auth.deps import get_principal
 from spe.auth.principal import Principal
-from spe.errors import SPEError
+from spe.errors import PayloadTooLarge, SPEError
 
 logger = logging.getLogger("permits.api")
 
@@ -121,6 +121,23 @@ def _audit_refusal(request: Request, action: str, exc: Exception) -> None:
         logger.exception("could not audit a refusal", extra={"fields": {"action": action}})
 
 
+async def _bounded_body(request: Request) -> None:
+    """Refuse bodies over ``max_request_bytes`` that arrive without a Content-Length (chunked):
+    the app middleware checks the header; this reads the stream with the same bound, before
+    any parsing, and keeps the bytes for FastAPI."""
+    if request.method not in ("POST", "PATCH", "PUT") or "content-length" in request.headers:
+        return
+    limit = get_state(request).settings.max_request_bytes
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request bodies are limited to {limit} bytes.")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)
+
+
 class AuditedRoute(APIRoute):
     """An APIRoute whose refusals are audited; the audit action is the route's ``name``."""
 
@@ -130,6 +147,7 @@ class AuditedRoute(APIRoute):
 
         async def handler(request: Request) -> Response:
             try:
+                await _bounded_body(request)
                 return await original(request)
             except (SPEError, RequestValidationError) as exc:
                 await run_in_threadpool(_audit_refusal, request, action, exc)

@@ -24,6 +24,7 @@ from spe.config import Settings
 from spe.datasets import generator
 from spe.datasets.ingest import ingest
 from spe.db import Database
+from spe.errors import Conflict
 from tests.integration.test_permit_service import NOW, body, register_dataset
 
 pytestmark = pytest.mark.keycloak
@@ -232,6 +233,15 @@ def test_bad_input_is_refused_with_each_field(client: TestClient, db: Database,
     r = client.post("/v1/permits", content=huge,
                     headers={**alpha, "Content-Type": "application/json"})
     assert r.status_code == 413
+    def chunks() -> Any:  # no Content-Length: the size is checked while reading
+        yield b'{"title": "'
+        for _ in range(api_settings.max_request_bytes // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}'
+
+    r = client.post("/v1/permits", content=chunks(),
+                    headers={**alpha, "Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
     with db.read() as s:
         assert s.execute(select(Permit)).first() is None  # nothing reached the permits table
     assert client.get("/v1/permits?limit=0", headers=alpha).status_code == 422
@@ -321,3 +331,41 @@ def test_keycloak_outage_is_503_and_writes_nothing(client: TestClient, client_he
         failed = s.execute(select(AuditEntry).where(AuditEntry.outcome == "failure")
                            ).scalars().all()
     assert [e.action for e in failed] == ["permit.issue"]
+
+
+class _RacingGroups(KeycloakPermitGroups):
+    """The real Keycloak adapter; right after provisioning, a rival request of the same access
+    body commits a permit with the same reference (a deterministic race)."""
+
+    def __init__(self, settings: Settings, rival: Callable[[], None]) -> None:
+        super().__init__(settings)
+        self.rival = rival
+        self.provisioned: list[str] = []
+
+    def provision(self, permit_id: str, usernames: Any) -> None:
+        super().provision(permit_id, usernames)
+        self.provisioned.append(permit_id)
+        if len(self.provisioned) == 1:
+            self.rival()
+
+
+def test_failed_issue_after_provisioning_removes_the_group(
+        api_settings: Settings, db: Database, keycloak_admin: Any) -> None:
+    from permits.schemas import PermitCreate
+    from tests.integration.test_permit_service import ALPHA
+
+    register_dataset(db)
+    plain = PermitService(db, groups=KeycloakPermitGroups(api_settings))
+    rival_ids: list[str] = []
+    racing = _RacingGroups(api_settings, lambda: rival_ids.append(
+        plain.issue(ALPHA, PermitCreate.model_validate(body())).permit_id))
+    service = PermitService(db, groups=racing)
+    try:
+        with pytest.raises(Conflict, match="reference"):
+            service.issue(ALPHA, PermitCreate.model_validate(body()))
+        loser = racing.provisioned[0]
+        assert _group(keycloak_admin, loser) is None  # compensated
+        assert _group(keycloak_admin, rival_ids[0]) == {"alice", "bob"}
+    finally:
+        for pid in rival_ids:
+            plain.remove_group(pid)

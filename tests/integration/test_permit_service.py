@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from permits import events
 from permits.errors import PreconditionRequired
@@ -283,3 +284,30 @@ def test_event_page_roles(svc: PermitService) -> None:
     for who in (ALPHA, ALICE):
         with pytest.raises(Forbidden):
             svc.event_page(who)
+
+
+def test_concurrent_idempotent_issue_makes_one_permit(svc: PermitService) -> None:
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(svc.issue(ALPHA, PermitCreate.model_validate(body()),
+                                 idempotency_key="same").permit_id)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and len(set(results)) == 1
+    assert len(svc.list_permits(ALPHA).items) == 1
+
+
+def test_history_tables_are_append_only(svc: PermitService, db: Database) -> None:
+    pid = issue(svc)
+    for statement in ("UPDATE permit_versions SET actor = 'x'",
+                      "DELETE FROM permit_versions", "DELETE FROM permit_events"):
+        with pytest.raises(DBAPIError), db.write() as s:
+            s.execute(text(statement))
+    assert [v.version for v in svc.versions(ALPHA, pid)] == [1]
