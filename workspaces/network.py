@@ -14,6 +14,8 @@ Contract:
   - nothing is forwarded to or from the workspace (other workspaces, other hosts, the
     Internet), whatever the host's ``ip_forward`` is.
   The host itself (the proxy) can connect into the namespace to reach the user's server.
+* With no allowed ports the namespace has loopback only (no veth, no table): still one
+  namespace per workspace, so all of a workspace's processes share its loopback.
 * :meth:`WorkspaceNetwork.destroy` deletes the table and the namespace (which deletes the pair).
   Idempotent.
 
@@ -130,8 +132,15 @@ table inet {net.table} {{
 def create(ws_id: str, allowed_ports: tuple[int, ...], *, pool: str = "10.237.0.0/16",
            lock_dir: Path = Path("/run")) -> WorkspaceNetwork:
     """Create the namespace, veth pair and nftables table of workspace ``ws_id``."""
-    if not allowed_ports:
-        raise ValueError("a workspace network needs at least one allowed port")
+    if not allowed_ports:  # loopback only: no veth, nothing reaches the host
+        net = WorkspaceNetwork(ws_id, "", "", 0, ())
+        try:
+            _run("ip", "netns", "add", net.netns)
+            _run("ip", "-n", net.netns, "link", "set", "lo", "up")
+        except BaseException:
+            net.destroy()
+            raise
+        return net
     pool_net = ipaddress.IPv4Network(pool)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with open(lock_dir / "spe-workspace-net.lock", "w") as lock:

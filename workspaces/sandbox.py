@@ -22,7 +22,9 @@ runtime dir             the Python runtime (venv from the system Python), read-o
 ``/home/<account>``     the workspace home, the only writable persistent directory
 ``/data/extract``       the permit's pseudonymised extract, read-only (pseudonymised permits
                         only)
-``/tmp``, ``/dev/shm``  private tmpfs (1777)
+``/tmp``                the workspace's own scratch dir (shared by every process of the
+                        workspace, e.g. the kernel and its Ray head; emptied on provision)
+``/dev/shm``            private tmpfs (1777)
 ``/proc``               a new procfs of the sandbox's own PID namespace
 ``/dev``                a minimal devtmpfs plus the allocated GPU device nodes
 =====================  ==========================================================
@@ -63,6 +65,7 @@ class SandboxSpec:
     account: Account
     home: Path
     etc_dir: Path
+    tmp: Path | None = None
     runtime: Path | None = None
     extract: Path | None = None
     network: WorkspaceNetwork | None = None
@@ -89,7 +92,7 @@ def write_etc(etc_dir: Path, account: Account) -> None:
                   f"{account.name}:x:{account.uid}:{account.gid}:SPE workspace:{home}:/bin/sh\n"
                   "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         "group": f"root:x:0:\n{account.name}:x:{account.gid}:\nnogroup:x:65534:\n",
-        "hosts": "127.0.0.1 localhost\n",
+        "hosts": "127.0.0.1 localhost workspace\n",
         "resolv.conf": "# no name service inside a workspace\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
         "hostname": "workspace\n",
@@ -121,8 +124,12 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str]) -> list[str]:
     a += ["--proc", "/proc", "--dev", "/dev"]
     for dev in spec.devices:
         a += ["--dev-bind", dev, dev]
-    # Private tmpfs mounts inside the sandbox's own mount namespace, not the host's /tmp.
-    a += ["--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/dev/shm"]  # noqa: S108
+    # Private mounts inside the sandbox's own mount namespace, never the host's /tmp.
+    if spec.tmp is not None:
+        a += ["--bind", str(spec.tmp), "/tmp"]  # noqa: S108
+    else:
+        a += ["--perms", "1777", "--tmpfs", "/tmp"]  # noqa: S108
+    a += ["--perms", "1777", "--tmpfs", "/dev/shm"]  # noqa: S108
     a += ["--perms", "0755", "--dir", "/home", "--bind", str(spec.home), spec.home_in_sandbox]
     if spec.runtime is not None:
         runtime = PurePosixPath(spec.runtime.resolve())
@@ -196,16 +203,19 @@ class Workspace:
             os.chown(home, account.uid, account.gid)
             home.chmod(0o700)
             write_etc(root / "etc", account)
+            tmp = root / "tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            os.chown(tmp, account.uid, account.gid)
+            tmp.chmod(0o700)
             cg = cgroups.create(ws_id, quota, parent=settings.cgroup_parent,
                                 pids_max=settings.pids_max)
             created.append(cg)
-            net = None
-            if with_network:
-                net = network.create(ws_id, settings.allowed_host_ports,
-                                     pool=settings.subnet_pool)
-                created.append(net)
+            net = network.create(ws_id, settings.allowed_host_ports if with_network else (),
+                                 pool=settings.subnet_pool)
+            created.append(net)
             runtime = settings.runtime_dir if settings.runtime_dir.is_dir() else None
-            spec = SandboxSpec(account=account, home=home, etc_dir=root / "etc",
+            spec = SandboxSpec(account=account, home=home, etc_dir=root / "etc", tmp=tmp,
                                runtime=runtime, extract=extract, network=net, cgroup=cg,
                                devices=devices, env=dict(env or {}))
         except BaseException:

@@ -1,0 +1,60 @@
+"""The workspace Python runtime: a venv built from the *system* Python.
+
+Sandboxes bind it read-only at the same path, so it must be world-readable and must not
+depend on anything under a home directory (an interpreter under /root, e.g. from pyenv, is
+unreadable to workspace accounts). :func:`build` is idempotent (a stamp file records the
+package list) and makes the tree world-readable. The SPE's own code is installed without its
+dependencies so ``spe.client`` is importable; its secrets never are (they are not code).
+
+Usage: ``python -m workspaces.runtime build [DIR]`` (default ``var/runtime``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+PACKAGES = (
+    "jupyterhub>=5", "jupyterlab>=4", "jupyter_server>=2", "ipykernel>=6", "ray>=2.50",
+    "httpx>=0.27", "duckdb>=1.1", "pyarrow>=16", "polars>=1.0", "pandas>=2.2", "numpy>=1.26",
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stamp(packages: tuple[str, ...]) -> str:
+    return hashlib.sha256("\n".join(packages).encode()).hexdigest()[:16]
+
+
+def is_built(path: Path) -> bool:
+    stamp = path / ".spe-runtime"
+    return stamp.is_file() and stamp.read_text().strip() == _stamp(PACKAGES)
+
+
+def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) -> Path:
+    """Create or update the runtime at ``path``; returns ``path``."""
+    path = path.resolve()
+    if is_built(path):
+        return path
+    if not (path / "bin" / "python").exists():
+        subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(path)], check=True)
+    pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q"]
+    if constraints is None and (project / "constraints.txt").is_file():
+        constraints = project / "constraints.txt"
+    if constraints is not None:
+        pip += ["-c", str(constraints)]
+    subprocess.run([*pip, *PACKAGES], check=True)
+    subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                    "--force-reinstall", str(project)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX,go-w", str(path)], check=True)
+    (path / ".spe-runtime").write_text(_stamp(PACKAGES) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0] != "build":
+        sys.exit("usage: python -m workspaces.runtime build [DIR]")
+    print(build(Path(args[1] if len(args) > 1 else "var/runtime")))
