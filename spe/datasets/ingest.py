@@ -9,7 +9,8 @@ Contract of ``ingest(db, settings, name, source, principal)``:
   data file that is not a CDM table is an error.
 * Column names are matched case-insensitively; unknown columns, duplicated columns and missing
   required columns are errors; missing optional columns are stored as NULL. Values get the
-  spec's DuckDB types. A bad value, a wrong number of fields, a truncated line, a NULL in a
+  spec's DuckDB types (a DATE written with a time, e.g. ``2020-01-31 00:00:00``, is accepted
+  as its date). A bad value, a wrong number of fields, a truncated line, a NULL in a
   required column or a duplicated primary key (``person_id`` in ``person``) is an
   ``IngestError`` naming the file, line (for Parquet: row) and column — never the value.
 * Every table holding ``person_id`` gets ``ROW_RANK_COLUMN``: a uniformly random rank of the row
@@ -253,11 +254,17 @@ def _lit(text: str) -> str:
 def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
                      stage: str) -> None:
     types = spec.duckdb_columns()
-    columns = "{" + ", ".join(f"{_lit(c)}: {_lit(types[c])}" for c in sf.columns) + "}"
+    # DATE columns are read as TIMESTAMP so "2020-01-31 00:00:00" (a common export of dates)
+    # is accepted, then truncated to the date.
+    read_types = {c: "TIMESTAMP" if types[c] == "DATE" else types[c] for c in sf.columns}
+    columns = "{" + ", ".join(f"{_lit(c)}: {_lit(read_types[c])}" for c in sf.columns) + "}"
+    select_list = ", ".join(
+        f"CAST({_q(c)} AS DATE) AS {_q(c)}" if types[c] == "DATE" else _q(c)
+        for c in sf.columns)
     rejects, scan = f"{stage}_rejects", f"{stage}_scan"
     assert sf.delimiter is not None
     con.execute(
-        f"CREATE TEMP TABLE {stage} AS SELECT * FROM read_csv({_lit(str(sf.path))}, "
+        f"CREATE TEMP TABLE {stage} AS SELECT {select_list} FROM read_csv({_lit(str(sf.path))}, "
         f"auto_detect=false, header=true, delim={_lit(sf.delimiter)}, quote='\"', "
         f"escape='\"', columns={columns}, store_rejects=true, "
         f"rejects_table={_lit(rejects)}, rejects_scan={_lit(scan)})")

@@ -198,3 +198,21 @@ def test_concurrent_ingests_of_one_name(db: Database, settings: Settings,
     assert outcomes == ["conflict", "ok"]
     assert sorted(p.name for p in settings.store_dir.iterdir()) == ["race.duckdb"]
     check_ingested(db, settings, "race", expected_rows(source_parquet))
+
+
+def test_dates_exported_with_midnight_time(db: Database, settings: Settings, source_csv: Path,
+                                           tmp_path: Path) -> None:
+    src = Path(shutil.copytree(source_csv, tmp_path / "midnight"))
+    path = src / "observation_period.csv"
+    lines = path.read_text().splitlines()
+    fixed = [lines[0]] + [
+        ",".join(f"{v} 00:00:00" if len(v) == 10 and v[4] == "-" else v for v in line.split(","))
+        for line in lines[1:]]
+    path.write_text("\n".join(fixed) + "\n")
+    assert "00:00:00" in path.read_text()
+    result = ingest(db, settings, "midnight", src, OPERATOR)
+    con = duckdb.connect(str(result.path), read_only=True)
+    kind = con.execute("SELECT typeof(observation_period_start_date) FROM observation_period "
+                       "LIMIT 1").fetchone()[0]
+    con.close()
+    assert kind == "DATE"
