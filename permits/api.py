@@ -202,15 +202,22 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+def example(model: type[BaseModel]) -> Any:
+    """The first example declared in a schema's ``json_schema_extra`` (None if none)."""
+    extra: Any = model.model_config.get("json_schema_extra") or {}
+    examples = extra.get("examples") if isinstance(extra, dict) else None
+    return examples[0] if examples else None
+
+
 def _ok(model: type[BaseModel], description: str, code: int = 200
         ) -> dict[int | str, dict[str, Any]]:
-    examples = (model.model_config.get("json_schema_extra") or {}).get("examples")  # type: ignore[union-attr]
-    content: dict[str, Any] = {"application/json": {"example": examples[0]}} if examples else {}
+    sample = example(model)
+    content: dict[str, Any] = {"application/json": {"example": sample}} if sample else {}
     return {code: {"description": description, "content": content}}
 
 
 def _example_permit() -> dict[str, Any]:
-    return PermitPublic.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
+    return dict(example(PermitPublic))
 
 
 _READ_ERRORS = (401, 403, 404, 422)
@@ -255,7 +262,7 @@ def issue_permit(
     principal: CurrentPrincipal,
     body: Annotated[PermitCreate, Body(openapi_examples={
         "dp_only": {"summary": "A DP-only research permit",
-                    "value": PermitCreate.model_config["json_schema_extra"]["examples"][0]},  # type: ignore[index]
+                    "value": example(PermitCreate)},
     })],
     idempotency_key: Annotated[str | None, Header(
         alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
@@ -324,7 +331,7 @@ def amend_permit(
     permit_id: PermitId,
     body: Annotated[PermitUpdate, Body(openapi_examples={
         "add_person": {"summary": "Add a person and raise the budget",
-                       "value": PermitUpdate.model_config["json_schema_extra"]["examples"][0]},  # type: ignore[index]
+                       "value": example(PermitUpdate)},
     })],
     if_match: Annotated[str | None, Header(
         alias="If-Match", max_length=200, description="The ETag of the version you amend.",
@@ -339,7 +346,7 @@ def amend_permit(
     description="Every version, oldest first: the full snapshot, the change, who and when.",
     response_model=PermitVersionList,
     responses={200: {"description": "All versions.", "content": {"application/json": {
-        "example": {"items": PermitVersionPublic.model_config["json_schema_extra"]["examples"]}}}},  # type: ignore[index]
+        "example": {"items": [example(PermitVersionPublic)]}}}},
         **_errors(*_READ_ERRORS)},
 )
 def permit_versions(request: Request, principal: CurrentPrincipal,
@@ -401,7 +408,7 @@ def extend_permit(
     permit_id: PermitId,
     body: Annotated[ExtendRequest, Body(openapi_examples={
         "extend": {"summary": "Extend by two years",
-                   "value": ExtendRequest.model_config["json_schema_extra"]["examples"][0]},  # type: ignore[index]
+                   "value": example(ExtendRequest)},
     })],
     if_match: Annotated[str | None, Header(alias="If-Match", max_length=200,
                                            examples=['"3f0c7f6e-v1-5d41402abc4b2a76"'])] = None,

@@ -297,6 +297,7 @@ def test_expiry_by_the_sweeper(client: TestClient, client_headers: Headers, user
     pid = _issue(client, alpha)["id"]
     state = api_app.state.spe
     service = get_service(state)
+    assert get_sweeper(state).running  # started by the app's lifespan
     try:
         later = NOW + timedelta(days=366)
         service.clock = lambda: later
