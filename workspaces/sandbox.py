@@ -105,8 +105,8 @@ def write_etc(etc_dir: Path, account: Account) -> None:
 
 def bwrap_argv(spec: SandboxSpec, command: Sequence[str]) -> list[str]:
     """The full host command line that runs ``command`` inside the sandbox."""
-    a: list[str] = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid",
-                    "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+    a: list[str] = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session",
+                    "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                     "--hostname", "workspace"]
     if spec.network is None:
         a.append("--unshare-net")
@@ -138,9 +138,9 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str]) -> list[str]:
         a += ["--ro-bind", str(runtime), str(runtime)]
     if spec.extract is not None:
         a += ["--perms", "0755", "--dir", "/data", "--ro-bind", str(spec.extract), EXTRACT_MOUNT]
-    a += ["--chdir", spec.home_in_sandbox, "--clearenv"]
-    for key, value in sandbox_env(spec).items():
-        a += ["--setenv", key, value]
+    # The environment is passed by the caller (Workspace.popen/run use sandbox_env), never on
+    # the command line, where host processes could read tokens from /proc/<pid>/cmdline.
+    a += ["--chdir", spec.home_in_sandbox]
     a += ["--", "setpriv", f"--reuid={spec.account.uid}", f"--regid={spec.account.gid}",
           "--init-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
           "--", *command]
@@ -237,9 +237,14 @@ class Workspace:
     def argv(self, command: Sequence[str]) -> list[str]:
         return bwrap_argv(self.spec, command)
 
-    def popen(self, command: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The complete environment of a sandboxed command (nothing of the host's)."""
+        return {**sandbox_env(self.spec), **(extra or {})}
+
+    def popen(self, command: Sequence[str], *, env: Mapping[str, str] | None = None,
+              **kwargs: Any) -> subprocess.Popen[Any]:
         kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(self.argv(command), **kwargs)
+        proc = subprocess.Popen(self.argv(command), env=self.env(env), **kwargs)
         self._procs.append(proc)
         return proc
 
@@ -254,9 +259,11 @@ class Workspace:
         self._procs.clear()
 
     def run(self, command: Sequence[str], *, timeout: float = 60.0,
-            input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+            input_text: str | None = None,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(command), capture_output=True, text=True,
-                              input=input_text, timeout=timeout, check=False)
+                              input=input_text, timeout=timeout, check=False,
+                              env=self.env(env))
 
     def destroy(self, *, remove_home: bool = False) -> None:
         """Kill every process and remove cgroup, network and account. Idempotent."""
