@@ -4,9 +4,14 @@
   max_rows_per_person?, max_groups_per_person?}``, optional ``Idempotency-Key`` header.
 * ``GET /v1/permits/{permit_id}/budget``: spent and remaining budget.
 
-Authorised for a researcher named in the permit (user token) or a workspace token bound to that
-permit; the permit must be active. Errors are RFC 9457 problems (QueryRefused 400,
-BudgetExceeded 403, QueryFailed 500 with one generic message).
+Queries are authorised for a researcher named in the permit, with their own user token or a
+workspace token bound to that permit (and still naming a person the permit names: a person
+removed by an amendment loses access at once, even through a live workspace token); the permit
+must be active. The budget may also be read, whatever the permit's status, by the access body
+that issued the permit and by hospital admins (``permits.policy.can_see``). Every
+authorisation refusal is audited (``dp.query`` / ``dp.budget``, outcome refused). Errors are
+RFC 9457 problems (QueryRefused 400, not named or inactive permit 403, BudgetExceeded 403,
+unknown permit 404, QueryFailed 500 with one generic message).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from permits.terms import PermitTerms
 from spe.api.state import get_state
-from spe.auth.deps import require_role
+from spe.audit import AuditEvent, Outcome, record
+from spe.auth.deps import get_principal, require_role
 from spe.auth.principal import Principal, Role
 from spe.datasets.metadata import DatasetMetadata
 from spe.dp.service import Caller, QueryRequest, budget_status, run_query
-from spe.errors import Forbidden, InvalidInput
+from spe.errors import Forbidden, InvalidInput, NotFound
 
 router = APIRouter(tags=["dp-queries"])
 
@@ -49,18 +55,59 @@ def _terms(request: Request, permit_id: str) -> PermitTerms:
         return get_terms(session, permit_id)
 
 
-def authorise(principal: Principal, terms: PermitTerms) -> None:
-    """Raise Forbidden unless ``principal`` may query under ``terms`` right now."""
+def _named(principal: Principal, terms: PermitTerms) -> None:
     if principal.kind == "workspace":
         if principal.permit_id != terms.permit_id:
             raise Forbidden("This workspace token is bound to another permit.")
+        if not terms.names(principal.username):
+            raise Forbidden("The person of this workspace token is no longer named in the "
+                            "permit.")
     elif principal.kind == "user":
         if not terms.names(principal.username):
             raise Forbidden("You are not named in this permit.")
     else:
         raise Forbidden("DP queries are made by researchers named in the permit.")
+
+
+def authorise(principal: Principal, terms: PermitTerms) -> None:
+    """Raise Forbidden unless ``principal`` may query under ``terms`` right now."""
+    _named(principal, terms)
     if not terms.usable:
         raise Forbidden(f"The permit is {terms.status.value}; queries need an active permit.")
+
+
+def authorise_budget_read(principal: Principal, terms: PermitTerms) -> None:
+    """Raise Forbidden unless ``principal`` may read the permit's budget (any status)."""
+    from permits.policy import can_see
+
+    if Role.RESEARCHER in principal.roles and principal.kind in ("user", "workspace"):
+        _named(principal, terms)
+        return
+    if not can_see(principal, terms.permit_id, terms.access_body, terms.persons):
+        raise Forbidden("Only the permit's access body, hospital admins and the persons "
+                        "named in the permit may read its budget.")
+
+
+def _audit_refusal(request: Request, principal: Principal, permit_id: str, action: str,
+                   reason: str) -> None:
+    with get_state(request).db.write() as session:
+        record(session, AuditEvent(
+            action=action, actor=principal.actor, role=principal.primary_role(),
+            permit_id=permit_id, target=permit_id, outcome=Outcome.REFUSED, reason=reason,
+            request_id=getattr(request.state, "request_id", None) or "none",
+            details={"principal_kind": principal.kind}))
+
+
+def _checked(request: Request, principal: Principal, permit_id: str, action: str,
+             check: Any) -> PermitTerms:
+    """The permit's terms after ``check(principal, terms)``; refusals are audited."""
+    try:
+        terms = _terms(request, permit_id)
+        check(principal, terms)
+    except (Forbidden, NotFound) as err:
+        _audit_refusal(request, principal, permit_id, action, err.detail)
+        raise
+    return terms
 
 
 def _opener(request: Request) -> Any:
@@ -81,8 +128,7 @@ def post_query(permit_id: str, body: QueryBody, request: Request,
                ) -> dict[str, Any]:
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
         raise InvalidInput("Idempotency-Key must be 1 to 128 characters.")
-    terms = _terms(request, permit_id)
-    authorise(principal, terms)
+    terms = _checked(request, principal, permit_id, "dp.query", authorise)
     state = get_state(request)
     caller = Caller(actor=principal.actor, role=principal.primary_role(),
                     request_id=getattr(request.state, "request_id", None))
@@ -96,8 +142,7 @@ def post_query(permit_id: str, body: QueryBody, request: Request,
 
 @router.get("/v1/permits/{permit_id}/budget")
 def get_budget(permit_id: str, request: Request,
-               principal: Principal = Depends(require_role(Role.RESEARCHER))
-               ) -> dict[str, Any]:
-    terms = _terms(request, permit_id)
-    authorise(principal, terms)
-    return budget_status(get_state(request).db, terms, principal.actor)
+               principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+    terms = _checked(request, principal, permit_id, "dp.budget", authorise_budget_read)
+    actor = principal.actor if Role.RESEARCHER in principal.roles else None
+    return budget_status(get_state(request).db, terms, actor)

@@ -524,11 +524,17 @@ def _key_public_values(node: exp.Expression, ctx: _Ctx) -> tuple[Any, ...] | Non
         name, arg = part
         if name == "year":
             _sql, _ref, col = _column(arg, ctx)
-            lo = int(col.lower) if col.lower is not None and col.lower > 1000 \
-                else DEFAULT_YEAR_RANGE[0]
-            hi = int(col.upper) if col.upper is not None and col.upper > 1000 \
-                else DEFAULT_YEAR_RANGE[1]
-            return tuple(range(lo, hi + 1))
+            # The declared calendar range (year_lower/year_upper, recorded at ingest) is the
+            # public key set; rows outside it are filtered out by the key IN (...) filter.
+            lo = col.year_lower if col.year_lower is not None else (
+                int(col.lower) if col.lower is not None and col.lower > 1000
+                else DEFAULT_YEAR_RANGE[0])
+            hi = col.year_upper if col.year_upper is not None else (
+                int(col.upper) if col.upper is not None and col.upper > 1000
+                else DEFAULT_YEAR_RANGE[1])
+            if lo > hi:
+                raise refuse(f"the column {col.name!r}, whose declared year range is empty")
+            return tuple(range(int(lo), int(hi) + 1))
         lo, hi = _PART_RANGES[name]
         return tuple(range(lo, hi + 1))
     if isinstance(node, exp.Column):

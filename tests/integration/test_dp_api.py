@@ -1,115 +1,285 @@
-"""HTTP API of DP queries and the notebook client, with permits and datasets stubbed."""
+"""DP queries over HTTP end to end, with real components only, on SQLite and PostgreSQL.
+
+A small synthetic OMOP dataset goes through the real ingest; the access body ``hdab-alpha``
+issues permits over HTTP with its real Keycloak client-credentials token; alice queries with her
+real Keycloak token and with a real workspace token; suspension and revocation go through the
+permit API; the notebook client talks to a real uvicorn server on loopback.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
-from permits.terms import PermitStatus
-from spe.api.app import create_app
-from spe.auth.principal import Principal, Role
-from spe.client import Client, describe, save_release
+from spe.audit.models import AuditEntry
+from spe.auth.principal import SYSTEM
+from spe.auth.workspace_tokens import mint_workspace_token
+from spe.client import Client, SPEClientError, describe, save_release
 from spe.config import Settings
+from spe.datasets import generator
+from spe.datasets.ingest import ingest
 from spe.db import Database
 from spe.dp import receipt
-from spe.dp.testing import make_dataset, make_terms
+from tests.integration.test_permit_service import body
 
+pytestmark = pytest.mark.keycloak
+Headers = Callable[[str], dict[str, str]]
 SQL = "SELECT gender_concept_id, COUNT(*) AS n FROM person GROUP BY 1"
+DATASET = "dpdemo"
+TABLES = {"person": ["person_id", "gender_concept_id", "year_of_birth"],
+          "measurement": ["person_id", "measurement_concept_id", "measurement_date",
+                          "value_as_number"]}
 
 
-def _principal(name: str) -> Principal:
-    if name.startswith("ws:"):
-        _, user, permit = name.split(":")
-        return Principal(subject=user, username=user, kind="workspace",
-                         roles=frozenset({Role.RESEARCHER}), permit_id=permit,
-                         workspace_id="w1")
-    return Principal(subject=name, username=name, kind="user",
-                     roles=frozenset({Role.RESEARCHER}))
+@pytest.fixture(scope="module")
+def omop_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dp-omop")
+    generator.generate(out, 150, seed=11, fmt="csv")
+    return out
 
 
 @pytest.fixture
-def api(tmp_path: Path, sqlite_db: Database, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    path = tmp_path / "d.duckdb"
-    meta = make_dataset(path, persons=300)
-    state = {"terms": make_terms(meta, epsilon=1.0, max_epsilon_per_query=0.5)}
-    import permits.service
-    import spe.datasets.registry
-
-    def get_terms(_session, permit_id):  # type: ignore[no-untyped-def]
-        from spe.errors import NotFound
-
-        if permit_id != state["terms"].permit_id:
-            raise NotFound("no such permit")
-        return state["terms"]
-
-    monkeypatch.setattr(permits.service, "get_terms", get_terms)
-    monkeypatch.setattr(spe.datasets.registry, "open_dataset", lambda *_a: (meta, path))
-    settings = Settings(data_dir=tmp_path / "var", database_url=sqlite_db.url)
-    app = create_app(settings, sqlite_db)
-
-    @app.middleware("http")
-    async def _fake_auth(request, call_next):  # type: ignore[no-untyped-def]
-        who = request.headers.get("x-test-user")
-        if who:
-            request.state.spe_principal = _principal(who)
-        return await call_next(request)
-
-    return TestClient(app), state, settings
+def dataset(db: Database, api_settings: Settings, omop_source: Path) -> str:
+    ingest(db, api_settings, DATASET, omop_source, SYSTEM)
+    return DATASET
 
 
-def _post(client: TestClient, who: str, body: dict, permit: str = "P-TEST-1",  # type: ignore[type-arg]
-          **headers: str):  # type: ignore[no-untyped-def]
-    return client.post(f"/v1/permits/{permit}/queries", json=body,
-                       headers={"x-test-user": who, **headers})
+class Permits:
+    """Issues permits over HTTP as hdab-alpha and revokes the survivors afterwards."""
+
+    def __init__(self, post: Callable[..., httpx.Response], headers: dict[str, str]) -> None:
+        self.post, self.headers = post, headers
+        self.issued: list[str] = []
+
+    def issue(self, reference: str, **budget: float) -> str:
+        data = body(reference=reference, persons=["alice"],
+                    datasets=[{"dataset": DATASET, "tables": TABLES}],
+                    privacy_budget={"epsilon": 1.0, "delta": 1e-6,
+                                    "max_epsilon_per_query": 0.5, **budget})
+        r = self.post("/v1/permits", json=data, headers=self.headers)
+        assert r.status_code == 201, r.text
+        pid = str(r.json()["id"])
+        self.issued.append(pid)
+        return pid
+
+    def change(self, pid: str, action: str) -> None:
+        r = self.post(f"/v1/permits/{pid}/{action}", json={"reason": f"{action} in a test"},
+                      headers=self.headers)
+        assert r.status_code == 200, r.text
+
+    def cleanup(self) -> None:  # removes the Keycloak groups the permits provisioned
+        for pid in self.issued:
+            self.post(f"/v1/permits/{pid}/revoke", json={"reason": "test done"},
+                      headers=self.headers)
 
 
-def test_query_authorisation_and_answer(api) -> None:  # type: ignore[no-untyped-def]
-    client, state, settings = api
-    r = _post(client, "alice", {"sql": SQL, "epsilon": 0.2})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["columns"] == ["gender_concept_id", "n"]
-    assert len(body["rows"]) == 3
-    assert body["accuracy"]["n"]["ci95_halfwidth"] > 0
-    assert body["cost"]["epsilon"] == pytest.approx(0.2)
-    assert receipt.verify(body["receipt"], settings.secret_key.get_secret_value(),
-                          body["csv"].encode())
-    assert _post(client, "bob", {"sql": SQL}).status_code == 403
-    assert _post(client, "ws:alice:OTHER", {"sql": SQL}).status_code == 403
-    assert _post(client, "ws:alice:P-TEST-1", {"sql": SQL, "epsilon": 0.1}).status_code == 200
-    assert _post(client, "alice", {"sql": SQL}, permit="NOPE").status_code == 404
-    refused = _post(client, "alice", {"sql": "SELECT * FROM read_csv('/etc/passwd')"})
-    assert refused.status_code == 400
-    assert refused.json()["type"].endswith("query-refused")
-    too_much = _post(client, "alice", {"sql": SQL, "epsilon": 0.9})
-    assert too_much.status_code == 403 and too_much.json()["type"].endswith("budget-exceeded")
-    dry = _post(client, "alice", {"sql": SQL, "epsilon": 0.3, "dry_run": True})
-    assert dry.status_code == 200 and dry.json()["budget"]["epsilon_spent"] == pytest.approx(0.3)
-    first = _post(client, "alice", {"sql": SQL, "epsilon": 0.1}, **{"Idempotency-Key": "a1"})
-    second = _post(client, "alice", {"sql": SQL, "epsilon": 0.1}, **{"Idempotency-Key": "a1"})
-    assert second.json()["replayed"] and second.json()["rows"] == first.json()["rows"]
-    budget = client.get("/v1/permits/P-TEST-1/budget", headers={"x-test-user": "alice"})
-    assert budget.json()["epsilon_spent"] == pytest.approx(0.4)
-    state["terms"] = replace(state["terms"], status=PermitStatus.SUSPENDED)
-    assert _post(client, "alice", {"sql": SQL, "epsilon": 0.1}).status_code == 403
+def _workspace_token(db: Database, settings: Settings, permit_id: str,
+                     workspace_id: str = "ws-test") -> dict[str, str]:
+    with db.write() as session:
+        minted = mint_workspace_token(session, settings, subject="alice-subject",
+                                      username="alice", permit_id=permit_id,
+                                      workspace_id=workspace_id)
+    return {"Authorization": f"Bearer {minted.token}"}
 
 
-def test_notebook_client(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    client, _state, settings = api
-    nb = Client("http://testserver", "token-not-used", "P-TEST-1")
-    client.headers.update({"x-test-user": "alice"})
-    nb._http = client
-    df = nb.sql(SQL, epsilon=0.2)
-    assert list(df.columns) == ["gender_concept_id", "n"]
-    assert df.attrs["cost"]["epsilon"] == pytest.approx(0.2)
-    assert "discrete laplace" in describe(df)
-    out = save_release(df, tmp_path / "r.csv")
-    assert receipt.verify(df.attrs["receipt"], settings.secret_key.get_secret_value(),
-                          out.read_bytes())
-    assert nb.cost(SQL, epsilon=0.3)["cost"]["epsilon"] == pytest.approx(0.3)
-    b = nb.budget(plot=False)
-    assert b.data["epsilon_spent"] == pytest.approx(0.2)
-    assert "remaining" in repr(b)
+def _refusals(db: Database, action: str) -> list[tuple[str, str | None]]:
+    with db.read() as s:
+        return [(e.actor, e.permit_id) for e in s.execute(
+            select(AuditEntry).where(AuditEntry.outcome == "refused",
+                                     AuditEntry.action == action)
+            .order_by(AuditEntry.seq)).scalars()]
+
+
+def test_queries_over_http(api_client: TestClient, db: Database, api_settings: Settings,
+                           dataset: str, client_headers: Headers,
+                           user_headers: Headers) -> None:
+    permits = Permits(api_client.post, client_headers("hdab-alpha"))
+    try:
+        pid = permits.issue("DP/0001/2026/FI")
+        other = permits.issue("DP/0002/2026/FI")
+        alice, bob = user_headers("alice"), user_headers("bob")
+        ws = _workspace_token(db, api_settings, pid)
+        ws_other = _workspace_token(db, api_settings, other, "ws-other")
+
+        def post(headers: dict[str, str], payload: dict[str, Any], permit: str = pid,
+                 **extra: str) -> httpx.Response:
+            return api_client.post(f"/v1/permits/{permit}/queries", json=payload,
+                                   headers={**headers, **extra})
+
+        r = post(alice, {"sql": SQL, "epsilon": 0.2})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["columns"] == ["gender_concept_id", "n"]
+        assert len(answer["rows"]) == 3  # declared public genders, empty groups included
+        assert answer["accuracy"]["n"]["ci95_halfwidth"] > 0
+        assert answer["cost"]["epsilon"] == pytest.approx(0.2)
+        assert receipt.verify(answer["receipt"], api_settings.secret_key.get_secret_value(),
+                              answer["csv"].encode())
+
+        assert post(bob, {"sql": SQL}).status_code == 403  # not named in the permit
+        r = post(ws_other, {"sql": SQL})  # alice's workspace token for another permit
+        assert r.status_code == 403 and "another permit" in r.json()["detail"]
+        r = post(client_headers("hdab-alpha"), {"sql": SQL})  # access bodies do not query
+        assert r.status_code == 403
+        assert post(alice, {"sql": SQL}, permit="P-NO-SUCH").status_code == 404
+        assert ("bob", pid) in _refusals(db, "dp.query")
+        r = post(ws, {"sql": SQL, "epsilon": 0.1})
+        assert r.status_code == 200, r.text
+
+        refused = post(alice, {"sql": "SELECT * FROM read_csv('/etc/passwd')"})
+        assert refused.status_code == 400
+        assert refused.json()["type"].endswith("query-refused")
+        too_much = post(alice, {"sql": SQL, "epsilon": 0.9})  # over the per-query cap
+        assert too_much.status_code == 403
+        assert too_much.json()["type"].endswith("budget-exceeded")
+        dry = post(alice, {"sql": SQL, "epsilon": 0.3, "dry_run": True})
+        assert dry.status_code == 200
+        assert dry.json()["budget"]["epsilon_spent"] == pytest.approx(0.3)
+
+        key = {"Idempotency-Key": "a1"}
+        first = post(alice, {"sql": SQL, "epsilon": 0.1}, **key)
+        second = post(alice, {"sql": SQL, "epsilon": 0.1}, **key)
+        assert first.status_code == second.status_code == 200
+        assert second.json()["replayed"] and second.json()["rows"] == first.json()["rows"]
+        assert post(alice, {"sql": "SELECT COUNT(*) FROM person", "epsilon": 0.1},
+                    **key).status_code == 409  # the key names another query
+        budget = api_client.get(f"/v1/permits/{pid}/budget", headers=alice)
+        assert budget.status_code == 200
+        assert budget.json()["epsilon_spent"] == pytest.approx(0.4)
+        assert budget.json()["queries"] == 3
+        by_ws = api_client.get(f"/v1/permits/{pid}/budget", headers=ws)
+        assert by_ws.json()["epsilon_spent"] == pytest.approx(0.4)
+        by_body = api_client.get(f"/v1/permits/{pid}/budget",
+                                 headers=client_headers("hdab-alpha"))
+        assert by_body.status_code == 200
+        assert api_client.get(f"/v1/permits/{pid}/budget",
+                              headers=client_headers("hdab-beta")).status_code == 403
+        assert api_client.get(f"/v1/permits/{pid}/budget", headers=bob).status_code == 403
+        assert api_client.get(f"/v1/permits/{pid}/budget", headers=ws_other).status_code == 403
+
+        # Exhaustion: 0.4 + 0.5 spent leaves 0.1; a 0.2 query is refused, nothing charged.
+        assert post(alice, {"sql": SQL, "epsilon": 0.5}).status_code == 200
+        r = post(alice, {"sql": SQL, "epsilon": 0.2})
+        assert r.status_code == 403 and r.json()["type"].endswith("budget-exceeded")
+        assert r.headers["content-type"].startswith("application/problem+json")
+        spent = api_client.get(f"/v1/permits/{pid}/budget", headers=alice).json()
+        assert spent["epsilon_spent"] == pytest.approx(0.9)
+        assert spent["epsilon_spent"] <= spent["epsilon_total"]
+
+        # Suspension halts queries at once, for both kinds of token; resuming restores them.
+        permits.change(pid, "suspend")
+        r = post(alice, {"sql": SQL, "epsilon": 0.05})
+        assert r.status_code == 403 and "suspended" in r.json()["detail"]
+        assert post(ws, {"sql": SQL, "epsilon": 0.05}).status_code == 401  # token revoked
+        # The access body still reads the budget of a suspended permit.
+        assert api_client.get(f"/v1/permits/{pid}/budget",
+                              headers=client_headers("hdab-alpha")).status_code == 200
+        permits.change(pid, "resume")
+        assert post(alice, {"sql": SQL, "epsilon": 0.05}).status_code == 200
+        permits.change(pid, "revoke")
+        r = post(alice, {"sql": SQL, "epsilon": 0.05})
+        assert r.status_code == 403 and "revoked" in r.json()["detail"]
+        # Workspace tokens minted after suspension are refused too (minting checks status).
+        assert post(ws, {"sql": SQL, "epsilon": 0.05}).status_code == 401
+        final = api_client.get(f"/v1/permits/{pid}/budget",
+                               headers=client_headers("hdab-alpha")).json()
+        assert final["epsilon_spent"] == pytest.approx(0.95)
+        assert final["queries"] == 5
+    finally:
+        permits.cleanup()
+
+
+def test_workspace_token_of_a_removed_person(api_client: TestClient, db: Database,
+                                             api_settings: Settings, dataset: str,
+                                             client_headers: Headers) -> None:
+    """An amendment that removes alice ends her access even through a live workspace token."""
+    alpha = client_headers("hdab-alpha")
+    permits = Permits(api_client.post, alpha)
+    try:
+        pid = permits.issue("DP/0003/2026/FI")
+        ws = _workspace_token(db, api_settings, pid)
+        url = f"/v1/permits/{pid}/queries"
+        assert api_client.post(url, json={"sql": SQL, "epsilon": 0.1},
+                               headers=ws).status_code == 200
+        etag = api_client.get(f"/v1/permits/{pid}", headers=alpha).headers["ETag"]
+        r = api_client.patch(f"/v1/permits/{pid}", json={"persons": ["carol"]},
+                             headers={**alpha, "If-Match": etag})
+        assert r.status_code == 200, r.text
+        r = api_client.post(url, json={"sql": SQL, "epsilon": 0.1}, headers=ws)
+        assert r.status_code == 403 and "no longer named" in r.json()["detail"]
+    finally:
+        permits.cleanup()
+
+
+@pytest.fixture
+def server_url(api_app: FastAPI) -> Iterator[str]:
+    """The API app served by uvicorn on a free loopback port, in a thread."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(api_app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def test_notebook_client(server_url: str, db: Database, api_settings: Settings, dataset: str,
+                         client_headers: Headers, tmp_path: Path) -> None:
+    with httpx.Client(base_url=server_url, timeout=60) as http:
+        permits = Permits(http.post, client_headers("hdab-alpha"))
+        try:
+            pid = permits.issue("DP/0004/2026/FI")
+            token = _workspace_token(db, api_settings, pid)["Authorization"].split()[1]
+            nb = Client(server_url, token, pid)
+            assert token not in repr(nb)
+            df = nb.sql(SQL, epsilon=0.2)
+            assert list(df.columns) == ["gender_concept_id", "n"]
+            assert len(df) == 3
+            assert df.attrs["cost"]["epsilon"] == pytest.approx(0.2)
+            assert "discrete laplace" in describe(df)
+            out = save_release(df, tmp_path / "r.csv")
+            assert receipt.verify(df.attrs["receipt"],
+                                  api_settings.secret_key.get_secret_value(), out.read_bytes())
+            parquet = save_release(df, tmp_path / "r.parquet", kind="parquet")
+            assert receipt.verify(df.attrs["receipt"],
+                                  api_settings.secret_key.get_secret_value(),
+                                  parquet.read_bytes())
+            same = nb.sql(SQL, epsilon=0.2, idempotency_key="nb-1")
+            again = nb.sql(SQL, epsilon=0.2, idempotency_key="nb-1")
+            assert again.attrs["charge_id"] == same.attrs["charge_id"]
+            assert nb.cost(SQL, epsilon=0.3)["cost"]["epsilon"] == pytest.approx(0.3)
+            b = nb.budget(plot=False)
+            assert b.data["epsilon_spent"] == pytest.approx(0.4)
+            assert "remaining" in repr(b)
+            with pytest.raises(SPEClientError) as err:
+                nb.sql(SQL, epsilon=0.5, idempotency_key="nb-2")  # 0.4 + 0.5 < 1: fine
+                nb.sql(SQL, epsilon=0.5)  # exceeds the total
+            assert err.value.status == 403
+            assert err.value.problem["type"].endswith("budget-exceeded")
+            permits.change(pid, "suspend")
+            with pytest.raises(SPEClientError) as err:
+                nb.sql(SQL, epsilon=0.01)
+            assert err.value.status == 401
+        finally:
+            permits.cleanup()
