@@ -1,0 +1,228 @@
+"""JupyterHub spawner: one sandboxed named server per (researcher, active permit).
+
+The server name *is* the permit id. State machine of one server (every edge audited)::
+
+    stopped --start()--> starting --hub sees it answer--> running
+       ^                    |  refused: permit not active or person not named
+       |                    v  (audited, nothing created)
+       +---- stopping <-----+---- stop() | poll() finds the permit no longer active
+                                  | server process exited | culled by the hub
+
+* ``start``: checks the permit (``permits.service.get_terms``: active, names the user), allocates
+  the quota's GPUs (:mod:`workspaces.gpu`), provisions the sandbox (:mod:`workspaces.sandbox`:
+  account, home, cgroup from the quota, network namespace admitting only the hub API and SPE API
+  ports), mints a workspace token bound to (person, permit, workspace) and starts
+  ``jupyterhub-singleuser`` inside the sandbox, listening on the namespace's address. The
+  Keycloak token never enters the workspace; ``SPE_API_URL`` and ``SPE_TOKEN`` let
+  ``spe.client.connect()`` work without arguments; ``SPE_RAY_*`` let it start a private Ray head.
+* ``poll`` (every ``poll_interval`` = 2 s): returns an exit status when the process died or
+  when the permit is no longer active; in the latter case it first stops everything, so a
+  suspended, revoked or expired permit's servers (kernels and Ray heads included, they share
+  the cgroup) are gone within a few seconds.
+* ``stop``: kills every process in the workspace cgroup, releases the GPUs, revokes the
+  workspace's tokens, removes the namespace and the account. The home is kept (retention).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from jupyterhub.spawner import Spawner
+from traitlets import Integer, Unicode
+
+from permits.terms import PermitTerms
+from spe.audit import AuditEvent, Outcome, record
+from spe.config import Settings, get_settings
+from spe.db import Database
+from workspaces import accounts, gpu
+from workspaces.errors import NotNamedInPermit, PermitNotUsable
+from workspaces.ray_head import ray_env, write_token
+from workspaces.sandbox import Workspace
+from workspaces.settings import WorkspaceSettings, get_workspace_settings
+
+_DBS: dict[str, Database] = {}
+
+
+def _db(settings: Settings) -> Database:
+    url = settings.resolved_database_url
+    if url not in _DBS:
+        _DBS[url] = Database(url)
+    return _DBS[url]
+
+
+def check_permit(db: Database, person: str, permit_id: str) -> PermitTerms:
+    """The permit's terms if ``person`` may run a workspace under it now; else raise."""
+    from permits.service import get_terms
+
+    with db.read() as session:
+        terms = get_terms(session, permit_id)
+    if not terms.usable:
+        raise PermitNotUsable(f"Permit {permit_id} is {terms.status.value}.")
+    if not terms.names(person):
+        raise NotNamedInPermit(f"{person} is not named in permit {permit_id}.")
+    return terms
+
+
+def _audit(db: Database, action: str, person: str, permit_id: str, ws_id: str,
+           outcome: Outcome = Outcome.SUCCESS, reason: str | None = None,
+           **details: Any) -> None:
+    with db.write() as session:
+        record(session, AuditEvent(action=action, actor=person, role="researcher",
+                                   permit_id=permit_id, target=ws_id, outcome=outcome,
+                                   reason=reason, details=details))
+
+
+class SandboxSpawner(Spawner):
+    """Spawns ``jupyterhub-singleuser`` inside the workspace sandbox of (user, permit)."""
+
+    port = Integer(8888, config=True, help="Port of the server inside its namespace.")
+    server_command = Unicode("jupyterhub-singleuser", config=True,
+                             help="Command (in the runtime's bin) of the single-user server.")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.poll_interval = 2
+        self._ws: Workspace | None = None
+        self._proc: Any = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def spe_settings(self) -> Settings:
+        return get_settings()
+
+    @property
+    def ws_settings(self) -> WorkspaceSettings:
+        return get_workspace_settings()
+
+    @property
+    def permit_id(self) -> str:
+        return self.name
+
+    @property
+    def person(self) -> str:
+        return str(self.user.name)
+
+    @property
+    def ws_id(self) -> str:
+        return accounts.workspace_id(self.person, self.permit_id)
+
+    def _prepare_sync(self, hub_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """Check, allocate, provision, mint: everything but starting the process."""
+        db = _db(self.spe_settings)
+        try:
+            if not self.permit_id:
+                raise PermitNotUsable("Choose a permit: one named server per permit.")
+            terms = check_permit(db, self.person, self.permit_id)
+        except Exception as exc:
+            _audit(db, "workspace.spawn", self.person, self.permit_id or "-", self.ws_id,
+                   Outcome.REFUSED, str(exc))
+            raise
+        gpus = gpu.allocate(db, workspace_id=self.ws_id, permit_id=self.permit_id,
+                            person=self.person, count=terms.compute.gpus,
+                            settings=self.ws_settings, actor=self.person)
+        extract = self.spe_settings.data_dir / "extracts" / self.permit_id.replace("-", "_")
+        try:
+            ws = Workspace.provision(
+                workspaces_dir=self.spe_settings.data_dir / "workspaces", person=self.person,
+                permit_id=self.permit_id, quota=terms.compute, settings=self.ws_settings,
+                extract=extract if extract.is_dir() else None, devices=gpu.device_nodes(gpus))
+            self._ws = ws
+            write_token(ws.spec.home, ws.account.uid, ws.account.gid)
+            env = {**hub_env, **ray_env(terms.compute, gpus), **self._token_env(db, ws)}
+            assert ws.network is not None
+            api_port = self.ws_settings.allowed_host_ports[0]
+            env["JUPYTERHUB_API_URL"] = f"{ws.network.url(api_port)}/hub/api"
+            env["SPE_API_URL"] = ws.network.url(self.spe_settings.api_port)
+            assert ws.spec.runtime is not None
+            cmd = [str(ws.spec.runtime.resolve() / "bin" / self.server_command),
+                   f"--ip={ws.network.ns_ip}", f"--port={self.port}",
+                   "--ServerApp.root_dir=" + ws.spec.home_in_sandbox]
+        except BaseException:
+            self._teardown(db, reason="start failed")
+            raise
+        _audit(db, "workspace.spawn", self.person, self.permit_id, self.ws_id,
+               gpus=list(gpus), cpus=terms.compute.cpus, memory_mb=terms.compute.memory_mb)
+        return cmd, env
+
+    def _token_env(self, db: Database, ws: Workspace) -> dict[str, str]:
+        try:
+            from spe.auth.workspace_tokens import mint_workspace_token
+        except ImportError:  # identity work not present: the API refuses the workspace
+            return {}
+        with db.write() as session:
+            minted = mint_workspace_token(session, self.spe_settings, subject=self.person,
+                                          username=self.person, permit_id=self.permit_id,
+                                          workspace_id=ws.ws_id)
+        return {"SPE_TOKEN": minted.token}
+
+    def _teardown(self, db: Database, reason: str) -> None:
+        ws, self._ws, self._proc = self._ws, None, None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                ws.destroy()
+        gpu.release(db, self.ws_id, actor=self.person)
+        with contextlib.suppress(ImportError), db.write() as session:
+            from spe.auth.workspace_tokens import revoke_workspace_tokens
+
+            revoke_workspace_tokens(session, self.ws_id)
+        _audit(db, "workspace.stop", self.person, self.permit_id, self.ws_id, reason=reason,
+               at=datetime.now(UTC).isoformat())
+
+    # -- Spawner API -----------------------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        cmd, env = await asyncio.to_thread(self._prepare_sync, self.get_env())
+        ws = self._ws
+        assert ws is not None and ws.network is not None
+        # Started from the event-loop thread: bwrap's --die-with-parent follows the thread
+        # that forked it, and this one lives as long as the hub.
+        try:
+            with open(ws.root / "server.log", "ab") as log:
+                self._proc = ws.popen(cmd, env=env, stdout=log, stderr=log)
+        except BaseException:
+            await asyncio.to_thread(self._teardown, _db(self.spe_settings), "start failed")
+            raise
+        return ws.network.ns_ip, self.port
+
+    async def poll(self) -> int | None:
+        if self._proc is None:
+            return 0
+        code = self._proc.poll()
+        if code is not None:
+            await asyncio.to_thread(self._teardown, _db(self.spe_settings), "server exited")
+            return int(code)
+        try:
+            await asyncio.to_thread(check_permit, _db(self.spe_settings), self.person,
+                                    self.permit_id)
+        except (PermitNotUsable, NotNamedInPermit) as exc:
+            await asyncio.to_thread(self._teardown, _db(self.spe_settings), str(exc))
+            return 1
+        return None
+
+    async def stop(self, now: bool = False) -> None:
+        if self._ws is not None:
+            await asyncio.to_thread(self._teardown, _db(self.spe_settings), "stopped")
+
+    def get_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().get_state()
+        if self._ws is not None:
+            state["ws_id"] = self._ws.ws_id
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        # Sandboxes do not survive a hub restart (die-with-parent): nothing to reattach.
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self._ws = None
+        self._proc = None
+
+
+def server_log(data_dir: Path, ws_id: str) -> str:
+    """The server's own log (surface it instead of the hub's misleading 500 on start failure)."""
+    path = data_dir / "workspaces" / ws_id / "server.log"
+    return path.read_text(errors="replace")[-4000:] if path.exists() else ""
