@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Awaitable, Callable
-
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 import spe
 from spe.api import problems
+from spe.api.middleware import RequestContextMiddleware
 from spe.api.routers import health
 from spe.api.state import AppState
 from spe.config import Settings, get_settings
@@ -27,24 +25,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     app.state.spe = AppState(settings=settings, db=db)
     problems.install(app)
 
-    @app.middleware("http")
-    async def _request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request.state.request_id = uuid.uuid4().hex
-        length = request.headers.get("content-length")
-        too_big = length is not None and (
-            not length.isdigit() or int(length) > settings.max_request_bytes
-        )
-        if too_big:
-            return problems.problem(413, "payload-too-large", "Payload too large",
-                                    f"Request bodies are limited to {settings.max_request_bytes} "
-                                    "bytes.", request)
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request.state.request_id
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        return response
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes)
 
     app.include_router(health.router)
     for router in _package_routers():
