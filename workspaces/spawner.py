@@ -13,8 +13,9 @@ The server name *is* the permit id. State machine of one server (every edge audi
   account, home, cgroup from the quota, network namespace admitting only the hub API and SPE API
   ports), mints a workspace token bound to (person, permit, workspace) and starts
   ``jupyterhub-singleuser`` inside the sandbox, listening on the namespace's address. The
-  Keycloak token never enters the workspace; ``SPE_API_URL`` and ``SPE_TOKEN`` let
-  ``spe.client.connect()`` work without arguments; ``SPE_RAY_*`` let it start a private Ray head.
+  Keycloak token never enters the workspace; ``SPE_API_URL``, ``SPE_TOKEN`` and
+  ``SPE_PERMIT_ID`` let ``spe.client.connect()`` work without arguments; ``SPE_RAY_*`` let
+  it start a private Ray head.
 * ``poll`` (every ``poll_interval`` = 2 s): returns an exit status when the process died or
   when the permit is no longer active; in the latter case it first stops everything, so a
   suspended, revoked or expired permit's servers (kernels and Ray heads included, they share
@@ -137,6 +138,7 @@ class SandboxSpawner(Spawner):
             api_port = self.ws_settings.allowed_host_ports[0]
             env["JUPYTERHUB_API_URL"] = f"{ws.network.url(api_port)}/hub/api"
             env["SPE_API_URL"] = ws.network.url(self.spe_settings.api_port)
+            env["SPE_PERMIT_ID"] = self.permit_id
             assert ws.spec.runtime is not None
             cmd = [str(ws.spec.runtime.resolve() / "bin" / self.server_command),
                    f"--ip={ws.network.ns_ip}", f"--port={self.port}",
