@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(postgresql bubblewrap nftables iproute2 util-linux curl unzip)
+APT_PACKAGES=(postgresql bubblewrap nftables iproute2 util-linux passwd curl unzip python3 python3-venv)
 # Keycloak needs a JDK 17, 21 or 25; any one already installed is enough.
 command -v java >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jre-headless)
+# JupyterHub's proxy (configurable-http-proxy) comes from npm.
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -32,4 +34,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# configurable-http-proxy for JupyterHub, into ./node_modules.
+if [ ! -x node_modules/.bin/configurable-http-proxy ]; then
+  npm install --prefix . --no-audit --no-fund --silent
+fi
+# The workspace runtime: a venv from the system Python that sandboxed servers can read.
+.venv/bin/python -m workspaces.runtime build var/runtime >/dev/null
 echo "setup: ready (.venv/bin/spe)"
