@@ -17,6 +17,30 @@ Stability arguments (what one person can change in the statistics fed to OpenDP)
   Self-joins are covered: each copy of the table is filtered and counted in the product.
 * COUNT(DISTINCT person_id) is computed without row truncation, so it is exact; a person adds
   at most 1 per group and is kept in at most m groups (salted-hash choice), so L1 <= m.
+* A person-level table whose ingest-checked unique key is ``person_id`` (OMOP ``person``)
+  has at most one row per person: it gets no rank filter and counts 1 in K (see plan).
+
+WHERE and truncation (utility trade-off). The rank filter ``_spe_row_rank <= k`` and the WHERE
+are applied together, i.e. the k rows are drawn among *all* the person's rows and only then
+filtered. A person with many rows of which few match a selective filter is undercounted
+(expected kept matches = k * matches / rows). What is and is not affected:
+
+* Filters on one-row-per-person tables only (``person``: gender, year of birth), and filters
+  on reference tables joined on their key, are exact: those tables are never truncated, and
+  the truncated table's kept rows do not depend on them.
+* When k >= the person's number of rows, nothing is truncated and any filter is exact; the
+  declared k should be set with that in mind (cost grows linearly in k).
+* The sound fix for selective filters on a truncated table is "filter, then truncate": rank
+  the *matching* rows of the (single) truncated table by their ingest rank and keep the first
+  k (``row_number() OVER (PARTITION BY person_id ORDER BY _spe_row_rank) <= k`` over the
+  filtered join). Its stability is the same (at most k kept rows per person, as long as every
+  other table in the join is row-preserving: one-row-per-person or a reference table on its
+  unique key). It is not the default because it reintroduces a per-query window over the
+  filtered rows (cheap for selective filters, up to the ~30x cost of query-time truncation
+  for unselective ones). Choosing between the two plans by looking at the data (e.g. at the
+  filter's selectivity) is NOT allowed: a data-dependent choice of the statistic breaks the
+  sensitivity argument between neighbouring datasets. Any such mode must be chosen by the
+  researcher (an explicit, data-independent option), which is future work.
 """
 
 from __future__ import annotations
@@ -35,7 +59,7 @@ from spe.config import Settings
 from spe.dp import mechanisms as mech
 from spe.dp.duck import connect_memory, run
 from spe.dp.mechanisms import Unit
-from spe.dp.plan import Aggregate, QueryPlan
+from spe.dp.plan import Aggregate, QueryPlan, clamp_sql
 
 PID = "_spe_pid"
 
@@ -61,14 +85,15 @@ def _lit(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _base_where(plan: QueryPlan, truncate: bool) -> str:
-    parts = [plan.truncation_sql] if truncate else []
+def _base_where(plan: QueryPlan, truncate: bool, public_filter: bool = True) -> str:
+    parts = [plan.truncation_sql] if truncate and plan.truncation_sql != "TRUE" else []
     if plan.where_sql:
         parts.append(f"({plan.where_sql})")
-    for key in plan.keys:
-        if key.public_values is not None:
-            vals = ", ".join(_lit(v) for v in key.public_values)
-            parts.append(f"({key.sql} IN ({vals}))")
+    if public_filter:
+        for key in plan.keys:
+            if key.public_values is not None:
+                vals = ", ".join(_lit(v) for v in key.public_values)
+                parts.append(f"({key.sql} IN ({vals}))")
     return " AND ".join(parts) if parts else "TRUE"
 
 
@@ -81,32 +106,55 @@ def _group_by(plan: QueryPlan) -> str:
         else ""
 
 
-def _q_sum(agg: Aggregate, squared: bool = False) -> str:
-    v = agg.value_sql
-    if squared:
-        return f"SUM(CAST(round(({v}) * ({v}) / {mech.sq_grid(agg)!r}) AS BIGINT))"
-    return f"SUM(CAST(round(({v}) / {agg.grid!r}) AS BIGINT))"
+def _q_sum(v: str, grid: float) -> str:
+    return f"SUM(CAST(round({v} / {grid!r}) AS BIGINT))"
+
+
+def needs_row_stats(plan: QueryPlan) -> bool:
+    """Whether the release reads the truncated row statistics (threshold or row aggregates)."""
+    return not plan.public_keys or any(a.kind not in ("count_distinct", "quantile")
+                                       for a in plan.aggregates)
 
 
 def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
-    """SQL for the truncated integer statistics per group, and the statistic names."""
+    """SQL for the truncated integer statistics per group, and the statistic names.
+
+    Each aggregated expression is evaluated once per row in an inner query (``x{i}``), clamped
+    once in a middle query (``v{i}``), and only then counted and summed: the statistics are
+    the same functions of the same truncated rows as before, only computed without repeating
+    the expression. With public keys the ``key IN (declared values)`` filter is not applied
+    here: each row still falls in exactly one group, the statistics of a declared group are
+    computed from exactly the same rows, and groups outside the declared set are dropped before
+    release (only declared keys are looked up), so no released statistic changes.
+    """
     stats = ["COUNT(*)"]
     names = ["rows"]
+    inputs: list[str] = []
+    clamped: list[str] = []
     for i, agg in enumerate(plan.aggregates):
-        if agg.kind in ("count_distinct", "quantile") or (agg.kind == "count"
-                                                           and agg.value_sql is None):
+        if agg.kind in ("count_distinct", "quantile") or agg.value_sql is None:
             continue
-        stats.append(f"COUNT({agg.value_sql})")
+        assert agg.input_sql is not None
+        inputs.append(f"{agg.input_sql} AS x{i}")
+        clamped.append(f"{clamp_sql(f'x{i}', agg.lower, agg.upper)} AS v{i}")
+        stats.append(f"COUNT(v{i})")
         names.append(f"nvals{i}")
         if agg.kind in ("sum", "avg", "variance", "stddev"):
-            stats.append(_q_sum(agg))
+            stats.append(_q_sum(f"v{i}", agg.grid))
             names.append(f"sum{i}")
         if agg.kind in ("variance", "stddev"):
-            stats.append(_q_sum(agg, squared=True))
+            stats.append(_q_sum(f"v{i} * v{i}", mech.sq_grid(agg)))
             names.append(f"sumsq{i}")
-    cols = ", ".join([*_key_cols(plan), *stats])
-    sql = (f"SELECT {cols} FROM {plan.join_sql} WHERE {_base_where(plan, True)}"
-           f"{_group_by(plan)}")
+    gs = [f"g{i}" for i in range(len(plan.keys))]
+    where = _base_where(plan, True, public_filter=False)
+    if not inputs:
+        cols = ", ".join([*_key_cols(plan), *stats])
+        return f"SELECT {cols} FROM {plan.join_sql} WHERE {where}{_group_by(plan)}", names
+    inner = ", ".join([*_key_cols(plan), *inputs])
+    middle = ", ".join([*gs, *clamped])
+    outer = ", ".join([*gs, *stats])
+    sql = (f"SELECT {outer} FROM (SELECT {middle} FROM (SELECT {inner} FROM {plan.join_sql} "
+           f"WHERE {where}) AS _spe_in) AS _spe_rows{_group_by(plan)}")
     return sql, names
 
 
@@ -116,7 +164,16 @@ def _pid_sql(plan: QueryPlan) -> str:
 
 
 def distinct_sql(plan: QueryPlan, salt: int) -> str:
-    """Exact per-group distinct persons; each person kept in at most m groups."""
+    """Exact per-group distinct persons; each person kept in at most m groups.
+
+    Stability: with no truncation needed (no keys, or public keys and m >= the number of
+    cells) a person adds at most 1 to each of at most min(m, cells) groups. Otherwise each
+    person's groups are reduced to at most m in SQL, by a salted hash chosen per query:
+    ``arg_min(key, hash)`` over the person's rows keeps exactly one group (m = 1); for m > 1
+    ``min_by(key, hash, m)`` over the person's distinct (key, person) pairs keeps at most m
+    distinct groups. The grouping by person happens before any count, so however the person's
+    rows are spread, the vector of per-group distinct counts changes by at most m in L1.
+    """
     where = _base_where(plan, False)
     if not plan.keys:
         return f"SELECT COUNT(DISTINCT {_pid_sql(plan)}) FROM {plan.join_sql} WHERE {where}"
@@ -126,10 +183,22 @@ def distinct_sql(plan: QueryPlan, salt: int) -> str:
     if plan.public_keys and m >= _cells(plan):  # nobody can exceed m groups: no truncation
         return (f"SELECT {keys}, COUNT(DISTINCT {_pid_sql(plan)}) FROM {plan.join_sql} "
                 f"WHERE {where} GROUP BY {gs}")
-    return (f"WITH pairs AS (SELECT DISTINCT {keys}, {_pid_sql(plan)} AS {PID} "
-            f"FROM {plan.join_sql} WHERE {where}), ranked AS (SELECT {gs}, row_number() OVER "
-            f"(PARTITION BY {PID} ORDER BY hash({PID}, {gs}, {salt})) AS r FROM pairs) "
-            f"SELECT {gs}, COUNT(*) FROM ranked WHERE r <= {m} GROUP BY {gs}")
+    source = (f"SELECT {keys}, {_pid_sql(plan)} AS {PID} FROM {plan.join_sql} "
+              f"WHERE {where}")
+    if len(plan.keys) == 1:
+        key, unpack = "g0", "_spe_k AS g0"
+    else:
+        key = "struct_pack(" + ", ".join(f"g{i} := g{i}" for i in range(len(plan.keys))) + ")"
+        unpack = ", ".join(f"_spe_k.g{i} AS g{i}" for i in range(len(plan.keys)))
+    h = f"hash({PID}, {gs}, {salt})"
+    if m == 1:
+        chosen = (f"SELECT arg_min({key}, {h}) AS _spe_k FROM ({source}) AS _spe_rows "
+                  f"GROUP BY {PID}")
+    else:
+        chosen = (f"SELECT unnest(min_by({key}, {h}, {m})) AS _spe_k FROM (SELECT DISTINCT * "
+                  f"FROM ({source}) AS _spe_rows) AS _spe_pairs GROUP BY {PID}")
+    return (f"SELECT {gs}, COUNT(*) FROM (SELECT {unpack} FROM ({chosen}) AS _spe_chosen) "
+            f"AS _spe_kept GROUP BY {gs}")
 
 
 def _cells(plan: QueryPlan) -> int:
@@ -178,7 +247,7 @@ def execute(plan: QueryPlan, units: tuple[Unit, ...], con: duckdb.DuckDBPyConnec
     sql, names = row_stats_sql(plan)
     stats: dict[str, dict[str, int]] = {}
     raw_keys: dict[str, tuple[Any, ...]] = {}
-    for row in run(con, sql, timeout):
+    for row in (run(con, sql, timeout) if needs_row_stats(plan) else ()):
         key = tuple(row[:nk])
         ks = _keystr(key)
         raw_keys[ks] = key

@@ -13,6 +13,10 @@ Contract:
   is OpenDP's integer (discrete) Laplace, so a released sum is ``integer * g``: it lies on the
   grid, and float rounding inside the sum cannot exceed the declared sensitivity.
 * Non-public group keys are released by OpenDP's Laplace threshold mechanism (spends delta).
+* Measurements are built once per (scale[, threshold]) and cached: an OpenDP measurement is an
+  immutable description of its domain, metric and calibration, and sampling draws fresh noise
+  from OpenDP's CSPRNG on every invocation, so reusing one across releases is the same as
+  rebuilding it (only the construction cost is saved).
 * Quantiles: OpenDP's report-noisy-max (Gumbel) over quantile scores of candidates on a power
   of two grid; the scores are computed from a per-bin histogram (identical to OpenDP's
   ``make_quantile_score_candidates``, checked by a unit test).
@@ -20,6 +24,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -69,17 +74,20 @@ class Cost:
     units: tuple[Unit, ...]
 
 
+@functools.lru_cache(maxsize=512)
 def _laplace(scale: float) -> dp.Measurement:
     space = dp.vector_domain(dp.atom_domain(T=dp.i64)), dp.l1_distance(T=dp.i64)
     return dp.m.make_laplace(*space, scale=scale)
 
 
+@functools.lru_cache(maxsize=512)
 def _threshold(scale: float, threshold: int) -> dp.Measurement:
     domain = dp.map_domain(dp.atom_domain(T=dp.String), dp.atom_domain(T=dp.i64))
     metric = dp.l01inf_distance(dp.absolute_distance(T=dp.i64))
     return dp.m.make_laplace_threshold(domain, metric, scale=scale, threshold=threshold)
 
 
+@functools.lru_cache(maxsize=512)
 def _noisy_max(scale: float) -> dp.Measurement:
     return dp.m.make_noisy_max(dp.vector_domain(dp.atom_domain(T=dp.i64)),
                                dp.linf_distance(T=dp.i64), dp.max_divergence(),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
@@ -61,6 +61,7 @@ class TableRef:
     table: str
     person_level: bool
     k: int  # rows per person kept (1 for reference tables: unused)
+    one_per_person: bool = False  # unique on the privacy unit (checked at ingest): no rank
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Aggregate:
     grid: float = 1.0  # released values of this aggregate lie on multiples of grid (2^k)
     alpha: float = 0.5
     population: bool = False  # VAR_POP/STDDEV_POP vs sample
+    input_sql: str | None = None  # the DOUBLE expression before clamping (value_sql clamps it)
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,12 @@ def _resolve_table(node: exp.Table, ctx: _Ctx, rows_per_person: int | None) -> T
     tmeta = ctx.meta.tables[name]
     person_level = tmeta.privacy_unit is not None
     k = rows_per_person or tmeta.max_rows_per_person if person_level else 1
-    ref = TableRef(alias=f"t{len(ctx.refs)}", table=name, person_level=person_level, k=int(k))
+    # A table whose unique key (checked at ingest) is the privacy unit holds at most one row
+    # per person: rank <= k keeps every row for any k >= 1, so the filter is dropped and the
+    # table counts 1 (not k) in the product K; the stability argument is unchanged.
+    one = person_level and tmeta.unique_key == [ctx.meta.privacy_unit]
+    ref = TableRef(alias=f"t{len(ctx.refs)}", table=name, person_level=person_level,
+                   k=1 if one else int(k), one_per_person=one)
     alias = node.alias_or_name
     if alias in ctx.aliases:
         raise refuse(f"the table alias {alias!r} used twice", "give each table its own alias")
@@ -255,7 +262,7 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
             raise refuse("a join without a person_id or reference-key condition")
         parts.append(f"JOIN {_q(ref.table)} AS {ref.alias} ON " + " AND ".join(rendered))
     trunc = " AND ".join(f"{r.alias}.{_q(ROW_RANK_COLUMN)} <= {r.k}"
-                         for r in ctx.refs if r.person_level)
+                         for r in ctx.refs if r.person_level and not r.one_per_person)
     if not any(r.person_level for r in ctx.refs):
         raise refuse("a query over reference tables only (no person-level table)",
                      "reference tables are public: aggregate a person-level table")
@@ -646,6 +653,14 @@ def _default_agg_name(node: exp.Expression, index: int) -> str:
 
 
 def _compile_aggregate(node: exp.Expression, ctx: _Ctx, name: str) -> Aggregate:
+    agg = _compile_aggregate_kind(node, ctx, name)
+    if agg.value_sql is not None:
+        _sql, _lo, _hi, v = _clamped_input(node.this, ctx)
+        agg = replace(agg, input_sql=v)
+    return agg
+
+
+def _compile_aggregate_kind(node: exp.Expression, ctx: _Ctx, name: str) -> Aggregate:
     arg = node.this
     if isinstance(node, exp.Count):
         if isinstance(arg, exp.Star):
@@ -694,6 +709,11 @@ def _compile_aggregate(node: exp.Expression, ctx: _Ctx, name: str) -> Aggregate:
 
 
 def _clamped(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float]:
+    sql, lo, hi, _v = _clamped_input(arg, ctx)
+    return sql, lo, hi
+
+
+def _clamped_input(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float, str]:
     """SQL for the aggregated value clamped to its bounds; NULL for NULL/NaN inputs.
 
     Bounds come from interval arithmetic over declared column bounds and literals, so
@@ -709,9 +729,14 @@ def _clamped(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float]:
     if max(abs(lo), abs(hi)) > 1e15:
         raise refuse("an aggregated expression with bounds beyond 1e15")
     v = f"CAST({_render(arg, ctx)} AS DOUBLE)"
-    sql = (f"(CASE WHEN {v} IS NULL OR isnan({v}) THEN NULL "
-           f"ELSE least(greatest({v}, {lo!r}), {hi!r}) END)")
-    return sql, float(lo), float(hi)
+    return clamp_sql(v, float(lo), float(hi)), float(lo), float(hi), v
+
+
+def clamp_sql(v: str, lo: float, hi: float) -> str:
+    """``v`` (a DOUBLE expression or column) clamped to [lo, hi]; NULL for NULL and NaN."""
+    return (f"(CASE WHEN {v} IS NULL OR isnan({v}) THEN NULL "
+            f"ELSE least(greatest({v}, {lo!r}), {hi!r}) END)")
+
 
 
 # HAVING / ORDER BY / LIMIT (post-processing of the noisy table) ------------------------------

@@ -41,8 +41,5 @@ def prepare(sql: str, meta: DatasetMetadata, terms: PermitTerms, *, epsilon: flo
 
 def release(prepared: Prepared, path: Path, settings: Settings) -> Release:
     """Run the prepared plan on the dataset file at ``path`` (read-only, locked down)."""
-    con = duck.connect(path, settings)
-    try:
+    with duck.cursor(path, settings) as con:
         return execute(prepared.plan, prepared.cost.units, con, settings)
-    finally:
-        con.close()

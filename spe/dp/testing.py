@@ -76,11 +76,14 @@ def make_dataset(path: Path, persons: int = 2_000, rows_per_person: int = 10,
     counts = {t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # type: ignore[index]
               for t in ("person", "measurement", "condition_occurrence", "drug_exposure",
                         "concept")}
+    # As ingest does for a primary key: declare person unique on person_id only if it is.
+    dup = con.execute("SELECT COUNT(*) - COUNT(DISTINCT person_id) FROM person").fetchone()
+    person_key = ["person_id"] if dup is not None and dup[0] == 0 else []
     con.close()
     big = "BIGINT"
     tables = {
         "person": TableMeta(name="person", row_count=counts["person"], max_rows_per_person=1,
-                            columns=[
+                            unique_key=person_key, columns=[
             ColumnMeta(name="person_id", type=big, nullable=False),
             ColumnMeta(name="gender_concept_id", type=big, public_values=GENDERS),
             ColumnMeta(name="year_of_birth", type=big, lower=1900, upper=2025),
