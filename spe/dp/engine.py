@@ -146,7 +146,9 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
             stats.append(_q_sum(f"v{i} * v{i}", mech.sq_grid(agg)))
             names.append(f"sumsq{i}")
     gs = [f"g{i}" for i in range(len(plan.keys))]
-    where = _base_where(plan, True, public_filter=False)
+    # Mixed keys (some declared, some thresholded) keep the filter: undeclared values of a
+    # declared key never reach the threshold.
+    where = _base_where(plan, True, public_filter=not plan.public_keys)
     if not inputs:
         cols = ", ".join([*_key_cols(plan), *stats])
         return f"SELECT {cols} FROM {plan.join_sql} WHERE {where}{_group_by(plan)}", names
