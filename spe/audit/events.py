@@ -12,9 +12,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 _ACTION = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+#: Column sizes of ``audit_log``: longer values (often caller-chosen, e.g. a path parameter of
+#: a refused request) are cut so the entry is still written (PostgreSQL refuses them).
+_MAX_CHARS = {"actor": 255, "role": 64, "permit_id": 64, "target": 255, "request_id": 64}
 
 
 class Outcome(StrEnum):
@@ -42,6 +45,14 @@ class AuditEvent(BaseModel):
     def _action_shape(cls, value: str) -> str:
         if not _ACTION.match(value):
             raise ValueError("action must look like 'domain.verb'")
+        return value
+
+    @field_validator(*_MAX_CHARS)
+    @classmethod
+    def _fit_column(cls, value: str | None, info: ValidationInfo) -> str | None:
+        limit = _MAX_CHARS[str(info.field_name)]
+        if value is not None and len(value) > limit:
+            return value[: limit - 1] + "\u2026"
         return value
 
     @field_validator("time")
