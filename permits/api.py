@@ -430,7 +430,7 @@ def extend_permit(
 def permit_events(
     request: Request,
     principal: CurrentPrincipal,
-    after: Annotated[int, Query(ge=0, description="Last event id seen.")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="Last event id seen.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     page = _service(request).event_page(principal, after=after, limit=limit)

@@ -84,6 +84,8 @@ _EVENT_OF: dict[Action, EventKind] = {
 _STOPS_TOKENS = frozenset({Action.SUSPEND, Action.REVOKE, Action.EXPIRE})
 _REMOVES_GROUP = frozenset({Action.REVOKE, Action.EXPIRE})
 MAX_PAGE = 200
+#: Largest sequence number a cursor may carry (the database's BIGINT).
+MAX_SEQ = 2**63 - 1
 _DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 
 
@@ -117,7 +119,7 @@ def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         seq = json.loads(raw)["s"]
-        if not isinstance(seq, int) or seq < 0:
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
             raise ValueError
         return seq
     except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError) as exc:
