@@ -41,8 +41,10 @@ def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) 
     if not (path / "bin" / "python").exists():
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(path)], check=True)
     pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q"]
-    if constraints is None and (project / "constraints.txt").is_file():
-        constraints = project / "constraints.txt"
+    # The runtime is built from the system Python, whose version may differ from the SPE's
+    # own interpreter, so it has its own pins (frozen from a runtime built on Debian's Python).
+    if constraints is None and (project / "workspaces" / "runtime-constraints.txt").is_file():
+        constraints = project / "workspaces" / "runtime-constraints.txt"
     if constraints is not None:
         pip += ["-c", str(constraints)]
     subprocess.run([*pip, *PACKAGES], check=True)
