@@ -48,23 +48,34 @@ class QueryBody(BaseModel):
     max_groups_per_person: int | None = Field(None, ge=1, le=1000)
 
 
+def not_visible(permit_id: str) -> NotFound:
+    """The refusal for a permit that does not exist or that the caller may not see."""
+    return NotFound(f"No permit {permit_id} visible to the caller.")
+
+
 def _terms(request: Request, permit_id: str) -> PermitTerms:
     from permits.service import get_terms
 
     with get_state(request).db.read() as session:
-        return get_terms(session, permit_id)
+        try:
+            return get_terms(session, permit_id)
+        except NotFound:
+            raise not_visible(permit_id) from None
 
 
 def _named(principal: Principal, terms: PermitTerms) -> None:
+    """Refuse callers the permit does not name with the same 404 an unknown permit gets, so
+    permit ids cannot be probed (as in ``permits.policy``)."""
+    hidden = not_visible(terms.permit_id)
     if principal.kind == "workspace":
         if principal.permit_id != terms.permit_id:
-            raise Forbidden("This workspace token is bound to another permit.")
+            raise hidden
         if not terms.names(principal.username):
             raise Forbidden("The person of this workspace token is no longer named in the "
                             "permit.")
     elif principal.kind == "user":
         if not terms.names(principal.username):
-            raise Forbidden("You are not named in this permit.")
+            raise hidden
     else:
         raise Forbidden("DP queries are made by researchers named in the permit.")
 
@@ -84,8 +95,7 @@ def authorise_budget_read(principal: Principal, terms: PermitTerms) -> None:
         _named(principal, terms)
         return
     if not can_see(principal, terms.permit_id, terms.access_body, terms.persons):
-        raise Forbidden("Only the permit's access body, hospital admins and the persons "
-                        "named in the permit may read its budget.")
+        raise not_visible(terms.permit_id)
 
 
 def _audit_refusal(request: Request, principal: Principal, permit_id: str, action: str,
