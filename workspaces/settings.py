@@ -57,6 +57,31 @@ class WorkspaceSettings(BaseSettings):
         "write transaction.",
     )
 
+    retention_days: int = Field(
+        180,
+        ge=0,
+        le=183,
+        description="Days a workspace's data (home, extract) is kept after its permit expired or "
+        "was revoked; then the hub service deletes it and audits the deletion "
+        "(workspace.data_delete). EHDS: within 6 months. Enforced by workspaces.lifecycle.",
+    )
+    cull_idle_seconds: int = Field(
+        3600,
+        ge=60,
+        description="A server without activity for this long is stopped by the hub service, "
+        "unless its Ray head is running tasks (then the cull is refused and audited).",
+    )
+    cull_every_seconds: int = Field(
+        60, ge=1, description="How often the hub service looks for idle servers."
+    )
+    events_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=5,
+        description="How often the hub service polls the permit_events outbox (suspension, "
+        "revocation and expiry stop the permit's servers within this plus the stop time).",
+    )
+
     @field_validator("subnet_pool")
     @classmethod
     def _check_pool(cls, value: str) -> str:

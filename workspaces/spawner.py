@@ -28,19 +28,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from jupyterhub.spawner import Spawner
+from tornado import web
 from traitlets import Integer, Unicode
 
 from permits.terms import PermitTerms
 from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
-from workspaces import accounts, gpu
-from workspaces.errors import NotNamedInPermit, PermitNotUsable
+from spe.errors import NotFound
+from workspaces import accounts, gpu, lifecycle
+from workspaces.errors import GpuUnavailable, NotNamedInPermit, PermitNotUsable
 from workspaces.ray_head import ray_env, write_token
 from workspaces.sandbox import Workspace
 from workspaces.settings import WorkspaceSettings, get_workspace_settings
@@ -89,6 +92,8 @@ class SandboxSpawner(Spawner):
         self.poll_interval = 2
         self._ws: Workspace | None = None
         self._proc: Any = None
+        self._stale_ws: str | None = None
+        self._extra_env: dict[str, str] = {}
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -101,7 +106,7 @@ class SandboxSpawner(Spawner):
 
     @property
     def permit_id(self) -> str:
-        return self.name
+        return str(self.name or "")
 
     @property
     def person(self) -> str:
@@ -111,50 +116,84 @@ class SandboxSpawner(Spawner):
     def ws_id(self) -> str:
         return accounts.workspace_id(self.person, self.permit_id)
 
-    def _prepare_sync(self, hub_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-        """Check, allocate, provision, mint: everything but starting the process."""
+    async def get_options_form(self) -> str:
+        """The permits naming the user: exactly the servers the user may start."""
+        permits = await asyncio.to_thread(lifecycle.permits_naming, _db(self.spe_settings),
+                                          self.person)
+        if not permits:
+            return ("<p>You are named in no active permit: there is no workspace to start. "
+                    "Ask your data access body.</p>")
+        base = html.escape(self.user.url)
+        items = "".join(
+            f'<li><a href="{html.escape(self.user.url.replace("/user/", "/hub/spawn/", 1))}'
+            f'{html.escape(pid)}">{html.escape(ref)} ({html.escape(pid)})</a></li>'
+            for pid, ref in permits)
+        if self.permit_id:
+            options = "".join(
+                f'<option value="{html.escape(pid)}"'
+                f'{" selected" if pid == self.permit_id else ""}>{html.escape(ref)}</option>'
+                for pid, ref in permits)
+            return (f'<label for="permit">Permit</label><select name="permit" id="permit">'
+                    f"{options}</select><p>One workspace per permit ({base}).</p>")
+        return f"<p>One workspace per permit. Start one:</p><ul>{items}</ul>"
+
+    def run_options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, str]:
+        permit = (formdata.get("permit") or [""])[0]
+        return {"permit": permit} if permit else {}
+
+    def _refuse(self, db: Database, exc: Exception) -> web.HTTPError:
+        _audit(db, "workspace.spawn", self.person, self.permit_id or "-", self.ws_id,
+               Outcome.REFUSED, str(exc))
+        if self.permit_id:
+            with contextlib.suppress(Exception):
+                lifecycle.record_state(db, person=self.person, permit_id=self.permit_id,
+                                       state="refused", error=str(exc))
+        status = 409 if isinstance(exc, GpuUnavailable) else 403
+        return web.HTTPError(status, str(exc))
+
+    def _prepare_sync(self) -> PermitTerms:
+        """Check, allocate, provision: everything but starting the process."""
         db = _db(self.spe_settings)
+        wanted = (self.user_options or {}).get("permit")
         try:
             if not self.permit_id:
-                raise PermitNotUsable("Choose a permit: one named server per permit.")
+                raise PermitNotUsable("Start a named server per permit: the server name is "
+                                      "the permit id.")
+            if wanted and wanted != self.permit_id:
+                raise PermitNotUsable("The server name and the chosen permit differ.")
             terms = check_permit(db, self.person, self.permit_id)
-        except Exception as exc:
-            _audit(db, "workspace.spawn", self.person, self.permit_id or "-", self.ws_id,
-                   Outcome.REFUSED, str(exc))
-            raise
-        gpus = gpu.allocate(db, workspace_id=self.ws_id, permit_id=self.permit_id,
-                            person=self.person, count=terms.compute.gpus,
-                            settings=self.ws_settings, actor=self.person)
+        except (PermitNotUsable, NotNamedInPermit, NotFound) as exc:
+            raise self._refuse(db, exc) from exc
+        if self._stale_ws:  # left over by a hub that stopped without stopping us
+            with contextlib.suppress(Exception):
+                lifecycle.cleanup_leftovers(self._stale_ws, self.ws_settings.cgroup_parent)
+            self._stale_ws = None
+        lifecycle.record_state(db, person=self.person, permit_id=self.permit_id,
+                               state="starting")
+        try:
+            gpus = gpu.allocate(db, workspace_id=self.ws_id, permit_id=self.permit_id,
+                                person=self.person, count=terms.compute.gpus,
+                                settings=self.ws_settings, actor=self.person)
+        except GpuUnavailable as exc:
+            raise self._refuse(db, exc) from exc
         extract = self.spe_settings.data_dir / "extracts" / self.permit_id.replace("-", "_")
         try:
-            ws = Workspace.provision(
+            self._ws = Workspace.provision(
                 workspaces_dir=self.spe_settings.data_dir / "workspaces", person=self.person,
                 permit_id=self.permit_id, quota=terms.compute, settings=self.ws_settings,
                 extract=extract if extract.is_dir() else None, devices=gpu.device_nodes(gpus))
-            self._ws = ws
-            write_token(ws.spec.home, ws.account.uid, ws.account.gid)
-            env = {**hub_env, **ray_env(terms.compute, gpus), **self._token_env(db, ws)}
-            assert ws.network is not None
-            api_port = self.ws_settings.allowed_host_ports[0]
-            env["JUPYTERHUB_API_URL"] = f"{ws.network.url(api_port)}/hub/api"
-            env["SPE_API_URL"] = ws.network.url(self.spe_settings.api_port)
-            env["SPE_PERMIT_ID"] = self.permit_id
-            assert ws.spec.runtime is not None
-            cmd = [str(ws.spec.runtime.resolve() / "bin" / self.server_command),
-                   f"--ip={ws.network.ns_ip}", f"--port={self.port}",
-                   "--ServerApp.root_dir=" + ws.spec.home_in_sandbox]
+            write_token(self._ws.spec.home, self._ws.account.uid, self._ws.account.gid)
+            self._extra_env = {**ray_env(terms.compute, gpus), **self._token_env(db, self._ws)}
         except BaseException:
             self._teardown(db, reason="start failed")
             raise
         _audit(db, "workspace.spawn", self.person, self.permit_id, self.ws_id,
                gpus=list(gpus), cpus=terms.compute.cpus, memory_mb=terms.compute.memory_mb)
-        return cmd, env
+        return terms
 
     def _token_env(self, db: Database, ws: Workspace) -> dict[str, str]:
-        try:
-            from spe.auth.workspace_tokens import mint_workspace_token
-        except ImportError:  # identity work not present: the API refuses the workspace
-            return {}
+        from spe.auth.workspace_tokens import mint_workspace_token
+
         with db.write() as session:
             minted = mint_workspace_token(session, self.spe_settings, subject=self.person,
                                           username=self.person, permit_id=self.permit_id,
@@ -167,18 +206,31 @@ class SandboxSpawner(Spawner):
             with contextlib.suppress(Exception):
                 ws.destroy()
         gpu.release(db, self.ws_id, actor=self.person)
-        with contextlib.suppress(ImportError), db.write() as session:
-            from spe.auth.workspace_tokens import revoke_workspace_tokens
+        from spe.auth.workspace_tokens import revoke_workspace_tokens
 
-            revoke_workspace_tokens(session, self.ws_id)
+        with db.write() as session:
+            revoke_workspace_tokens(session, self.ws_id, reason=f"workspace stopped: {reason}")
+        with contextlib.suppress(Exception):
+            lifecycle.record_state(db, person=self.person, permit_id=self.permit_id,
+                                   state="stopped", error=None if reason == "stopped" else reason)
         _audit(db, "workspace.stop", self.person, self.permit_id, self.ws_id, reason=reason,
                at=datetime.now(UTC).isoformat())
 
     # -- Spawner API -----------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
-        cmd, env = await asyncio.to_thread(self._prepare_sync, self.get_env())
+        await asyncio.to_thread(self._prepare_sync)
         ws = self._ws
-        assert ws is not None and ws.network is not None
+        assert ws is not None and ws.network is not None and ws.spec.runtime is not None
+        # Everything of the hub the server needs, addressed through the workspace's veth: the
+        # hub API (DNAT'ed to the hub's loopback port) and the SPE API. Nothing else.
+        self.ip, self.port = ws.network.ns_ip, self.port
+        self.hub_connect_url = ws.network.url(self.ws_settings.allowed_host_ports[0])
+        env = {**self.get_env(), **self._extra_env,
+               "SPE_API_URL": ws.network.url(self.spe_settings.api_port),
+               "SPE_PERMIT_ID": self.permit_id}
+        cmd = [str(ws.spec.runtime.resolve() / "bin" / self.server_command),
+               f"--ip={ws.network.ns_ip}", f"--port={self.port}",
+               "--ServerApp.root_dir=" + ws.spec.home_in_sandbox, *self.args]
         # Started from the event-loop thread: bwrap's --die-with-parent follows the thread
         # that forked it, and this one lives as long as the hub.
         try:
@@ -187,6 +239,8 @@ class SandboxSpawner(Spawner):
         except BaseException:
             await asyncio.to_thread(self._teardown, _db(self.spe_settings), "start failed")
             raise
+        await asyncio.to_thread(lifecycle.record_state, _db(self.spe_settings),
+                                person=self.person, permit_id=self.permit_id, state="running")
         return ws.network.ns_ip, self.port
 
     async def poll(self) -> int | None:
@@ -194,12 +248,15 @@ class SandboxSpawner(Spawner):
             return 0
         code = self._proc.poll()
         if code is not None:
-            await asyncio.to_thread(self._teardown, _db(self.spe_settings), "server exited")
+            self.log.error("Workspace %s server exited with %s; its log:\n%s", self.ws_id,
+                           code, server_log(self.spe_settings.data_dir, self.ws_id))
+            await asyncio.to_thread(self._teardown, _db(self.spe_settings),
+                                    f"server exited ({code})")
             return int(code)
         try:
             await asyncio.to_thread(check_permit, _db(self.spe_settings), self.person,
                                     self.permit_id)
-        except (PermitNotUsable, NotNamedInPermit) as exc:
+        except (PermitNotUsable, NotNamedInPermit, NotFound) as exc:
             await asyncio.to_thread(self._teardown, _db(self.spe_settings), str(exc))
             return 1
         return None
@@ -216,7 +273,9 @@ class SandboxSpawner(Spawner):
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
-        # Sandboxes do not survive a hub restart (die-with-parent): nothing to reattach.
+        # Sandboxes do not survive a hub restart (die-with-parent): nothing to reattach, but
+        # what they left (cgroup, namespace, account) is removed before the next start.
+        self._stale_ws = state.get("ws_id")
 
     def clear_state(self) -> None:
         super().clear_state()

@@ -1,16 +1,24 @@
 """JupyterHub for the SPE: Keycloak login (researchers only), one sandboxed server per permit.
 
-Read from the environment (``spe up`` sets them):
+Read from the environment (``spe up`` and :mod:`workspaces.hub` set them):
   SPE_HUB_OAUTH_CLIENT_SECRET   secret of the confidential Keycloak client ``jupyterhub``
-  SPE_HUB_CRYPT_KEY             32-byte hex key encrypting auth state (JUPYTERHUB_CRYPT_KEY)
-  SPE_KEYCLOAK_URL / SPE_KEYCLOAK_REALM, SPE_HUB_PUBLIC_URL (default http://127.0.0.1:8000)
-Everything else comes from spe.config / workspaces.settings.
+  SPE_HUB_CRYPT_KEY             32-byte hex key encrypting auth state (JUPYTERHUB_CRYPT_KEY);
+                                unset: a random key is kept in <data_dir>/hub/crypt_key (0600)
+  SPE_HUB_PUBLIC_URL            where users reach the hub (default http://127.0.0.1:8000)
+  SPE_HUB_PROXY_API_PORT        the proxy's REST API port on loopback (default 8001)
+Everything else comes from spe.config (SPE_*) and workspaces.settings (SPE_WS_*).
+
+What lives where: the hub state DB, cookie secret, crypt key, proxy pid file and the
+permit-event cursor are in <data_dir>/hub (0700, root); sandboxes never bind the data dir.
 """
 
 import os
+import secrets
+import sys
 from pathlib import Path
 
 from spe.config import get_settings
+from workspaces.hub_auth import SPEKeycloakAuthenticator
 from workspaces.settings import get_workspace_settings
 from workspaces.spawner import SandboxSpawner
 
@@ -18,11 +26,23 @@ c = get_config()  # type: ignore[name-defined]  # noqa: F821 - provided by Jupyt
 
 spe = get_settings()
 ws = get_workspace_settings()
-hub_dir = spe.data_dir / "hub"
+hub_dir = (spe.data_dir / "hub").resolve()
 hub_dir.mkdir(parents=True, exist_ok=True)
 hub_dir.chmod(0o700)
-public = os.environ.get("SPE_HUB_PUBLIC_URL", "http://127.0.0.1:8000")
+public = os.environ.get("SPE_HUB_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+secure = public.startswith("https://")
 realm = f"{spe.keycloak_base_url}/realms/{spe.keycloak_realm}/protocol/openid-connect"
+
+# Auth state encryption key: given, or generated once and kept in the 0700 hub dir.
+key = os.environ.get("SPE_HUB_CRYPT_KEY", "")
+if not key:
+    key_file = hub_dir / "crypt_key"
+    if not key_file.exists():
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    key = key_file.read_text().strip()
+os.environ["JUPYTERHUB_CRYPT_KEY"] = key
 
 # Hub, proxy, state: loopback only; secrets in the 0700 hub dir, never in a workspace.
 c.JupyterHub.bind_url = public
@@ -33,30 +53,31 @@ c.JupyterHub.db_url = f"sqlite:///{hub_dir / 'jupyterhub.sqlite'}"
 c.ConfigurableHTTPProxy.command = [
     str(Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "configurable-http-proxy")
 ]
+c.ConfigurableHTTPProxy.api_url = (
+    f"http://127.0.0.1:{int(os.environ.get('SPE_HUB_PROXY_API_PORT', '8001'))}")
 c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
+c.JupyterHub.cleanup_servers = True
 
 # Keycloak (real OIDC code flow with PKCE); only `researcher` principals get in.
-c.JupyterHub.authenticator_class = "generic-oauth"
-c.GenericOAuthenticator.client_id = "jupyterhub"
-c.GenericOAuthenticator.client_secret = os.environ.get("SPE_HUB_OAUTH_CLIENT_SECRET", "")
-c.GenericOAuthenticator.oauth_callback_url = f"{public}/hub/oauth_callback"
-c.GenericOAuthenticator.authorize_url = f"{realm}/auth"
-c.GenericOAuthenticator.token_url = f"{realm}/token"
-c.GenericOAuthenticator.userdata_url = f"{realm}/userinfo"
-c.GenericOAuthenticator.logout_redirect_url = (
-    f"{realm}/logout?client_id=jupyterhub&post_logout_redirect_uri={public}/hub/login")
-c.GenericOAuthenticator.scope = ["openid", "profile", "roles"]
-c.GenericOAuthenticator.username_claim = "preferred_username"
-c.GenericOAuthenticator.enable_pkce = True
-c.GenericOAuthenticator.enable_auth_state = True
-c.GenericOAuthenticator.auth_refresh_age = 300
-c.GenericOAuthenticator.refresh_pre_spawn = True
-c.GenericOAuthenticator.manage_groups = False
-c.GenericOAuthenticator.claim_groups_key = lambda user: (
-    user.get("realm_access", {}).get("roles") or user.get("roles") or [])
-c.GenericOAuthenticator.allowed_groups = {"researcher"}
-if os.environ.get("SPE_HUB_CRYPT_KEY"):
-    os.environ.setdefault("JUPYTERHUB_CRYPT_KEY", os.environ["SPE_HUB_CRYPT_KEY"])
+c.JupyterHub.authenticator_class = SPEKeycloakAuthenticator
+c.SPEKeycloakAuthenticator.client_id = "jupyterhub"
+c.SPEKeycloakAuthenticator.client_secret = os.environ.get("SPE_HUB_OAUTH_CLIENT_SECRET", "")
+c.SPEKeycloakAuthenticator.oauth_callback_url = f"{public}/hub/oauth_callback"
+c.SPEKeycloakAuthenticator.authorize_url = f"{realm}/auth"
+c.SPEKeycloakAuthenticator.token_url = f"{realm}/token"
+c.SPEKeycloakAuthenticator.userdata_url = f"{realm}/userinfo"
+c.SPEKeycloakAuthenticator.end_session_url = f"{realm}/logout"
+c.SPEKeycloakAuthenticator.post_logout_url = f"{public}/hub/login"
+c.SPEKeycloakAuthenticator.scope = ["openid", "profile"]
+c.SPEKeycloakAuthenticator.username_claim = "preferred_username"
+c.SPEKeycloakAuthenticator.login_service = "SPE (Keycloak)"
+c.SPEKeycloakAuthenticator.enable_pkce = True
+c.SPEKeycloakAuthenticator.enable_auth_state = True
+c.SPEKeycloakAuthenticator.auth_refresh_age = 300
+c.SPEKeycloakAuthenticator.refresh_pre_spawn = True
+c.SPEKeycloakAuthenticator.manage_groups = False
+c.SPEKeycloakAuthenticator.allow_all = False
+c.SPEKeycloakAuthenticator.allow_existing_users = False
 
 # One named server per (researcher, permit): the server name is the permit id.
 c.JupyterHub.spawner_class = SandboxSpawner
@@ -66,4 +87,40 @@ c.Spawner.start_timeout = 60
 c.Spawner.http_timeout = 30
 c.Spawner.default_url = "/lab"
 c.Spawner.env_keep = []  # nothing of the hub's environment enters a workspace
-c.JupyterHub.tornado_settings = {"cookie_options": {"SameSite": "Strict", "HttpOnly": True}}
+c.Spawner.args = [
+    # no third-party frames, no extension installs from the browser, no terminals escaping
+    # the kernel's view (they would run in the same sandbox anyway)
+    '--ServerApp.tornado_settings={"headers": {"Content-Security-Policy": '
+    '"frame-ancestors \'self\'; report-uri /api/security/csp-report", '
+    '"X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}}',
+    "--LabApp.extension_manager=readonly",
+]
+
+# Cookie hardening (DESIGN §11): hub and user-server cookies are HttpOnly, SameSite=Strict
+# (the browser never sends them on cross-site requests), Secure under https; JupyterHub passes
+# these options to every user server (JUPYTERHUB_COOKIE_OPTIONS). Cookie-authenticated API
+# requests need the XSRF token (JupyterHub >= 4.1). Production: also serve user servers on
+# their own origin with c.JupyterHub.subdomain_host.
+cookie_options = {"SameSite": "Strict", "HttpOnly": True}
+if secure:
+    cookie_options["Secure"] = True
+    c.JupyterHub.cookie_host_prefix_enabled = True
+c.JupyterHub.tornado_settings = {"cookie_options": cookie_options,
+                                 "headers": {"X-Frame-Options": "SAMEORIGIN"}}
+c.JupyterHub.cookie_max_age_days = 0.5
+
+# Hub-side service: permit events -> stop servers, idle culling (Ray-aware), retention.
+c.JupyterHub.services = [{
+    "name": "spe-workspaces",
+    "command": [sys.executable, "-m", "workspaces.hub_service"],
+    "environment": {k: v for k, v in os.environ.items()
+                    if k.startswith(("SPE_", "PYTHONPATH")) and k != "SPE_HUB_CRYPT_KEY"
+                    and k != "SPE_HUB_OAUTH_CLIENT_SECRET"},
+    "cwd": str(Path(__file__).resolve().parents[2]),
+}]
+c.JupyterHub.load_roles = [{
+    "name": "spe-workspaces",
+    "scopes": ["list:users", "read:users", "read:servers", "delete:servers",
+               "read:users:activity"],
+    "services": ["spe-workspaces"],
+}]

@@ -1,0 +1,87 @@
+"""Start and stop the SPE's JupyterHub (``spe up``, the hub tests and the benchmark use this).
+
+:func:`start_hub` runs ``jupyterhub -f infra/jupyterhub/jupyterhub_config.py`` (or another
+config) as a child process in its own session, with the SPE settings in its environment, and
+waits until the hub answers through the proxy. Readiness is probed by the body of
+``/hub/api/`` (the proxy answers 404 there until the hub registered its routes), and a hub that
+exits early raises with the tail of its log. :meth:`HubProcess.stop` terminates it (the hub
+stops its servers and the proxy), then kills what is left of its process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "infra" / "jupyterhub" / "jupyterhub_config.py"
+
+
+@dataclass
+class HubProcess:
+    proc: subprocess.Popen[bytes]
+    public_url: str
+    log_path: Path
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None,
+               timeout: float = 60.0) -> None:
+    """Until ``url``/hub/api/ answers the hub's version JSON (not the proxy's 404)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"hub exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            resp = httpx.get(f"{url}/hub/api/", timeout=2)
+            if resp.status_code == 200 and "version" in resp.json():
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"hub at {url} not ready after {timeout:.0f} s")
+
+
+def start_hub(*, public_url: str, env: Mapping[str, str], log_path: Path,
+              config: Path = CONFIG, timeout: float = 60.0) -> HubProcess:
+    """Start the hub with ``env`` added to this process's environment; wait until ready."""
+    full_env = {**os.environ, **env}
+    full_env["SPE_HUB_PUBLIC_URL"] = public_url
+    full_env.setdefault("PYTHONPATH", str(REPO))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(bindir / "jupyterhub"), "-f", str(config)], cwd=str(REPO), env=full_env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    hub = HubProcess(proc, public_url.rstrip("/"), log_path)
+    try:
+        wait_ready(hub.public_url, proc, timeout)
+    except BaseException as exc:
+        hub.stop()
+        raise RuntimeError(f"{exc}; hub log:\n{hub.log_tail()}") from exc
+    return hub

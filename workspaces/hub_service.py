@@ -1,0 +1,211 @@
+"""The hub-side workspace service: permit events, idle culling, retention.
+
+Runs as a JupyterHub managed service (``python -m workspaces.hub_service``; the hub passes its
+API URL and token) with the SPE settings of the hub. One loop does three things:
+
+* **Permit events** (every ``events_poll_seconds``): reads the ``permit_events`` outbox after
+  its stored cursor (``<data_dir>/hub/permit_events.cursor``, so nothing is missed across
+  restarts). ``suspended``, ``revoked`` and ``expired`` stop every server named by the permit
+  through the hub API (the spawner then kills the workspace cgroup, Ray included, releases GPUs
+  and revokes the workspace tokens; the permit service already revoked the permit's tokens in
+  its own transaction). ``revoked`` and ``expired`` also schedule the deletion of the
+  workspaces' data after the retention period (:func:`workspaces.lifecycle.schedule_deletion`).
+  The spawner's own ``poll`` checks the permit every 2 s as well, so either path suffices.
+* **Idle culling** (every ``cull_every_seconds``): a server whose last activity is older than
+  ``cull_idle_seconds`` is stopped, unless its Ray head is running tasks: then the cull is
+  refused. Both decisions are audited (``workspace.cull``).
+* **Retention** (same tick): workspaces whose permit ended without an event seen (e.g. expiry
+  noticed only by reading) get a deadline, and :func:`workspaces.lifecycle.purge_due` deletes
+  the data past its deadline, audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from sqlalchemy import select
+
+from permits.events import EventKind, poll
+from spe.audit import AuditEvent, Outcome, record
+from spe.config import Settings, get_settings
+from spe.db import Database
+from spe.db.base import utcnow
+from workspaces import accounts, lifecycle
+from workspaces.models import WorkspaceRow
+from workspaces.settings import WorkspaceSettings, get_workspace_settings
+
+log = logging.getLogger("workspaces.hub_service")
+STOPPING = {EventKind.SUSPENDED, EventKind.REVOKED, EventKind.EXPIRED}
+ENDING = {EventKind.REVOKED, EventKind.EXPIRED}
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class HubService:
+    """One instance per hub; every method is safe to call again (idempotent effects)."""
+
+    def __init__(self, settings: Settings, ws: WorkspaceSettings, db: Database,
+                 api_url: str, api_token: str) -> None:
+        self.settings, self.ws, self.db = settings, ws, db
+        self.api_url = api_url.rstrip("/")
+        self.http = httpx.AsyncClient(headers={"Authorization": f"token {api_token}"},
+                                      timeout=30)
+        self.cursor_file = settings.data_dir / "hub" / "permit_events.cursor"
+
+    # -- hub API ---------------------------------------------------------------------------
+    async def servers(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(user, server name, server model) of every server the hub knows."""
+        resp = await self.http.get(f"{self.api_url}/users", params={"state": "active"})
+        resp.raise_for_status()
+        out = []
+        for user in resp.json():
+            for name, server in (user.get("servers") or {}).items():
+                out.append((user["name"], name, server))
+        return out
+
+    async def stop_server(self, user: str, name: str) -> None:
+        resp = await self.http.delete(
+            f"{self.api_url}/users/{quote(user)}/servers/{quote(name)}")
+        if resp.status_code not in (202, 204, 404):
+            resp.raise_for_status()
+
+    # -- permit events ---------------------------------------------------------------------
+    def _cursor(self) -> int:
+        try:
+            return int(self.cursor_file.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _save_cursor(self, value: int) -> None:
+        tmp = self.cursor_file.with_suffix(".tmp")
+        tmp.write_text(str(value))
+        tmp.replace(self.cursor_file)
+
+    async def handle_events(self) -> int:
+        """Act on new permit events; returns how many were read."""
+        after = self._cursor()
+        with self.db.read() as session:
+            events = poll(session, after, limit=200)
+        if not events:
+            return 0
+        stop = {e.permit_id for e in events if e.kind in STOPPING}
+        if stop:
+            for user, name, _server in await self.servers():
+                if name in stop:
+                    log.info("permit %s no longer active: stopping %s/%s", name, user, name)
+                    await self.stop_server(user, name)
+        for event in events:
+            if event.kind in ENDING:
+                await asyncio.to_thread(
+                    lifecycle.schedule_deletion, self.db, event.permit_id, ended_at=event.time,
+                    retention_days=self.ws.retention_days, reason=f"permit {event.kind.value}")
+        self._save_cursor(events[-1].id)
+        return len(events)
+
+    # -- culling ---------------------------------------------------------------------------
+    def _audit_cull(self, user: str, name: str, outcome: Outcome, reason: str,
+                    **details: Any) -> None:
+        with self.db.write() as session:
+            record(session, AuditEvent(
+                action="workspace.cull", actor="system", permit_id=name or None,
+                target=accounts.workspace_id(user, name), outcome=outcome, reason=reason,
+                details={"person": user, **details}))
+
+    async def cull_once(self, now: datetime | None = None) -> list[tuple[str, str]]:
+        """Stop idle servers (not those running Ray tasks); returns those stopped."""
+        now = now or utcnow()
+        limit = timedelta(seconds=self.ws.cull_idle_seconds)
+        culled = []
+        for user, name, server in await self.servers():
+            if not server.get("ready"):
+                continue
+            last = _parse_time(server.get("last_activity")) or _parse_time(server.get("started"))
+            if last is None or now - last < limit:
+                continue
+            ws_id = accounts.workspace_id(user, name)
+            busy = lifecycle.ray_tasks_running(
+                lifecycle.find_cgroup(ws_id, self.ws.cgroup_parent))
+            idle_s = int((now - last).total_seconds())
+            if busy:
+                await asyncio.to_thread(self._audit_cull, user, name, Outcome.REFUSED,
+                                        "Ray tasks running", idle_seconds=idle_s,
+                                        ray_tasks=busy[:20])
+                continue
+            await self.stop_server(user, name)
+            await asyncio.to_thread(self._audit_cull, user, name, Outcome.SUCCESS,
+                                    "idle", idle_seconds=idle_s)
+            culled.append((user, name))
+        return culled
+
+    # -- retention -------------------------------------------------------------------------
+    def schedule_ended(self, now: datetime | None = None) -> list[str]:
+        """Give a deadline to workspaces whose permit ended without an event seen."""
+        from permits.service import get_terms
+        from permits.terms import PermitStatus
+
+        now = now or utcnow()
+        with self.db.read() as session:
+            rows = session.execute(select(WorkspaceRow.permit_id).where(
+                WorkspaceRow.delete_after.is_(None),
+                WorkspaceRow.state != "deleted").distinct()).scalars().all()
+            ended = []
+            for permit_id in rows:
+                terms = get_terms(session, permit_id, now)
+                if terms.status in (PermitStatus.EXPIRED, PermitStatus.REVOKED):
+                    at = terms.valid_until if terms.status is PermitStatus.EXPIRED else now
+                    ended.append((permit_id, min(at, now), terms.status.value))
+        done = []
+        for permit_id, at, status in ended:
+            done += lifecycle.schedule_deletion(self.db, permit_id, ended_at=at,
+                                                retention_days=self.ws.retention_days,
+                                                reason=f"permit {status}")
+        return done
+
+    def retention_once(self, now: datetime | None = None) -> list[str]:
+        self.schedule_ended(now)
+        return lifecycle.purge_due(self.db, self.settings.data_dir, now=now)
+
+    # -- loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        next_cull = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self.handle_events()
+                if loop.time() >= next_cull:
+                    next_cull = loop.time() + self.ws.cull_every_seconds
+                    await self.cull_once()
+                    await asyncio.to_thread(self.retention_once)
+            except Exception:  # keep serving; the next round retries
+                log.exception("hub service round failed")
+            await asyncio.sleep(self.ws.events_poll_seconds)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = get_settings()
+    service = HubService(settings, get_workspace_settings(), Database(
+        settings.resolved_database_url), os.environ["JUPYTERHUB_API_URL"],
+        os.environ["JUPYTERHUB_API_TOKEN"])
+    Path(service.cursor_file).parent.mkdir(parents=True, exist_ok=True)
+    log.info("workspace service started at %s", datetime.now(UTC).isoformat())
+    with contextlib.suppress(KeyboardInterrupt):  # the hub stops us with SIGTERM/SIGINT
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        asyncio.run(service.run())
+
+
+if __name__ == "__main__":
+    main()
