@@ -334,7 +334,9 @@ class PermitService:
         groups = self.groups
         with self.db.read() as s:
             loaded = _load(s, permit_id)
-        if loaded is None:
+        if loaded is None or loaded[0].group_state != "present":
+            # Absent, or revoked/expired meanwhile (a racing revocation removed the group
+            # after our sync re-filled it): the group must not exist.
             self._compensate("remove group", lambda: groups.remove(permit_id))
         else:
             persons = list(loaded[1].snapshot["persons"])
