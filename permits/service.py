@@ -5,7 +5,8 @@ Contract
 * Every change is one database transaction that also writes the new ``permit_versions`` row,
   the ``spe.audit`` entry (who, what, before/after of the changed fields) and the
   ``permit_events`` outbox row; the event is published in-process after the commit.
-  Suspend, revoke and expire also revoke the permit's workspace tokens in that transaction.
+  Suspend, revoke and expire also revoke the permit's workspace tokens in that transaction;
+  an amendment that removes persons revokes theirs.
 * Keycloak calls (``permits.groups.PermitGroups``) happen outside the transaction: checks and
   provisioning *before* it (a Keycloak outage is a 503 and nothing is written), removal
   *after* it (a revocation is never blocked by Keycloak; the sweeper retries the removal).
@@ -68,7 +69,7 @@ from permits.terms import (
 from spe.audit import AuditEvent, record
 from spe.auth.permit_checks import register_permit_checker
 from spe.auth.principal import SYSTEM, Principal
-from spe.auth.workspace_tokens import revoke_permit_tokens
+from spe.auth.workspace_tokens import revoke_permit_tokens, revoke_person_tokens
 from spe.db import Database
 from spe.db.base import utcnow
 from spe.errors import Conflict, InvalidInput, NotFound, PreconditionFailed, ServiceUnavailable
@@ -568,6 +569,9 @@ class PermitService:
                     now=now)
                 if persons_changed or "datasets" in changed:
                     self._write_index(s, permit_id, new)
+                if persons_changed:
+                    removed = set(current["persons"]) - set(new["persons"])
+                    revoke_person_tokens(s, permit_id, removed, actor=principal)
                 public = to_public(permit, new, now)
         except BaseException:
             if persons_changed:

@@ -15,14 +15,15 @@ Contract:
   claims, AND the permit checker says the permit is active right now (none registered: refused).
   The principal is ``kind="workspace"`` with the researcher role only.
 * :func:`revoke_workspace_tokens` (workspace stopped) and :func:`revoke_permit_tokens` (permit
-  suspended, revoked or expired) revoke every live grant at once and audit it; validation reads
+  suspended, revoked or expired) revoke every live grant at once and audit it;
+  :func:`revoke_person_tokens` (persons removed from a permit) revokes theirs; validation reads
   the grant on every request, so revocation takes effect on the next request.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -145,6 +146,30 @@ def revoke_permit_tokens(session: Session, permit_id: str, *, actor: Principal =
     return _revoke(session, WorkspaceGrant.permit_id, permit_id,
                    action="auth.permit_tokens_revoke", actor=actor, reason=reason,
                    permit_id=permit_id)
+
+
+def revoke_person_tokens(session: Session, permit_id: str, usernames: Iterable[str], *,
+                         actor: Principal = SYSTEM,
+                         reason: str = "person no longer named in the permit") -> int:
+    """Revoke the live tokens of ``usernames`` under ``permit_id`` (persons removed from the
+    permit by an amendment). Audited when any token was live. Returns how many."""
+    names = sorted(set(usernames))
+    if not names:
+        return 0
+    now = utcnow()
+    result = session.execute(
+        update(WorkspaceGrant)
+        .where(WorkspaceGrant.permit_id == permit_id, WorkspaceGrant.username.in_(names),
+               WorkspaceGrant.revoked_at.is_(None), WorkspaceGrant.expires_at > now)
+        .values(revoked_at=now, revoked_reason=reason[:255])
+    )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        record(session, AuditEvent(action="auth.person_tokens_revoke", actor=actor.actor,
+                                   role=actor.primary_role(), permit_id=permit_id,
+                                   target=permit_id, reason=reason,
+                                   details={"usernames": names, "revoked_tokens": count}))
+    return count
 
 
 def is_workspace_token(token: str) -> bool:
