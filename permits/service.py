@@ -448,6 +448,11 @@ class PermitService:
             errors += catalog.check_grants(s, body.datasets)
             duplicate = s.execute(select(Permit.id).where(
                 Permit.access_body == body_ab, Permit.reference == body.reference)).first()
+            if duplicate and idempotency_key:
+                # A first attempt with this key may have committed since the check above.
+                replay = self._replay(s, body_ab, idempotency_key, request_hash)
+                if replay is not None:
+                    return replay
         if errors:
             raise InvalidInput("The permit has invalid fields; see errors.", errors=errors)
         if duplicate:
