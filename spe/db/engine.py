@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(parsed.database)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Private to the service: SQLite gives its -wal/-shm files the database's mode.
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            for file in (path, path.with_name(path.name + "-wal"),
+                         path.with_name(path.name + "-shm")):
+                if file.exists() and file.stat().st_uid == os.getuid():
+                    os.chmod(file, 0o600)
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")
