@@ -53,8 +53,8 @@ class ColumnDeclaration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lower: float | None = None
-    upper: float | None = None
+    lower: float | None = Field(None, allow_inf_nan=False)
+    upper: float | None = Field(None, allow_inf_nan=False)
     public_values: list[int | str] | None = Field(None, max_length=100_000)
     year_lower: int | None = Field(None, ge=1800, le=2200)
     year_upper: int | None = Field(None, ge=1800, le=2200)
