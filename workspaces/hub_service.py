@@ -101,7 +101,7 @@ class HubService:
             events = poll(session, after, limit=200)
         if not events:
             return 0
-        stop = {e.permit_id for e in events if e.kind in STOPPING}
+        stop = {lifecycle.server_name(e.permit_id) for e in events if e.kind in STOPPING}
         if stop:
             for user, name, _server in await self.servers():
                 if name in stop:
@@ -116,12 +116,12 @@ class HubService:
         return len(events)
 
     # -- culling ---------------------------------------------------------------------------
-    def _audit_cull(self, user: str, name: str, outcome: Outcome, reason: str,
-                    **details: Any) -> None:
+    def _audit_cull(self, user: str, permit_id: str | None, ws_id: str, outcome: Outcome,
+                    reason: str, **details: Any) -> None:
         with self.db.write() as session:
             record(session, AuditEvent(
-                action="workspace.cull", actor="system", permit_id=name or None,
-                target=accounts.workspace_id(user, name), outcome=outcome, reason=reason,
+                action="workspace.cull", actor="system", permit_id=permit_id,
+                target=ws_id, outcome=outcome, reason=reason,
                 details={"person": user, **details}))
 
     async def cull_once(self, now: datetime | None = None) -> list[tuple[str, str]]:
@@ -135,17 +135,19 @@ class HubService:
             last = _parse_time(server.get("last_activity")) or _parse_time(server.get("started"))
             if last is None or now - last < limit:
                 continue
-            ws_id = accounts.workspace_id(user, name)
+            permit_id = await asyncio.to_thread(lifecycle.permit_for_server, self.db, user,
+                                                name)
+            ws_id = accounts.workspace_id(user, permit_id) if permit_id else f"server:{name}"
             busy = lifecycle.ray_tasks_running(
                 lifecycle.find_cgroup(ws_id, self.ws.cgroup_parent))
             idle_s = int((now - last).total_seconds())
             if busy:
-                await asyncio.to_thread(self._audit_cull, user, name, Outcome.REFUSED,
-                                        "Ray tasks running", idle_seconds=idle_s,
-                                        ray_tasks=busy[:20])
+                await asyncio.to_thread(self._audit_cull, user, permit_id, ws_id,
+                                        Outcome.REFUSED, "Ray tasks running",
+                                        idle_seconds=idle_s, ray_tasks=busy[:20])
                 continue
             await self.stop_server(user, name)
-            await asyncio.to_thread(self._audit_cull, user, name, Outcome.SUCCESS,
+            await asyncio.to_thread(self._audit_cull, user, permit_id, ws_id, Outcome.SUCCESS,
                                     "idle", idle_seconds=idle_s)
             culled.append((user, name))
         return culled

@@ -37,6 +37,12 @@ from workspaces.extracts import remove_extract
 from workspaces.models import WorkspaceRow
 
 
+def server_name(permit_id: str) -> str:
+    """The hub server name of a permit's workspace (JupyterHub 6 wants a 1-30 character slug
+    starting with a letter; permit ids are UUIDs): ``p`` + 29 hex digits of the id."""
+    return "p" + permit_id.replace("-", "").lower()[:29]
+
+
 def record_state(db: Database, *, person: str, permit_id: str, state: str,
                  error: str | None = None) -> None:
     ws_id = accounts.workspace_id(person, permit_id)
@@ -188,3 +194,13 @@ def permits_naming(db: Database, person: str) -> list[tuple[str, str]]:
             .join(PermitPerson, PermitPerson.permit_id == Permit.id)
             .where(PermitPerson.username == person).order_by(Permit.seq.desc())).all()
         return [(str(pid), str(ref)) for pid, ref in rows if permit_is_active(session, pid)]
+
+
+def permit_for_server(db: Database, person: str, name: str) -> str | None:
+    """The permit id of ``person``'s server ``name`` (from the workspace records)."""
+    with db.read() as session:
+        for pid in session.execute(select(WorkspaceRow.permit_id).where(
+                WorkspaceRow.person == person)).scalars():
+            if server_name(pid) == name:
+                return str(pid)
+    return None

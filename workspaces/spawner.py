@@ -71,7 +71,7 @@ def check_permit(db: Database, person: str, permit_id: str) -> PermitTerms:
     return terms
 
 
-def _audit(db: Database, action: str, person: str, permit_id: str, ws_id: str,
+def _audit(db: Database, action: str, person: str, permit_id: str | None, ws_id: str,
            outcome: Outcome = Outcome.SUCCESS, reason: str | None = None,
            **details: Any) -> None:
     with db.write() as session:
@@ -94,6 +94,7 @@ class SandboxSpawner(Spawner):
         self._proc: Any = None
         self._stale_ws: str | None = None
         self._extra_env: dict[str, str] = {}
+        self._permit_id = ""
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -106,7 +107,21 @@ class SandboxSpawner(Spawner):
 
     @property
     def permit_id(self) -> str:
-        return str(self.name or "")
+        """The permit this server runs under (resolved from the server name at start)."""
+        return self._permit_id
+
+    def _resolve_permit(self, db: Database) -> str:
+        """The permit whose server name this is, among the active permits naming the user."""
+        wanted = (self.user_options or {}).get("permit")
+        if not self.name:
+            raise PermitNotUsable("Start a named server per permit (see the spawn page).")
+        for pid, _ref in lifecycle.permits_naming(db, self.person):
+            if lifecycle.server_name(pid) == self.name:
+                if wanted and wanted != pid:
+                    raise PermitNotUsable("The server name and the chosen permit differ.")
+                return pid
+        raise PermitNotUsable(f"No active permit naming {self.person} has server name "
+                              f"{self.name!r}.")
 
     @property
     def person(self) -> str:
@@ -126,13 +141,14 @@ class SandboxSpawner(Spawner):
         base = html.escape(self.user.url)
         items = "".join(
             f'<li><a href="{html.escape(self.user.url.replace("/user/", "/hub/spawn/", 1))}'
-            f'{html.escape(pid)}">{html.escape(ref)} ({html.escape(pid)})</a></li>'
+            f'{lifecycle.server_name(pid)}">{html.escape(ref)} ({html.escape(pid)})</a></li>'
             for pid, ref in permits)
-        if self.permit_id:
+        if self.name:
             options = "".join(
                 f'<option value="{html.escape(pid)}"'
-                f'{" selected" if pid == self.permit_id else ""}>{html.escape(ref)}</option>'
-                for pid, ref in permits)
+                f'{" selected" if lifecycle.server_name(pid) == self.name else ""}>'
+                f"{html.escape(ref)} ({html.escape(pid)})</option>"
+                for pid, ref in permits if lifecycle.server_name(pid) == self.name)
             return (f'<label for="permit">Permit</label><select name="permit" id="permit">'
                     f"{options}</select><p>One workspace per permit ({base}).</p>")
         return f"<p>One workspace per permit. Start one:</p><ul>{items}</ul>"
@@ -142,7 +158,8 @@ class SandboxSpawner(Spawner):
         return {"permit": permit} if permit else {}
 
     def _refuse(self, db: Database, exc: Exception) -> web.HTTPError:
-        _audit(db, "workspace.spawn", self.person, self.permit_id or "-", self.ws_id,
+        _audit(db, "workspace.spawn", self.person, self.permit_id or None,
+               self.ws_id if self.permit_id else f"server:{self.name or '(default)'}",
                Outcome.REFUSED, str(exc))
         if self.permit_id:
             with contextlib.suppress(Exception):
@@ -154,13 +171,8 @@ class SandboxSpawner(Spawner):
     def _prepare_sync(self) -> PermitTerms:
         """Check, allocate, provision: everything but starting the process."""
         db = _db(self.spe_settings)
-        wanted = (self.user_options or {}).get("permit")
         try:
-            if not self.permit_id:
-                raise PermitNotUsable("Start a named server per permit: the server name is "
-                                      "the permit id.")
-            if wanted and wanted != self.permit_id:
-                raise PermitNotUsable("The server name and the chosen permit differ.")
+            self._permit_id = self._resolve_permit(db)
             terms = check_permit(db, self.person, self.permit_id)
         except (PermitNotUsable, NotNamedInPermit, NotFound) as exc:
             raise self._refuse(db, exc) from exc
@@ -269,6 +281,7 @@ class SandboxSpawner(Spawner):
         state: dict[str, Any] = super().get_state()
         if self._ws is not None:
             state["ws_id"] = self._ws.ws_id
+            state["permit_id"] = self._permit_id
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -276,11 +289,13 @@ class SandboxSpawner(Spawner):
         # Sandboxes do not survive a hub restart (die-with-parent): nothing to reattach, but
         # what they left (cgroup, namespace, account) is removed before the next start.
         self._stale_ws = state.get("ws_id")
+        self._permit_id = state.get("permit_id", "")
 
     def clear_state(self) -> None:
         super().clear_state()
         self._ws = None
         self._proc = None
+        self._permit_id = ""
 
 
 def server_log(data_dir: Path, ws_id: str) -> str:
