@@ -1,0 +1,139 @@
+"""Workspace lifecycle outside a spawn: retention after a permit ends (with a clock), the
+hub service's permit-event handling, and the Ray-aware idle check, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from permits.service import PermitService
+from permits.states import Action
+from permits.terms import ComputeQuota
+from spe.audit import verify_chain
+from spe.audit.models import AuditEntry
+from spe.config import Settings
+from spe.db import Database
+from spe.db.base import utcnow
+from tests.integration.test_permit_service import ALPHA, issue, register_dataset
+from workspaces import accounts, cgroups, lifecycle
+from workspaces.hub_service import HubService
+from workspaces.models import WorkspaceRow
+from workspaces.settings import WorkspaceSettings
+
+
+@pytest.fixture
+def svc(db: Database) -> PermitService:
+    register_dataset(db)
+    return PermitService(db)
+
+
+def _workspace(settings: Settings, db: Database, pid: str, person: str = "alice") -> Path:
+    lifecycle.record_state(db, person=person, permit_id=pid, state="stopped")
+    home = settings.data_dir / "workspaces" / accounts.workspace_id(person, pid) / "home"
+    home.mkdir(parents=True)
+    (home / "analysis.ipynb").write_text("{}")
+    return home
+
+
+def _audits(db: Database, action: str) -> list[AuditEntry]:
+    with db.read() as s:
+        return list(s.execute(select(AuditEntry).where(AuditEntry.action == action)
+                              .order_by(AuditEntry.seq)).scalars())
+
+
+def test_retention_deletes_after_the_period_with_an_audited_record(
+        svc: PermitService, db: Database, settings: Settings) -> None:
+    pid = issue(svc, persons=["alice"])
+    home = _workspace(settings, db, pid)
+    svc.transition(ALPHA, pid, Action.REVOKE, reason="end of project")
+    ended = utcnow()
+    assert lifecycle.schedule_deletion(db, pid, ended_at=ended, retention_days=180,
+                                       reason="permit revoked") == [
+        accounts.workspace_id("alice", pid)]
+    # earliest deadline wins, nothing audited twice
+    assert lifecycle.schedule_deletion(db, pid, ended_at=ended + timedelta(days=3),
+                                       retention_days=180, reason="again") == []
+    assert lifecycle.purge_due(db, settings.data_dir, now=ended + timedelta(days=179)) == []
+    assert home.exists()
+    deleted = lifecycle.purge_due(db, settings.data_dir, now=ended + timedelta(days=181))
+    assert deleted == [accounts.workspace_id("alice", pid)]
+    assert not home.parent.exists()
+    entry = _audits(db, "workspace.data_delete")[-1]
+    assert entry.permit_id == pid and entry.details["bytes"] == 2
+    assert entry.details["deadline"].startswith(str((ended + timedelta(days=180)).date()))
+    with db.read() as s:
+        assert s.get(WorkspaceRow, deleted[0]).state == "deleted"  # type: ignore[union-attr]
+        verify_chain(s)
+    assert lifecycle.purge_due(db, settings.data_dir, now=ended + timedelta(days=400)) == []
+
+
+def test_hub_service_schedules_from_events_and_spares_active_permits(
+        svc: PermitService, db: Database, settings: Settings) -> None:
+    ended_pid = issue(svc, persons=["alice"], reference="R-ended")
+    live_pid = issue(svc, persons=["alice"], reference="R-live")
+    _workspace(settings, db, ended_pid)
+    live_home = _workspace(settings, db, live_pid)
+    svc.transition(ALPHA, ended_pid, Action.SUSPEND, reason="check")
+    svc.transition(ALPHA, ended_pid, Action.REVOKE, reason="misuse")
+    (settings.data_dir / "hub").mkdir(parents=True)
+    service = HubService(settings, WorkspaceSettings(retention_days=30), db,
+                         "http://127.0.0.1:9/hub/api", "unused")
+
+    async def no_servers() -> list[tuple[str, str, dict[str, Any]]]:
+        return []  # no hub in this test: the event handling is what is tested
+
+    service.servers = no_servers  # type: ignore[method-assign]
+    assert asyncio.run(service.handle_events()) >= 4  # issued x2, suspended, revoked
+    assert asyncio.run(service.handle_events()) == 0  # the cursor persisted
+    with db.read() as s:
+        rows = {r.permit_id: r for r in s.execute(select(WorkspaceRow)).scalars()}
+    assert rows[ended_pid].delete_after is not None and rows[live_pid].delete_after is None
+    later = utcnow() + timedelta(days=31)
+    assert service.retention_once(later) == [accounts.workspace_id("alice", ended_pid)]
+    assert live_home.exists()
+
+
+def test_schedule_ended_catches_expiry_without_an_event(
+        svc: PermitService, db: Database, settings: Settings) -> None:
+    pid = issue(svc, persons=["alice"])
+    _workspace(settings, db, pid)
+    service = HubService(settings, WorkspaceSettings(retention_days=10), db,
+                         "http://127.0.0.1:9/hub/api", "unused")
+    assert service.schedule_ended(utcnow()) == []
+    after_expiry = utcnow() + timedelta(days=366)  # body() permits run for 365 days
+    assert service.schedule_ended(after_expiry) == [accounts.workspace_id("alice", pid)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups")
+def test_ray_tasks_running_reads_worker_titles_in_the_workspace_cgroup() -> None:
+    parent = f"spe-test-{uuid.uuid4().hex[:6]}"
+    ws_id = f"t{uuid.uuid4().hex[:11]}"
+    cg = cgroups.create(ws_id, ComputeQuota(memory_mb=256), parent=parent)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        found = lifecycle.find_cgroup(ws_id, parent)
+        assert found is not None and lifecycle.ray_tasks_running(found) == []
+        for title in ("ray::IDLE", "ray::train_model"):
+            procs.append(subprocess.Popen(cg.enter_argv(
+                [shutil.which("bash") or "bash", "-c", f"exec -a '{title}' sleep 60"])))
+        deadline = time.monotonic() + 5
+        while len(found.pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # let exec -a set the titles
+        assert lifecycle.ray_tasks_running(found) == ["ray::train_model"]
+    finally:
+        cg.kill_all()
+        for p in procs:
+            p.wait(5)
+        cg.destroy()
+    assert lifecycle.find_cgroup(ws_id, parent) is None
