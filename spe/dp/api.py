@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from permits.api import PermitId
 from permits.terms import PermitTerms
 from spe.api.state import get_state
 from spe.audit import AuditEvent, Outcome, record
@@ -38,10 +39,13 @@ class QueryBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sql: str = Field(min_length=1, max_length=20_000, description="one DuckDB SELECT")
-    epsilon: float | None = Field(None, gt=0, description="epsilon to spend (default: "
-                                  "min(1, the permit's per-query maximum))")
-    delta: float | None = Field(None, ge=0, lt=1, description="delta offered for non-public "
-                                "group keys (charged only when keys are thresholded)")
+    epsilon: float | None = Field(
+        None, gt=0, le=100, allow_inf_nan=False,
+        description="epsilon to spend (default: min(1, the permit's per-query maximum))")
+    delta: float | None = Field(
+        None, ge=0, lt=1, allow_inf_nan=False,
+        description="delta offered for non-public group keys (charged only when keys are "
+        "thresholded)")
     dry_run: bool = Field(False, description="return the cost without running (free)")
     dataset: str | None = Field(None, max_length=64)
     max_rows_per_person: int | None = Field(None, ge=1, le=1000)
@@ -132,7 +136,7 @@ def _opener(request: Request) -> Any:
 
 
 @router.post("/v1/permits/{permit_id}/queries")
-def post_query(permit_id: str, body: QueryBody, request: Request,
+def post_query(permit_id: PermitId, body: QueryBody, request: Request,
                idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
                principal: Principal = Depends(require_role(Role.RESEARCHER))
                ) -> dict[str, Any]:
@@ -151,7 +155,7 @@ def post_query(permit_id: str, body: QueryBody, request: Request,
 
 
 @router.get("/v1/permits/{permit_id}/budget")
-def get_budget(permit_id: str, request: Request,
+def get_budget(permit_id: PermitId, request: Request,
                principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     terms = _checked(request, principal, permit_id, "dp.budget", authorise_budget_read)
     actor = principal.actor if Role.RESEARCHER in principal.roles else None

@@ -291,3 +291,16 @@ def test_notebook_client(server_url: str, db: Database, api_settings: Settings, 
             assert err.value.status == 401
         finally:
             permits.cleanup()
+
+
+def test_query_input_bounds(api_client: TestClient, user_headers: Headers) -> None:
+    """Oversized permit ids and non-finite epsilons are refused at the edge (422)."""
+    alice = user_headers("alice")
+    long_id = api_client.post(f"/v1/permits/{'P' * 300}/queries", json={"sql": SQL},
+                              headers=alice)
+    assert long_id.status_code == 422
+    for bad in ("Infinity", "NaN", "1e400"):
+        r = api_client.post("/v1/permits/P-1/queries", headers={**alice,
+                            "content-type": "application/json"},
+                            content=f'{{"sql": "SELECT COUNT(*) FROM person", "epsilon": {bad}}}')
+        assert r.status_code == 422, (bad, r.text)
