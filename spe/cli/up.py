@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from spe.cli.main import cli_principal, database, settings
+from spe.config import Settings
+
+if TYPE_CHECKING:
+    from workspaces.hub import HubProcess
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -21,13 +26,47 @@ def _start_keycloak(port: int) -> str | None:
     return f"http://127.0.0.1:{port}"
 
 
+def _start_hub(s: Settings, public_url: str) -> tuple[str, HubProcess | None]:
+    """Start JupyterHub (root only: the sandboxes need it); returns (where, process)."""
+    import json
+    import os
+
+    from workspaces.hub import start_hub
+    from workspaces.settings import get_workspace_settings
+
+    if os.geteuid() != 0:
+        return "not started (needs root for the workspace sandboxes)", None
+    if not (REPO / "node_modules" / ".bin" / "configurable-http-proxy").exists():
+        return "not started (run `npm install --prefix .` for the proxy)", None
+    ws = get_workspace_settings()
+    if not (ws.runtime_dir / "bin" / "jupyterhub-singleuser").exists():
+        return ("not started (build the runtime: python -m workspaces.runtime build "
+                f"{ws.runtime_dir})"), None
+    env = {"SPE_DATA_DIR": str(s.data_dir.resolve()),
+           "SPE_DATABASE_URL": s.resolved_database_url,
+           "SPE_KEYCLOAK_URL": s.keycloak_base_url,
+           "SPE_API_PORT": str(s.api_port),
+           "SPE_WS_RUNTIME_DIR": str(ws.runtime_dir.resolve())}
+    if s.api_port not in ws.allowed_host_ports:
+        env["SPE_WS_ALLOWED_HOST_PORTS"] = json.dumps([ws.allowed_host_ports[0], s.api_port])
+    if "SPE_HUB_OAUTH_CLIENT_SECRET" not in os.environ:
+        if s.profile != "dev":
+            return "not started (set SPE_HUB_OAUTH_CLIENT_SECRET)", None
+        env["SPE_HUB_OAUTH_CLIENT_SECRET"] = "jupyterhub-dev-secret"  # noqa: S105 - dev realm
+    hub = start_hub(public_url=public_url, env=env, log_path=s.data_dir / "hub" / "hub.log")
+    return f"{public_url}/hub/login  (log: {hub.log_path})", hub
+
+
 def up(
     persons: int = typer.Option(20_000, help="Persons in the bundled synthetic dataset "
                                 "(generated on first start only)."),
     keycloak: bool = typer.Option(True, help="Start the bundled Keycloak when no external "
                                   "keycloak_url is configured."),
+    hub: bool = typer.Option(True, help="Start JupyterHub with the sandboxed workspaces "
+                             "(as root)."),
+    hub_url: str = typer.Option("http://127.0.0.1:8000", help="Public URL of the hub."),
 ) -> None:
-    """Start the SPE: database, bundled synthetic dataset, Keycloak and the API."""
+    """Start the SPE: database, bundled synthetic dataset, Keycloak, the API and the hub."""
     import uvicorn
 
     from spe.api.app import create_app
@@ -46,9 +85,17 @@ def up(
         url = _start_keycloak(s.keycloak_port)
         rows.append(("keycloak", url or "not bundled in this checkout"))
     rows.append(("SPE API", s.api_base_url + "/docs"))
+    hub_process = None
+    if hub:
+        where, hub_process = _start_hub(s, hub_url.rstrip("/"))
+        rows.append(("JupyterHub", where))
     width = max(len(name) for name, _ in rows)
     typer.echo("SPE is starting:")
     for name, where in rows:
         typer.echo(f"  {name.ljust(width)}  {where}")
     configure(s.log_level)
-    uvicorn.run(create_app(s, db), host=s.api_host, port=s.api_port, log_config=None)
+    try:
+        uvicorn.run(create_app(s, db), host=s.api_host, port=s.api_port, log_config=None)
+    finally:
+        if hub_process is not None:
+            hub_process.stop()
