@@ -47,7 +47,7 @@ from tqdm import tqdm
 from spe.audit import AuditEvent, Outcome, record
 from spe.auth.principal import Principal
 from spe.config import Settings
-from spe.datasets import defaults
+from spe.datasets import defaults, recovery
 from spe.datasets.metadata import (
     PRIVACY_UNIT,
     ROW_RANK_COLUMN,
@@ -475,16 +475,28 @@ def ingest(db: Database, settings: Settings, name: str, source: Path, principal:
 def _ingest(db: Database, settings: Settings, name: str, source: Path, principal: Principal,
             progress: bool, started: float) -> IngestResult:
     check_name(name)
+    store = ensure_store(settings)
+    with recovery.ingest_lock(store, name):
+        return _ingest_locked(db, settings, name, source, principal, progress, started, store)
+
+
+def _ingest_locked(db: Database, settings: Settings, name: str, source: Path,
+                   principal: Principal, progress: bool, started: float,
+                   store: Path) -> IngestResult:
     if _exists(db, name):
         raise Conflict(f"dataset {name!r} already exists; remove it first or choose "
                        "another name")
     files = discover(source)
     decl, decl_path = defaults.load_declaration(source, load_spec())
-    store = ensure_store(settings)
     final = store_path(settings, name)
-    if final.exists():
-        raise Conflict(f"the store already holds a file for dataset {name!r}; "
-                       "nothing was overwritten")
+    # We hold the lock and the registry has no row: anything of this name in the store was
+    # left by an ingest that died (see spe.datasets.recovery). Remove it, on the record.
+    swept = recovery.sweep(store, name, final)
+    if swept:
+        with db.write() as session:
+            record(session, AuditEvent(
+                action="dataset.recover", actor=principal.actor, role=principal.primary_role(),
+                target=name, details={"removed": swept}))
     digest = content_hash([f.path for f in files] + ([decl_path] if decl_path else []))
     tmp = store / f".{name}.{uuid.uuid4().hex}.tmp{STORE_SUFFIX}"
     moved = False
