@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,8 +95,13 @@ def up(
     for name, where in rows:
         typer.echo(f"  {name.ljust(width)}  {where}")
     configure(s.log_level)
+    # uvicorn re-raises SIGTERM after its graceful shutdown: turn it into KeyboardInterrupt so
+    # the hub (and with it the workspaces) is stopped below instead of being orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         uvicorn.run(create_app(s, db), host=s.api_host, port=s.api_port, log_config=None)
+    except KeyboardInterrupt:
+        pass
     finally:
         if hub_process is not None:
             hub_process.stop()
