@@ -476,7 +476,7 @@ def _ingest(db: Database, settings: Settings, name: str, source: Path, principal
             progress: bool, started: float) -> IngestResult:
     check_name(name)
     store = ensure_store(settings)
-    with recovery.ingest_lock(store, name):
+    with recovery.ingest_lock(settings.data_dir / "locks", name):
         return _ingest_locked(db, settings, name, source, principal, progress, started, store)
 
 
@@ -489,9 +489,12 @@ def _ingest_locked(db: Database, settings: Settings, name: str, source: Path,
     files = discover(source)
     decl, decl_path = defaults.load_declaration(source, load_spec())
     final = store_path(settings, name)
-    # We hold the lock and the registry has no row: anything of this name in the store was
-    # left by an ingest that died (see spe.datasets.recovery). Remove it, on the record.
-    swept = recovery.sweep(store, name, final)
+    if final.exists():
+        raise Conflict(f"the store already holds a file for dataset {name!r} that is not "
+                       "registered; nothing was overwritten (move it away to ingest again)")
+    # We hold the lock and the registry has no row: temporary files of this name in the store
+    # were left by an ingest that died (see spe.datasets.recovery). Remove them, on the record.
+    swept = recovery.sweep(store, name)
     if swept:
         with db.write() as session:
             record(session, AuditEvent(

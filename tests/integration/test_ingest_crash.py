@@ -56,13 +56,13 @@ def test_killed_ingest_leaves_nothing_and_is_recovered(db: Database, settings: S
 
     with db.read() as session:
         assert session.execute(select(DatasetRecord)).first() is None
-    left = [p.name for p in settings.store_dir.iterdir() if not p.name.endswith(".lock")]
+    left = [p.name for p in settings.store_dir.iterdir()]
     assert left, "the killed ingest should have left its temporary files (or the test is moot)"
 
     result = ingest(db, settings, "big", source, operator_principal("op"))
     assert result.path == store_path(settings, "big")
     remaining = sorted(p.name for p in settings.store_dir.iterdir())
-    assert remaining == [".big.lock", "big.duckdb"]
+    assert remaining == ["big.duckdb"]
     with db.read() as session:
         actions = [e.action for e in session.execute(select(AuditEntry)).scalars()]
     assert "dataset.recover" in actions and "dataset.ingest" in actions
@@ -72,7 +72,6 @@ def test_concurrent_ingest_of_same_name_refused(db: Database, settings: Settings
                                                 tmp_path: Path) -> None:
     source = tmp_path / "src"
     generator.generate(source, 50, seed=1, fmt="csv")
-    settings.store_dir.mkdir(parents=True, mode=0o700)
-    with ingest_lock(settings.store_dir, "busy"), pytest.raises(Conflict) as err:
+    with ingest_lock(settings.data_dir / "locks", "busy"), pytest.raises(Conflict) as err:
         ingest(db, settings, "busy", source, operator_principal("op"))
     assert "already running" in err.value.detail
