@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from spe.audit import AuditEvent, Outcome, record
@@ -75,14 +75,14 @@ def _try_allocate(db: Database, *, workspace_id: str, permit_id: str, person: st
             )).scalars().all()
         if mine:
             return tuple(sorted(mine))
-        load = dict(session.execute(
-            select(GpuAllocation.gpu_index, func.count()).where(
-                GpuAllocation.released_at.is_(None)).group_by(GpuAllocation.gpu_index)).all())
+        # One snapshot of the active slots (two queries could see different commits under
+        # READ COMMITTED and offer a GPU with no free slot).
         taken_slots: dict[int, set[int]] = {}
         for gpu, slot in session.execute(
                 select(GpuAllocation.gpu_index, GpuAllocation.slot).where(
                     GpuAllocation.released_at.is_(None))).all():
             taken_slots.setdefault(gpu, set()).add(slot)
+        load = {gpu: len(slots) for gpu, slots in taken_slots.items()}
         free = sorted((i for i in indices if load.get(i, 0) < share_limit),
                       key=lambda i: (load.get(i, 0), i))
         if len(free) < count:
