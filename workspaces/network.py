@@ -146,9 +146,9 @@ def create(ws_id: str, allowed_ports: tuple[int, ...], *, pool: str = "10.237.0.
     with open(lock_dir / "spe-workspace-net.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         used = _used_networks()
-        for net in used:
-            if net.overlaps(pool_net) and net.prefixlen < 30:
-                raise RuntimeError(f"subnet pool {pool} overlaps host route {net}")
+        for route in used:
+            if route.overlaps(pool_net) and route.prefixlen < 30:
+                raise RuntimeError(f"subnet pool {pool} overlaps host route {route}")
         for subnet in pool_net.subnets(new_prefix=30):
             if not any(subnet.overlaps(u) for u in used):
                 break
