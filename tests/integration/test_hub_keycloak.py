@@ -245,7 +245,8 @@ def test_spawn_run_code_and_escapes_fail(stack: Stack, state: dict[str, Any],
         tcp, dns = ns.start_tcp(), ns.start_dns()
         assert other.run(["sh", "-c", "echo other-notes > ~/notes.txt"]).returncode == 0
         listener = other.popen(["/usr/bin/python3", "-c", textwrap.dedent("""
-                        s = socket.socket(); s.bind(('0.0.0.0', 8888)); s.listen(4); print('ready', flush=True)
+            import socket
+            s = socket.socket(); s.bind(('0.0.0.0', 8888)); s.listen(4); print('ready', flush=True)
             while True:
                 c, _ = s.accept(); c.sendall(b'other-workspace'); c.close()
         """)], stdout=subprocess.PIPE, text=True)
