@@ -31,7 +31,7 @@ from sqlalchemy import select
 from spe.audit import AuditEvent, Outcome, record
 from spe.db import Database
 from spe.db.base import utcnow
-from workspaces import accounts
+from workspaces import accounts, disk
 from workspaces.cgroups import ROOT, V1_CONTROLLERS, WorkspaceCgroup, _own_v1_path, _v1_mount, is_v2
 from workspaces.extracts import remove_extract
 from workspaces.models import WorkspaceRow
@@ -119,6 +119,7 @@ def purge_due(db: Database, data_dir: Path, *, now: datetime | None = None,
                     details={"person": person}))
                 continue
             root = data_dir / "workspaces" / ws_id
+            disk.detach(root)  # a home image left mounted must not be emptied through it
             removed = {"workspace_dir": str(root.name), "bytes": _size(root) if root.exists()
                        else 0, "extract": False}
             shutil.rmtree(root, ignore_errors=True)
@@ -169,8 +170,9 @@ def ray_tasks_running(cgroup: WorkspaceCgroup | None) -> list[str]:
     return busy
 
 
-def cleanup_leftovers(ws_id: str, parent: str) -> None:
-    """Remove what a dead workspace left (hub restarted): processes, cgroup, namespace, account.
+def cleanup_leftovers(ws_id: str, parent: str, root: Path | None = None) -> None:
+    """Remove what a dead workspace left (hub restarted): processes, cgroup, home mount (with
+    its loop device, when ``root``, the workspace directory, is given), namespace, account.
 
     The home is kept (retention). Idempotent; only SPE-named objects are touched.
     """
@@ -179,6 +181,8 @@ def cleanup_leftovers(ws_id: str, parent: str) -> None:
     cg = find_cgroup(ws_id, parent)
     if cg is not None:
         cg.destroy()
+    if root is not None:
+        disk.detach(root)
     WorkspaceNetwork(ws_id, "", "", 0, ()).destroy()
     accounts.delete_account(accounts.account_name(ws_id))
 

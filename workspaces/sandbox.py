@@ -19,19 +19,23 @@ What the command sees (and nothing else):
 ``/etc``                a generated minimal one: passwd/group with only root and the
                         workspace account, ``hosts`` with localhost, an empty ``resolv.conf``
 runtime dir             the Python runtime (venv from the system Python), read-only, same path
-``/home/<account>``     the workspace home, the only writable persistent directory
+``/home/<account>``     the workspace home, the only writable persistent directory: its own
+                        ext4 filesystem of the permit's ``disk_mb`` (:mod:`workspaces.disk`)
 ``/data/extract``       the permit's pseudonymised extract, read-only (pseudonymised permits
                         only)
 ``/tmp``                the workspace's own scratch dir (shared by every process of the
-                        workspace, e.g. the kernel and its Ray head; emptied on provision)
+                        workspace, e.g. the kernel and its Ray head; emptied on provision;
+                        on the home filesystem, so it counts against the same quota)
 ``/dev/shm``            private tmpfs (1777)
 ``/proc``               a new procfs of the sandbox's own PID namespace
 ``/dev``                a minimal devtmpfs plus the allocated GPU device nodes
 =====================  ==========================================================
 
 Never visible: the SPE data dir (dataset store, keys, control DB), other workspaces, hub
-and SPE secrets, other processes. :class:`Workspace` composes account, home, cgroup and
-network into one object whose :meth:`Workspace.destroy` removes them (idempotent).
+and SPE secrets, other processes. :class:`Workspace` composes account, home (a loop-mounted
+image sized by the quota, unless ``disk_quota`` is off), cgroup and network into one object
+whose :meth:`Workspace.destroy` removes them (idempotent); the home image is kept unless
+``remove_home``.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from permits.terms import ComputeQuota
-from workspaces import accounts, cgroups, network
+from workspaces import accounts, cgroups, disk, network
 from workspaces.accounts import Account
 from workspaces.cgroups import WorkspaceCgroup
+from workspaces.disk import HomeDisk
 from workspaces.network import WorkspaceNetwork
 from workspaces.settings import WorkspaceSettings
 
@@ -172,13 +177,14 @@ class Workspace:
     """A provisioned workspace: account, home, cgroup and network namespace.
 
     States: *provisioned* (after :meth:`provision`; commands may run) and *destroyed* (after
-    :meth:`destroy`; every process killed, cgroup, namespace, nftables table and account
-    removed; the home is kept unless ``remove_home``).
+    :meth:`destroy`; every process killed, home unmounted and its loop device freed, cgroup,
+    namespace, nftables table and account removed; the home is kept unless ``remove_home``).
     """
 
     ws_id: str
     root: Path
     spec: SandboxSpec
+    disk: HomeDisk | None = None
     _procs: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -195,36 +201,42 @@ class Workspace:
         root.mkdir(exist_ok=True)
         root.chmod(0o700)
         home = root / "home"
-        created: list[Any] = []
+        undo: list[Any] = []
+        home_disk: HomeDisk | None = None
         try:
             account = accounts.ensure_account(ws_id, home, f"SPE workspace {ws_id}")
-            created.append(account)
-            home.mkdir(exist_ok=True)
-            os.chown(home, account.uid, account.gid)
-            home.chmod(0o700)
+            undo.append(lambda: accounts.delete_account(account.name))
+            if settings.disk_quota:
+                undo.append(lambda: disk.detach(root))
+                home_disk = disk.attach(root, size_mb=quota.disk_mb, uid=account.uid,
+                                        gid=account.gid)
+                home, tmp = home_disk.home, home_disk.tmp
+            else:
+                home.mkdir(exist_ok=True)
+                os.chown(home, account.uid, account.gid)
+                home.chmod(0o700)
+                tmp = root / "tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                os.chown(tmp, account.uid, account.gid)
+                tmp.chmod(0o700)
             write_etc(root / "etc", account)
-            tmp = root / "tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            os.chown(tmp, account.uid, account.gid)
-            tmp.chmod(0o700)
             cg = cgroups.create(ws_id, quota, parent=settings.cgroup_parent,
                                 pids_max=settings.pids_max)
-            created.append(cg)
+            undo.append(cg.destroy)
             net = network.create(ws_id, settings.allowed_host_ports if with_network else (),
                                  pool=settings.subnet_pool)
-            created.append(net)
+            undo.append(net.destroy)
             runtime = settings.runtime_dir if settings.runtime_dir.is_dir() else None
             spec = SandboxSpec(account=account, home=home, etc_dir=root / "etc", tmp=tmp,
                                runtime=runtime, extract=extract, network=net, cgroup=cg,
                                devices=devices, env=dict(env or {}))
         except BaseException:
-            for item in reversed(created):
+            for step in reversed(undo):
                 with contextlib.suppress(Exception):
-                    item.destroy() if not isinstance(item, Account) else \
-                        accounts.delete_account(item.name)
+                    step()
             raise
-        return cls(ws_id=ws_id, root=root, spec=spec)
+        return cls(ws_id=ws_id, root=root, spec=spec, disk=home_disk)
 
     @property
     def account(self) -> Account:
@@ -266,10 +278,13 @@ class Workspace:
                               env=self.env(env))
 
     def destroy(self, *, remove_home: bool = False) -> None:
-        """Kill every process and remove cgroup, network and account. Idempotent."""
+        """Kill every process, unmount the home, remove cgroup, network and account.
+
+        Idempotent. The home image stays (retention) unless ``remove_home``."""
         errors: list[BaseException] = []
         for step in (
             self._kill_and_reap,
+            lambda: disk.detach(self.root),
             lambda: self.spec.cgroup.destroy() if self.spec.cgroup else None,
             lambda: self.spec.network.destroy() if self.spec.network else None,
             lambda: accounts.delete_account(self.account.name),

@@ -44,6 +44,13 @@ class WorkspaceSettings(BaseSettings):
         "API and the SPE API). Enforced by nftables on the host side: everything else "
         "arriving from a workspace is dropped, and nothing is forwarded.",
     )
+    disk_quota: bool = Field(
+        True,
+        description="Give every workspace home its own ext4 filesystem of the permit's "
+        "ComputeQuota.disk_mb (an image file mounted through a loop device, nosuid,nodev). "
+        "Enforced by the kernel: writes past it fail with ENOSPC. Turn off only where loop "
+        "devices are unavailable; the home then has no size limit.",
+    )
     gpu_indices: tuple[int, ...] = Field(
         (),
         description="Physical GPU indices the allocator hands out. Empty: detected from "

@@ -178,7 +178,9 @@ class SandboxSpawner(Spawner):
             raise self._refuse(db, exc) from exc
         if self._stale_ws:  # left over by a hub that stopped without stopping us
             with contextlib.suppress(Exception):
-                lifecycle.cleanup_leftovers(self._stale_ws, self.ws_settings.cgroup_parent)
+                lifecycle.cleanup_leftovers(
+                    self._stale_ws, self.ws_settings.cgroup_parent,
+                    self.spe_settings.data_dir / "workspaces" / self._stale_ws)
             self._stale_ws = None
         lifecycle.record_state(db, person=self.person, permit_id=self.permit_id,
                                state="starting")

@@ -149,7 +149,7 @@ def test_cannot_read_raw_store_secrets_or_other_workspace(make_ws, tmp_path: Pat
     bob_notes_host = bob.spec.home / "notes.txt"
     targets = [str(store / "omop.duckdb"), str(hub / "jupyterhub_cookie_secret"),
                str(bob_notes_host), f"/home/{bob.account.name}/notes.txt",
-               str(tmp_path / "var" / "workspaces" / bob.ws_id / "home" / "notes.txt")]
+               str(tmp_path / "var" / "workspaces" / bob.ws_id / "home.img")]  # bob's disk
     for target in targets[:3]:
         assert outside("read", target)["ok"], target
     assert inside(bob, "read", f"/home/{bob.account.name}/notes.txt")["ok"]
