@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command to run the tests on a fresh machine: set up, start the services the tests need
-# (PostgreSQL, Keycloak), lint, and run pytest. Extra arguments go to pytest.
+# (PostgreSQL, Keycloak), lint and type-check, and run pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,6 +10,7 @@ if [ "${SPE_KEEP_SERVICES:-0}" != "1" ]; then
   trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
 fi
 .venv/bin/ruff check .
+.venv/bin/mypy spe permits workspaces
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
