@@ -11,11 +11,20 @@ Contract:
   and different pseudonyms under different permits, so extracts cannot be linked across permits.
 * The key is 32 random bytes in ``<keys_dir>/<permit_id>.key`` (mode 0600, root, directory
   0700), outside every workspace: sandboxes never bind it.
-* A ``manifest.json`` records the permit version; :func:`build_extract` rebuilds when the
-  permit's version differs (amendment) and is a no-op otherwise. The new extract is written
-  beside the old one and swapped in with renames, so a workspace never sees a half-built one.
-  Files are read-only (0444, directories 0555), and the sandbox binds the directory read-only.
+* A ``manifest.json`` records the permit version and the grants (datasets, tables, columns);
+  :func:`build_extract` rebuilds when an amendment changed the grants, and otherwise only
+  records the new version (an amendment of persons or budget leaves the data as it is). The
+  new extract is written beside the old one and swapped in with renames, so a workspace never
+  sees a half-built one. Files are read-only (0444, directories 0555), and the sandbox binds
+  the directory read-only.
 * Each build is audited (``workspace.extract_build``) when a database is given.
+* :func:`sync_extract` brings a permit's extract in line with its current terms (the hub service
+  calls it on ``issued``, ``amended`` and ``resumed`` events): built for an active
+  ``pseudonymised`` permit, rebuilt when an amendment changed its tables or columns, removed
+  (audited ``workspace.extract_remove``) when the access mode is ``dp_only``.
+  The dataset files come from the registry's store; keys live in ``<data_dir>/keys``. A running
+  workspace loses a removed or replaced extract at once (the files it bound are deleted) and
+  binds the new one when its server restarts.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import pyarrow as pa
 
 from permits.terms import AccessMode, PermitTerms
 from spe.audit import AuditEvent, record
+from spe.config import Settings
 from spe.db import Database
 
 PERSON = "person_id"
@@ -100,7 +110,13 @@ def build_extract(terms: PermitTerms, dataset_paths: Mapping[str, Path], extract
         _remove(target)
         return None
     found = _manifest(target)
-    if found is not None and found.get("version") == terms.version:
+    grants = _grants(terms)
+    if found is not None and found.get("grants") == grants:
+        if found.get("version") != terms.version:
+            manifest = target / "manifest.json"
+            manifest.chmod(0o644)
+            manifest.write_text(json.dumps({**found, "version": terms.version}))
+            manifest.chmod(0o444)
         return target
     key = pseudonym_key(keys_dir, terms.permit_id)
     building = extracts_dir / f".{target.name}.building"
@@ -130,7 +146,8 @@ def build_extract(terms: PermitTerms, dataset_paths: Mapping[str, Path], extract
         finally:
             con.close()
     (building / "manifest.json").write_text(json.dumps(
-        {"permit_id": terms.permit_id, "version": terms.version, "tables": sorted(counts)}))
+        {"permit_id": terms.permit_id, "version": terms.version, "tables": sorted(counts),
+         "grants": grants}))
     _lock_down(building)
     old = extracts_dir / f".{target.name}.old"
     _remove(old)
@@ -145,6 +162,11 @@ def build_extract(terms: PermitTerms, dataset_paths: Mapping[str, Path], extract
                                        details={"version": terms.version,
                                                 "tables": sorted(counts)}))
     return target
+
+
+def _grants(terms: PermitTerms) -> dict[str, dict[str, list[str]]]:
+    return {g.dataset: {t: sorted(c) for t, c in sorted(g.tables.items())}
+            for g in sorted(terms.datasets, key=lambda g: g.dataset)}
 
 
 def _person_mapping(con: duckdb.DuckDBPyConnection, tables: Mapping[str, frozenset[str]],
@@ -163,3 +185,43 @@ def _person_mapping(con: duckdb.DuckDBPyConnection, tables: Mapping[str, frozens
 def remove_extract(extracts_dir: Path, permit_id: str) -> None:
     """Delete a permit's extract (retention end, revocation)."""
     _remove(extracts_dir / _safe(permit_id.replace("-", "_")))
+
+
+def extracts_dir(settings: Settings) -> Path:
+    return settings.data_dir / "extracts"
+
+
+def keys_dir(settings: Settings) -> Path:
+    return settings.data_dir / "keys"
+
+
+def sync_extract(db: Database, settings: Settings, permit_id: str, *,
+                 actor: str = "system") -> str:
+    """Align the permit's extract with its terms; returns ``built``, ``rebuilt``, ``kept``,
+    ``removed`` or ``none`` (dp_only, nothing there)."""
+    from permits.service import get_terms
+    from spe.datasets.registry import dataset_path, get_dataset
+
+    with db.read() as session:
+        terms = get_terms(session, permit_id)
+    out = extracts_dir(settings)
+    target = out / _safe(permit_id.replace("-", "_"))
+    if terms.access_mode is not AccessMode.PSEUDONYMISED:
+        if not target.exists():
+            return "none"
+        remove_extract(out, permit_id)
+        with db.write() as session:
+            record(session, AuditEvent(action="workspace.extract_remove", actor=actor,
+                                       permit_id=permit_id, target=permit_id,
+                                       reason=f"access mode is {terms.access_mode.value}",
+                                       details={"version": terms.version}))
+        return "removed"
+    if not terms.usable:  # suspended: built on resume; ended: deleted at retention end
+        return "kept"
+    before = _manifest(target)
+    paths = {g.dataset: dataset_path(settings, get_dataset(db, g.dataset))
+             for g in terms.datasets}
+    build_extract(terms, paths, out, keys_dir(settings), db=db, actor=actor)
+    if before is None:
+        return "built"
+    return "kept" if before.get("grants") == _grants(terms) else "rebuilt"

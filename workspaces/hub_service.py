@@ -11,6 +11,14 @@ API URL and token) with the SPE settings of the hub. One loop does three things:
   its own transaction). ``revoked`` and ``expired`` also schedule the deletion of the
   workspaces' data after the retention period (:func:`workspaces.lifecycle.schedule_deletion`).
   The spawner's own ``poll`` checks the permit every 2 s as well, so either path suffices.
+* **Amendments** (same poll): ``amended`` stops the permit's servers of every person the
+  amendment removed (their permit and workspace tokens were already revoked by the permit
+  service); ``issued``, ``amended`` and ``resumed`` align the permit's pseudonymised extract
+  with its terms (:func:`workspaces.extracts.sync_extract`: removed when the access mode became
+  ``dp_only``, rebuilt when tables or columns changed). Audited as ``workspace.permit_amended``.
+  A changed compute quota (CPUs, memory, GPUs, disk) applies when the server next starts: the
+  running one keeps the cgroup limits, GPUs and home size it started with; the researcher (or
+  an operator) restarts it to pick up the new quota.
 * **Idle culling** (every ``cull_every_seconds``): a server whose last activity is older than
   ``cull_idle_seconds`` is stopped, unless its Ray head is running tasks: then the cull is
   refused. Both decisions are audited (``workspace.cull``).
@@ -40,12 +48,14 @@ from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.db.base import utcnow
 from workspaces import accounts, lifecycle
+from workspaces.extracts import sync_extract
 from workspaces.models import WorkspaceRow
 from workspaces.settings import WorkspaceSettings, get_workspace_settings
 
 log = logging.getLogger("workspaces.hub_service")
 STOPPING = {EventKind.SUSPENDED, EventKind.REVOKED, EventKind.EXPIRED}
 ENDING = {EventKind.REVOKED, EventKind.EXPIRED}
+EXTRACT_SYNC = {EventKind.ISSUED, EventKind.AMENDED, EventKind.RESUMED}
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -102,11 +112,28 @@ class HubService:
         if not events:
             return 0
         stop = {lifecycle.server_name(e.permit_id) for e in events if e.kind in STOPPING}
+        amended = sorted({e.permit_id for e in events if e.kind is EventKind.AMENDED})
+        servers = await self.servers() if stop or amended else []
         if stop:
-            for user, name, _server in await self.servers():
+            for user, name, _server in servers:
                 if name in stop:
                     log.info("permit %s no longer active: stopping %s/%s", name, user, name)
                     await self.stop_server(user, name)
+        unnamed = await asyncio.to_thread(self.unnamed_servers, servers, amended)
+        for user, name, pid in unnamed:
+            log.info("%s no longer named in permit %s: stopping %s/%s", user, pid, user, name)
+            await self.stop_server(user, name)
+        extracts: dict[str, str] = {}
+        for pid in dict.fromkeys(e.permit_id for e in events if e.kind in EXTRACT_SYNC):
+            try:
+                extracts[pid] = await asyncio.to_thread(
+                    sync_extract, self.db, self.settings, pid)
+            except Exception:  # a missing dataset file must not block the other events
+                log.exception("extract of permit %s not synchronised", pid)
+                extracts[pid] = "failed"
+        for pid in amended:
+            await asyncio.to_thread(self._audit_amended, pid, [
+                u for u, _n, p in unnamed if p == pid], extracts.get(pid, "none"))
         for event in events:
             if event.kind in ENDING:
                 await asyncio.to_thread(
@@ -114,6 +141,27 @@ class HubService:
                     retention_days=self.ws.retention_days, reason=f"permit {event.kind.value}")
         self._save_cursor(events[-1].id)
         return len(events)
+
+    def unnamed_servers(self, servers: list[tuple[str, str, dict[str, Any]]],
+                        permit_ids: list[str]) -> list[tuple[str, str, str]]:
+        """(user, server name, permit id) of the servers among ``servers`` run under one of
+        ``permit_ids`` by a person the permit no longer names."""
+        from permits.service import get_terms
+
+        if not permit_ids or not servers:
+            return []
+        with self.db.read() as session:
+            named = {lifecycle.server_name(pid): (pid, get_terms(session, pid).persons)
+                     for pid in permit_ids}
+        return [(user, name, named[name][0]) for user, name, _server in servers
+                if name in named and user not in named[name][1]]
+
+    def _audit_amended(self, permit_id: str, stopped: list[str], extract: str) -> None:
+        with self.db.write() as session:
+            record(session, AuditEvent(
+                action="workspace.permit_amended", actor="system", permit_id=permit_id,
+                target=permit_id, details={"stopped_servers_of": sorted(stopped),
+                                           "extract": extract}))
 
     # -- culling ---------------------------------------------------------------------------
     def _audit_cull(self, user: str, permit_id: str | None, ws_id: str, outcome: Outcome,

@@ -137,3 +137,113 @@ def test_ray_tasks_running_reads_worker_titles_in_the_workspace_cgroup() -> None
             p.wait(5)
         cg.destroy()
     assert lifecycle.find_cgroup(ws_id, parent) is None
+
+
+class HubApi:
+    """A loopback HTTP endpoint answering the two hub REST calls the service makes (list
+    users with their servers, delete a server), recording the deletions: the service's real
+    HTTP client runs against it. The real hub is exercised in test_hub_keycloak."""
+
+    def __init__(self, servers: dict[str, list[str]]) -> None:
+        import http.server
+        import threading
+
+        self.servers = servers
+        self.deleted: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def _send(self, code: int, body: bytes = b"") -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                import json
+
+                assert self.headers["Authorization"] == "token test-token"
+                users = [{"name": u, "servers": {n: {"ready": True} for n in names}}
+                         for u, names in outer.servers.items()]
+                self._send(200, json.dumps(users).encode())
+
+            def do_DELETE(self) -> None:
+                from urllib.parse import unquote
+
+                parts = self.path.split("/")  # /hub/api/users/<user>/servers/<name>
+                user, name = parts[4], parts[6]
+                outer.deleted.append((unquote(user), unquote(name)))
+                outer.servers[unquote(user)].remove(unquote(name))
+                self._send(204)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hub/api"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _store(settings: Settings) -> None:
+    import duckdb
+
+    settings.store_dir.mkdir(parents=True)
+    con = duckdb.connect(str(settings.store_dir / "demo.duckdb"))
+    con.execute("CREATE TABLE person (person_id BIGINT, year_of_birth BIGINT, "
+                "gender_concept_id BIGINT)")
+    con.execute("INSERT INTO person VALUES (1, 1950, 8507), (2, 1960, 8532), (3, 1970, 8507)")
+    con.close()
+
+
+def test_amendments_stop_removed_persons_and_sync_the_extract(
+        svc: PermitService, db: Database, settings: Settings) -> None:
+    import pyarrow.parquet as pq
+
+    from permits.schemas import PermitUpdate
+    from workspaces.extracts import extracts_dir
+
+    _store(settings)
+    pid = issue(svc, persons=["alice", "bob"], access_mode="pseudonymised",
+                pseudonymisation_justification="linkage needs row level data")
+    other = issue(svc, persons=["bob"], reference="R-other")
+    name = lifecycle.server_name(pid)
+    hub = HubApi({"alice": [name], "bob": [name, lifecycle.server_name(other)]})
+    (settings.data_dir / "hub").mkdir(parents=True, exist_ok=True)
+    service = HubService(settings, WorkspaceSettings(), db, hub.url, "test-token")
+    extract = extracts_dir(settings) / pid.replace("-", "_") / "demo" / "person.parquet"
+    try:
+        assert asyncio.run(service.handle_events()) == 2  # issued x2: the extract is built
+        assert pq.read_schema(extract).names == ["person_id", "year_of_birth"]
+        assert hub.deleted == []
+        # columns change: the extract is rebuilt; nobody removed: no server stopped
+        etag = svc.get(ALPHA, pid).etag
+        svc.amend(ALPHA, pid, PermitUpdate.model_validate({"datasets": [
+            {"dataset": "demo", "tables": {"person": ["person_id", "gender_concept_id"]}}]}),
+            etag)
+        assert asyncio.run(service.handle_events()) == 1
+        assert pq.read_schema(extract).names == ["gender_concept_id", "person_id"]
+        assert hub.deleted == []
+        # alice removed: her server for this permit stops, bob's (and his other one) stay
+        svc.amend(ALPHA, pid, PermitUpdate(persons=["bob"]), svc.get(ALPHA, pid).etag)
+        assert asyncio.run(service.handle_events()) == 1
+        assert hub.deleted == [("alice", name)]
+        assert hub.servers == {"alice": [], "bob": [name, lifecycle.server_name(other)]}
+        # pseudonymised -> dp_only: the extract is removed, audited
+        svc.amend(ALPHA, pid, PermitUpdate.model_validate({"access_mode": "dp_only"}),
+                  svc.get(ALPHA, pid).etag)
+        assert asyncio.run(service.handle_events()) == 1
+        assert not extract.parent.parent.exists()
+        assert hub.deleted == [("alice", name)]
+    finally:
+        hub.close()
+    amended = _audits(db, "workspace.permit_amended")
+    assert [(e.details["stopped_servers_of"], e.details["extract"]) for e in amended] == [
+        ([], "rebuilt"), (["alice"], "kept"), ([], "removed")]
+    assert [e.permit_id for e in _audits(db, "workspace.extract_remove")] == [pid]
+    assert len(_audits(db, "workspace.extract_build")) == 2
+    with db.read() as s:
+        verify_chain(s)
