@@ -144,11 +144,13 @@ class HubApi:
     users with their servers, delete a server), recording the deletions: the service's real
     HTTP client runs against it. The real hub is exercised in test_hub_keycloak."""
 
-    def __init__(self, servers: dict[str, list[str]]) -> None:
+    def __init__(self, servers: dict[str, list[str]],
+                 models: dict[tuple[str, str], dict[str, Any]] | None = None) -> None:
         import http.server
         import threading
 
         self.servers = servers
+        self.models = models or {}
         self.deleted: list[tuple[str, str]] = []
         outer = self
 
@@ -166,8 +168,9 @@ class HubApi:
                 import json
 
                 assert self.headers["Authorization"] == "token test-token"
-                users = [{"name": u, "servers": {n: {"ready": True} for n in names}}
-                         for u, names in outer.servers.items()]
+                users = [{"name": u, "servers": {
+                    n: outer.models.get((u, n), {"ready": True}) for n in names}}
+                    for u, names in outer.servers.items()]
                 self._send(200, json.dumps(users).encode())
 
             def do_DELETE(self) -> None:
@@ -245,5 +248,59 @@ def test_amendments_stop_removed_persons_and_sync_the_extract(
         ([], "rebuilt"), (["alice"], "kept"), ([], "removed")]
     assert [e.permit_id for e in _audits(db, "workspace.extract_remove")] == [pid]
     assert len(_audits(db, "workspace.extract_build")) == 2
+    with db.read() as s:
+        verify_chain(s)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups")
+def test_cull_stops_idle_servers_but_not_busy_ray_workers(
+        svc: PermitService, db: Database, settings: Settings) -> None:
+    idle_pid = issue(svc, persons=["alice"], reference="R-idle")
+    busy_pid = issue(svc, persons=["alice"], reference="R-busy")
+    fresh_pid = issue(svc, persons=["alice"], reference="R-fresh")
+    for pid in (idle_pid, busy_pid, fresh_pid):
+        lifecycle.record_state(db, person="alice", permit_id=pid, state="running")
+    now = utcnow()
+    stale = (now - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+    names = {pid: lifecycle.server_name(pid) for pid in (idle_pid, busy_pid, fresh_pid)}
+    models = {("alice", names[idle_pid]): {"ready": True, "last_activity": stale},
+              ("alice", names[busy_pid]): {"ready": True, "last_activity": stale},
+              ("alice", names[fresh_pid]): {"ready": True, "last_activity": now.isoformat()}}
+    hub = HubApi({"alice": list(names.values())}, models)
+    ws = WorkspaceSettings(cull_idle_seconds=3600,
+                           cgroup_parent=f"spe-test-{uuid.uuid4().hex[:6]}")
+    busy_ws = accounts.workspace_id("alice", busy_pid)
+    cg = cgroups.create(busy_ws, ComputeQuota(memory_mb=256), parent=ws.cgroup_parent)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # the busy workspace's Ray head runs a task: an idle worker and a busy one, as Ray
+        # titles its worker processes
+        for title in ("ray::IDLE", "ray::train_model"):
+            procs.append(subprocess.Popen(cg.enter_argv(
+                [shutil.which("bash") or "bash", "-c", f"exec -a '{title}' sleep 60"])))
+        deadline = time.monotonic() + 5
+        while lifecycle.ray_tasks_running(cg) != ["ray::train_model"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        service = HubService(settings, ws, db, hub.url, "test-token")
+        assert asyncio.run(service.cull_once(now)) == [("alice", names[idle_pid])]
+        assert hub.deleted == [("alice", names[idle_pid])]
+        # the task ends: the next round culls that server too
+        procs[1].kill()
+        procs[1].wait(5)
+        assert asyncio.run(service.cull_once(now)) == [("alice", names[busy_pid])]
+        assert hub.servers == {"alice": [names[fresh_pid]]}
+    finally:
+        hub.close()
+        cg.kill_all()
+        for p in procs:
+            p.wait(5)
+        cg.destroy()
+    culls = [(e.target, e.outcome, e.reason, e.details.get("ray_tasks"))
+             for e in _audits(db, "workspace.cull")]
+    assert culls == [
+        (accounts.workspace_id("alice", idle_pid), "success", "idle", None),
+        (busy_ws, "refused", "Ray tasks running", ["ray::train_model"]),
+        (busy_ws, "success", "idle", None)]
     with db.read() as s:
         verify_chain(s)
