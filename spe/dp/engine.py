@@ -106,8 +106,42 @@ def _group_by(plan: QueryPlan) -> str:
         else ""
 
 
-def _q_sum(v: str, grid: float) -> str:
-    return f"SUM(CAST(round({v} / {grid!r}) AS BIGINT))"
+def _int_type(bound: int) -> str:
+    """Narrowest SQL integer type holding every per-row value in [-bound, bound] (plan only)."""
+    return "INTEGER" if bound < 2**31 - 1 else "BIGINT"
+
+
+def _q_sum(v: str, grid: float, bound: int) -> str:
+    """Sum of ``round(v / grid)`` over rows; ``v`` is already clamped so |round| <= bound."""
+    return f"SUM(CAST(round({v} / {grid!r}) AS {_int_type(bound)}))"
+
+
+def _clamp_finite(x: str, lo: float, hi: float) -> str:
+    """``x`` clamped to [lo, hi] for rows already known to be neither NULL nor NaN.
+
+    Equal to :func:`~spe.dp.plan.clamp_sql` on such rows (-inf goes to lo, +inf to hi); two
+    comparisons are cheaper in DuckDB than ``least(greatest(...))``.
+    """
+    lo_d, hi_d = _dbl(lo), _dbl(hi)
+    return f"(CASE WHEN {x} < {lo_d} THEN {lo_d} WHEN {x} > {hi_d} THEN {hi_d} ELSE {x} END)"
+
+
+def _dbl(value: float) -> str:
+    """A DOUBLE literal (a bare ``0.1`` would be a DECIMAL in DuckDB, divided exactly)."""
+    return f"CAST({float(value)!r} AS DOUBLE)"
+
+
+def _quantised_finite(x: str, lo: float, hi: float, grid: float, bound: int) -> str:
+    """``round(clamp(x) / grid)`` as an integer, for rows neither NULL nor NaN.
+
+    Same value as ``round(clamp_sql(x, lo, hi) / grid)``: a row below lo contributes
+    ``round(lo / grid)``, above hi ``round(hi / grid)`` (DuckDB folds both constants), in
+    between ``round(x / grid)``; hence |value| <= ceil(max(|lo|, |hi|) / grid) = ``bound``.
+    """
+    t, lo_d, hi_d = _int_type(bound), _dbl(lo), _dbl(hi)
+    return (f"(CASE WHEN {x} < {lo_d} THEN CAST(round({lo_d} / {grid!r}) AS {t}) "
+            f"WHEN {x} > {hi_d} THEN CAST(round({hi_d} / {grid!r}) AS {t}) "
+            f"ELSE CAST(round({x} / {grid!r}) AS {t}) END)")
 
 
 def needs_row_stats(plan: QueryPlan) -> bool:
@@ -116,43 +150,85 @@ def needs_row_stats(plan: QueryPlan) -> bool:
                                        for a in plan.aggregates)
 
 
+def needs_row_count(plan: QueryPlan) -> bool:
+    """Whether the release reads ``rows`` (COUNT(*) per group): threshold or a COUNT(*)."""
+    return not plan.public_keys or any(a.kind == "count" and a.value_sql is None
+                                       for a in plan.aggregates)
+
+
 def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
     """SQL for the truncated integer statistics per group, and the statistic names.
 
-    Each aggregated expression is evaluated once per row in an inner query (``x{i}``), clamped
-    once in a middle query (``v{i}``), and only then counted and summed: the statistics are
-    the same functions of the same truncated rows as before, only computed without repeating
-    the expression. With public keys the ``key IN (declared values)`` filter is not applied
-    here: each row still falls in exactly one group, the statistics of a declared group are
-    computed from exactly the same rows, and groups outside the declared set are dropped before
-    release (only declared keys are looked up), so no released statistic changes.
+    Statistics: ``rows`` (COUNT(*) of the truncated rows; only when the release reads it, see
+    :func:`needs_row_count`), and per value aggregate ``i``: ``nvals{i}`` (rows whose clamped
+    value is not NULL), ``sum{i}`` (sum of ``round(clamp(x) / grid)``) and ``sumsq{i}`` (sum of
+    ``round(clamp(x)^2 / sq_grid)``), all exact integers of the truncated rows.
+
+    Each aggregated expression is evaluated once per row in an inner query (``x{i}``). With
+    public keys the ``key IN (declared values)`` filter is not applied here: each row still
+    falls in exactly one group, the statistics of a declared group are computed from exactly
+    the same rows, and groups outside the declared set are dropped before release (only
+    declared keys are looked up), so no released statistic changes.
+
+    One-pass form (every value aggregate has the same input expression and ``rows`` is not
+    read, e.g. ``AVG(x) ... GROUP BY public key``): rows whose value is NULL or NaN are
+    filtered out (``x IS NOT NULL AND NOT isnan(x)``) before aggregating. Such rows add
+    nothing to COUNT(clamp(x)) nor to any sum of it (the clamped value is NULL), so on the
+    remaining rows ``nvals = COUNT(*)`` and the sums are the same integers as in the general
+    form: the statistics, their sensitivity (a person still has at most K truncated rows) and
+    the released shape are unchanged. A group left with no row is read as 0, exactly as a
+    group with only NULL values was (COUNT = 0, SUM = NULL read as 0). Whether this form is
+    used depends on the plan only, never on the data.
     """
-    stats = ["COUNT(*)"]
-    names = ["rows"]
-    inputs: list[str] = []
-    clamped: list[str] = []
-    for i, agg in enumerate(plan.aggregates):
-        if agg.kind in ("count_distinct", "quantile") or agg.value_sql is None:
-            continue
-        assert agg.input_sql is not None
-        inputs.append(f"{agg.input_sql} AS x{i}")
-        clamped.append(f"{clamp_sql(f'x{i}', agg.lower, agg.upper)} AS v{i}")
-        stats.append(f"COUNT(v{i})")
-        names.append(f"nvals{i}")
-        if agg.kind in ("sum", "avg", "variance", "stddev"):
-            stats.append(_q_sum(f"v{i}", agg.grid))
-            names.append(f"sum{i}")
-        if agg.kind in ("variance", "stddev"):
-            stats.append(_q_sum(f"v{i} * v{i}", mech.sq_grid(agg)))
-            names.append(f"sumsq{i}")
+    want_rows = needs_row_count(plan)
+    stats = ["COUNT(*)"] if want_rows else []
+    names = ["rows"] if want_rows else []
+    vals = [(i, agg) for i, agg in enumerate(plan.aggregates)
+            if agg.kind not in ("count_distinct", "quantile") and agg.value_sql is not None]
     gs = [f"g{i}" for i in range(len(plan.keys))]
     # Mixed keys (some declared, some thresholded) keep the filter: undeclared values of a
     # declared key never reach the threshold.
     where = _base_where(plan, True, public_filter=not plan.public_keys)
-    if not inputs:
+    if not vals:
         cols = ", ".join([*_key_cols(plan), *stats])
         return f"SELECT {cols} FROM {plan.join_sql} WHERE {where}{_group_by(plan)}", names
-    inner = ", ".join([*_key_cols(plan), *inputs])
+    inputs = {agg.input_sql for _i, agg in vals}
+    if not want_rows and len(inputs) == 1:
+        (x_sql,) = inputs
+        assert x_sql is not None
+        for i, agg in vals:
+            stats.append("COUNT(*)")
+            names.append(f"nvals{i}")
+            if agg.kind in ("sum", "avg", "variance", "stddev"):
+                q = _quantised_finite("x", agg.lower, agg.upper, agg.grid, mech.row_bound(agg))
+                stats.append(f"SUM({q})")
+                names.append(f"sum{i}")
+            if agg.kind in ("variance", "stddev"):
+                v = _clamp_finite("x", agg.lower, agg.upper)
+                stats.append(_q_sum(f"{v} * {v}", mech.sq_grid(agg),
+                                    mech.row_bound(agg, squared=True)))
+                names.append(f"sumsq{i}")
+        inner = ", ".join([*_key_cols(plan), f"{x_sql} AS x"])
+        outer = ", ".join([*gs, *stats])
+        sql = (f"SELECT {outer} FROM (SELECT {inner} FROM {plan.join_sql} WHERE {where}) "
+               f"AS _spe_rows WHERE x IS NOT NULL AND NOT isnan(x){_group_by(plan)}")
+        return sql, names
+    inputs_sql: list[str] = []
+    clamped: list[str] = []
+    for i, agg in vals:
+        assert agg.input_sql is not None
+        inputs_sql.append(f"{agg.input_sql} AS x{i}")
+        clamped.append(f"{clamp_sql(f'x{i}', agg.lower, agg.upper)} AS v{i}")
+        stats.append(f"COUNT(v{i})")
+        names.append(f"nvals{i}")
+        if agg.kind in ("sum", "avg", "variance", "stddev"):
+            stats.append(_q_sum(f"v{i}", agg.grid, mech.row_bound(agg)))
+            names.append(f"sum{i}")
+        if agg.kind in ("variance", "stddev"):
+            stats.append(_q_sum(f"v{i} * v{i}", mech.sq_grid(agg),
+                                mech.row_bound(agg, squared=True)))
+            names.append(f"sumsq{i}")
+    inner = ", ".join([*_key_cols(plan), *inputs_sql])
     middle = ", ".join([*gs, *clamped])
     outer = ", ".join([*gs, *stats])
     sql = (f"SELECT {outer} FROM (SELECT {middle} FROM (SELECT {inner} FROM {plan.join_sql} "
@@ -219,13 +295,23 @@ def quantile_grid(agg: Aggregate) -> tuple[float, int]:
 
 
 def quantile_sql(plan: QueryPlan, agg: Aggregate) -> str:
+    """Per-group histogram of the clamped values over the candidate bins (truncated rows).
+
+    Rows whose value is NULL or NaN are dropped (their clamped value is NULL, which the
+    histogram never counted); every other row is clamped to [lower, upper] and put in exactly
+    one bin, as before: one row still moves one bin count by 1.
+    """
+    assert agg.input_sql is not None
     lo, n = quantile_grid(agg)
-    bin_expr = (f"least(greatest(CAST(round((({agg.value_sql}) - {lo!r}) / {agg.grid!r}) "
+    v = _clamp_finite("x", agg.lower, agg.upper)
+    bin_expr = (f"least(greatest(CAST(round(({v} - {lo!r}) / {agg.grid!r}) "
                 f"AS BIGINT), 0), {n - 1})")
-    cols = ", ".join([*_key_cols(plan), f"{bin_expr} AS b", "COUNT(*)"])
     gs = [f"g{i}" for i in range(len(plan.keys))]
-    return (f"SELECT {cols} FROM {plan.join_sql} WHERE {_base_where(plan, True)} AND "
-            f"({agg.value_sql}) IS NOT NULL GROUP BY {', '.join([*gs, 'b'])}")
+    inner = ", ".join([*_key_cols(plan), f"{agg.input_sql} AS x"])
+    cols = ", ".join([*gs, f"{bin_expr} AS b", "COUNT(*)"])
+    return (f"SELECT {cols} FROM (SELECT {inner} FROM {plan.join_sql} "
+            f"WHERE {_base_where(plan, True)}) AS _spe_rows WHERE x IS NOT NULL AND NOT "
+            f"isnan(x) GROUP BY {', '.join([*gs, 'b'])}")
 
 
 def _norm(value: Any) -> Any:

@@ -48,14 +48,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     return with_p, base / "with.duckdb", base / "without.duckdb", settings
 
 
-def _exact(sql: str, pair, **kw) -> tuple[list[tuple], list[tuple], object]:  # type: ignore[no-untyped-def]
+def _exact(sql: str, pair, **kw) -> tuple[list[dict], list[dict], object]:  # type: ignore[no-untyped-def]
     meta, with_path, without_path, _ = pair
     prepared = prepare(sql, meta, make_terms(meta), epsilon=1.0, delta=1e-6, **kw)
-    stats_sql, _names = row_stats_sql(prepared.plan)
+    stats_sql, names = row_stats_sql(prepared.plan)
     out = []
     for path in (with_path, without_path):
         con = duckdb.connect(str(path), read_only=True)
-        out.append(sorted(con.execute(stats_sql).fetchall(), key=str))
+        rows = sorted(con.execute(stats_sql).fetchall(), key=str)
+        out.append([dict(zip(names, r, strict=True)) for r in rows])
         con.close()
     return out[0], out[1], prepared
 
@@ -64,7 +65,7 @@ def test_truncation_bounds_a_person_with_10000_rows(pair) -> None:  # type: igno
     a, b, prepared = _exact("SELECT COUNT(*) FROM measurement", pair)
     k = prepared.plan.rows_per_person
     assert k == 5
-    assert 0 <= a[0][0] - b[0][0] <= k  # not 10,000
+    assert 0 <= a[0]["rows"] - b[0]["rows"] <= k  # not 10,000
     unit = prepared.cost.units[0]
     assert unit.d_in == k and unit.scale >= k / 1.0
 
@@ -75,7 +76,7 @@ def test_self_join_does_not_multiply_weight(pair) -> None:  # type: ignore[no-un
         pair)
     k = prepared.plan.rows_per_person
     assert k == 25  # 5 x 5, paid for in the noise scale
-    assert 0 <= a[0][0] - b[0][0] <= k
+    assert 0 <= a[0]["rows"] - b[0]["rows"] <= k
     assert prepared.cost.units[0].d_in == k
 
 
@@ -83,7 +84,7 @@ def test_join_with_other_table_bounded(pair) -> None:  # type: ignore[no-untyped
     a, b, prepared = _exact(
         "SELECT COUNT(*) FROM measurement m JOIN condition_occurrence c "
         "ON m.person_id = c.person_id", pair)
-    assert 0 <= a[0][0] - b[0][0] <= prepared.plan.rows_per_person == 15
+    assert 0 <= a[0]["rows"] - b[0]["rows"] <= prepared.plan.rows_per_person == 15
 
 
 def test_sum_case_person_literal_is_clamped(pair) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +95,7 @@ def test_sum_case_person_literal_is_clamped(pair) -> None:  # type: ignore[no-un
     per_row = mech.row_bound(agg)
     k = prepared.plan.rows_per_person
     # Quantised sums differ by at most k rows at the bound; the noise pays for exactly that.
-    assert abs(a[0][2] - b[0][2]) <= k * per_row
+    assert abs(a[0]["sum0"] - b[0]["sum0"]) <= k * per_row
     unit = next(u for u in prepared.cost.units if u.role == "sum")
     assert unit.d_in == k * per_row
 
@@ -104,7 +105,7 @@ def test_hostile_values_clamped_nan_null_inf(pair) -> None:  # type: ignore[no-u
     agg = prepared.plan.aggregates[0]
     assert agg.upper == 500.0
     k = prepared.plan.rows_per_person
-    assert abs(a[0][2] - b[0][2]) <= k * mech.row_bound(agg)
+    assert abs(a[0]["sum0"] - b[0]["sum0"]) <= k * mech.row_bound(agg)
 
 
 def test_no_data_dependent_shape_or_error(pair) -> None:  # type: ignore[no-untyped-def]

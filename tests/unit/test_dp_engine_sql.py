@@ -93,3 +93,68 @@ def test_undeclared_unique_person_table_keeps_its_rank_filter(tmp_path: Path) ->
     assert meta.tables["person"].unique_key == []
     plan = _plan(meta, "SELECT COUNT(*) FROM person", max_rows_per_person=2)
     assert plan.rows_per_person == 2 and "_spe_row_rank" in row_stats_sql(plan)[0]
+
+
+HOSTILE = ("INSERT INTO _measurement SELECT 900000 + i, 900000 + i, 1 + i % 7, 3004249, "
+           "DATE '2015-01-01', v FROM (SELECT i, unnest(['NaN'::DOUBLE, 'inf'::DOUBLE, "
+           "'-inf'::DOUBLE, NULL, 1e300, -1e300, -3.5, 499.875, 0.125]) AS v "
+           "FROM range(3) t(i));")
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT measurement_concept_id, AVG(value_as_number) FROM measurement GROUP BY 1",
+    "SELECT SUM(value_as_number), COUNT(value_as_number), STDDEV(value_as_number) "
+    "FROM measurement",
+    "SELECT measurement_concept_id, VARIANCE(value_as_number / 2) FROM measurement "
+    "GROUP BY 1",
+])
+def test_one_pass_stats_equal_the_clamped_reference(tmp_path: Path, sql: str) -> None:
+    """The one-pass form (NULL/NaN rows filtered, clamp by comparisons) gives the same
+    integers as the reference: COUNT and quantised sums of clamp_sql over truncated rows."""
+    meta = make_dataset(tmp_path / "d.duckdb", persons=60, extra_sql=HOSTILE)
+    plan = _plan(meta, sql, max_rows_per_person=50)  # every hostile row is kept
+    stats_sql, names = row_stats_sql(plan)
+    assert "rows" not in names and "isnan(x)" in stats_sql  # the one-pass form is used
+    con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
+    nk = len(plan.keys)
+    got = {tuple(r[:nk]): dict(zip(names, r[nk:], strict=True))
+           for r in con.execute(stats_sql).fetchall()}
+    from spe.dp import mechanisms as mech
+    keys = ", ".join(f"{k.sql} AS g{i}" for i, k in enumerate(plan.keys))
+    for i, agg in enumerate(plan.aggregates):
+        v = agg.value_sql
+        cols = [f"COUNT({v})", f"SUM(CAST(round(({v}) / {agg.grid!r}) AS BIGINT))",
+                f"SUM(CAST(round(({v}) * ({v}) / {mech.sq_grid(agg)!r}) AS BIGINT))"]
+        ref_sql = (f"SELECT {', '.join([keys, *cols]) if keys else ', '.join(cols)} FROM "
+                   f"{plan.join_sql} WHERE {plan.truncation_sql}"
+                   + (" GROUP BY ALL" if keys else ""))
+        ref = con.execute(ref_sql).fetchall()
+        assert ref
+        for r in ref:
+            stat = got.get(tuple(r[:nk]), {})
+            assert stat.get(f"nvals{i}", 0) == r[nk]
+            if f"sum{i}" in names:
+                assert (stat.get(f"sum{i}") or 0) == (r[nk + 1] or 0)
+            if f"sumsq{i}" in names:
+                assert (stat.get(f"sumsq{i}") or 0) == (r[nk + 2] or 0)
+    con.close()
+
+
+def test_quantile_histogram_equals_the_clamped_reference(tmp_path: Path) -> None:
+    from spe.dp.engine import quantile_grid, quantile_sql
+    meta = make_dataset(tmp_path / "d.duckdb", persons=60, extra_sql=HOSTILE)
+    plan = _plan(meta, "SELECT measurement_concept_id, MEDIAN(value_as_number) "
+                 "FROM measurement GROUP BY 1", max_rows_per_person=50)
+    agg = plan.aggregates[0]
+    lo, n = quantile_grid(agg)
+    con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
+    got = sorted(con.execute(quantile_sql(plan, agg)).fetchall())
+    v = agg.value_sql
+    ref = sorted(con.execute(
+        f"SELECT {plan.keys[0].sql} AS g0, least(greatest(CAST(round((({v}) - {lo!r}) / "
+        f"{agg.grid!r}) AS BIGINT), 0), {n - 1}) AS b, COUNT(*) FROM {plan.join_sql} "
+        f"WHERE {plan.truncation_sql} AND ({v}) IS NOT NULL "
+        f"AND {plan.keys[0].sql} IN (3004249, 3012888, 3027018, 3020891, 3025315) "
+        f"GROUP BY ALL").fetchall())
+    con.close()
+    assert got == ref and any(b == n - 1 for _g, b, _c in got)
