@@ -7,8 +7,9 @@ with PKCE), an access body issues her a permit over the permit API, she spawns t
 named server through the hub REST API and runs code in a kernel over the Jupyter websocket
 channels. From inside that kernel every escape of DESIGN §9 is attempted and must fail, while
 the same probe run by the host succeeds. Then: bob cannot open alice's server, carol (no
-permit) cannot spawn, revoking the permit over the API kills the server within 10 s, and
-logout ends the Keycloak session. Everything made is removed, also on failure.
+permit) cannot spawn, revoking the permit over the API kills the server within 10 s, so do
+suspending a permit and amending it to remove the person (all measured), and logout ends the
+Keycloak session. Everything made is removed, also on failure.
 
 Needs root, bubblewrap, nftables, iproute2, the workspace runtime (var/runtime) and the
 proxy (node_modules); Keycloak and (optionally) PostgreSQL from scripts/services.sh.
@@ -355,6 +356,82 @@ def test_revocation_kills_the_server_within_10s(
     assert "workspace.stop" in actions and "auth.workspace_tokens_revoke" in actions
     print(f"\nspawn-to-ready {state['spawn_s']:.2f} s, kernel {state['kernel_s']:.2f} s, "
           f"revocation-to-gone {elapsed:.2f} s")
+
+
+def _spawn(stack: Stack, b: Browser, user: str, pid: str) -> str:
+    name = server_name(pid)
+    r = b.post(f"{stack.hub_url}/hub/api/users/{user}/servers/{name}", headers=_xsrf(b),
+               json={"permit": pid})
+    assert r.status_code in (201, 202), (r.status_code, r.text)
+    t0 = time.monotonic()
+    while not (_server(stack, b, user, name) or {}).get("ready"):
+        assert time.monotonic() - t0 < 60, stack.hub.log_tail() if stack.hub else ""
+        time.sleep(0.2)
+    return name
+
+
+def _gone_within(stack: Stack, b: Browser, user: str, name: str, ws_id: str,
+                 t0: float, what: str) -> float:
+    from workspaces.lifecycle import find_cgroup
+
+    while True:
+        gone = _server(stack, b, user, name) is None
+        if gone and find_cgroup(ws_id, stack.cgroup_parent) is None:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < 10, f"server still running 10 s after {what}"
+        time.sleep(0.1)
+
+
+def test_suspension_stops_the_server_within_10s(
+        stack: Stack, state: dict[str, Any],
+        client_headers: Callable[[str], dict[str, str]]) -> None:
+    alice: Browser = state["alice"]
+    pid = _issue(stack, client_headers("hdab-alpha"), ["alice"])
+    name = _spawn(stack, alice, "alice", pid)
+    ws_id = accounts.workspace_id("alice", pid)
+    from workspaces import disk
+    from workspaces.lifecycle import find_cgroup
+
+    cg = find_cgroup(ws_id, stack.cgroup_parent)
+    assert cg is not None and cg.pids()
+    ws_root = stack.data_dir / "workspaces" / ws_id
+    assert disk.is_mounted(ws_root / disk.MOUNT_NAME)  # the home is the quota'd image
+    t0 = time.monotonic()
+    r = httpx.post(f"{stack.api_url}/v1/permits/{pid}/suspend",
+                   headers=client_headers("hdab-alpha"), json={"reason": "hub e2e test"},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    elapsed = _gone_within(stack, alice, "alice", name, ws_id, t0, "suspension")
+    assert not disk.is_mounted(ws_root / disk.MOUNT_NAME)
+    assert disk.loop_devices(ws_root / disk.IMAGE_NAME) == []
+    assert accounts.lookup(accounts.account_name(ws_id)) is None
+    # a suspended permit cannot be spawned again
+    again = alice.post(f"{stack.hub_url}/hub/api/users/alice/servers/{name}",
+                       headers=_xsrf(alice), json={"permit": pid})
+    assert again.status_code in (400, 403), (again.status_code, again.text)
+    print(f"\nsuspension-to-gone {elapsed:.2f} s")
+
+
+def test_amendment_removing_a_person_stops_their_server_within_10s(
+        stack: Stack, state: dict[str, Any],
+        client_headers: Callable[[str], dict[str, str]]) -> None:
+    alice: Browser = state["alice"]
+    headers = client_headers("hdab-alpha")
+    pid = _issue(stack, headers, ["alice", "bob"])
+    name = _spawn(stack, alice, "alice", pid)
+    ws_id = accounts.workspace_id("alice", pid)
+    etag = httpx.get(f"{stack.api_url}/v1/permits/{pid}", headers=headers,
+                     timeout=30).headers["etag"]
+    t0 = time.monotonic()
+    r = httpx.patch(f"{stack.api_url}/v1/permits/{pid}", headers={**headers, "If-Match": etag},
+                    json={"persons": ["bob"]}, timeout=30)
+    assert r.status_code == 200, r.text
+    elapsed = _gone_within(stack, alice, "alice", name, ws_id, t0, "the amendment")
+    with _db(stack).read() as s:
+        actions = [e.action for e in s.execute(
+            select(AuditEntry).where(AuditEntry.target == ws_id)).scalars()]
+    assert "workspace.stop" in actions
+    print(f"\namendment-to-gone {elapsed:.2f} s")
 
 
 def test_logout_ends_the_keycloak_session(stack: Stack, state: dict[str, Any]) -> None:
