@@ -202,7 +202,9 @@ class SandboxSpawner(Spawner):
             self._teardown(db, reason="start failed")
             raise
         _audit(db, "workspace.spawn", self.person, self.permit_id, self.ws_id,
-               gpus=list(gpus), cpus=terms.compute.cpus, memory_mb=terms.compute.memory_mb)
+               gpus=list(gpus), cpus=terms.compute.cpus, memory_mb=terms.compute.memory_mb,
+               disk_mb=self._ws.disk.size_mb if self._ws.disk else None,
+               disk_mb_requested=terms.compute.disk_mb)
         return terms
 
     def _token_env(self, db: Database, ws: Workspace) -> dict[str, str]:
