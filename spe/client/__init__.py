@@ -171,3 +171,22 @@ def connect(url: str | None = None, token: str | None = None, permit_id: str | N
                                  "detail": "set " + ", ".join(missing)})
     assert url and token and permit_id
     return Client(url, token, permit_id, **kwargs)
+
+
+def ray(**init_kwargs: Any) -> Any:
+    """Start (or attach to) this workspace's private Ray head and connect a driver to it.
+
+    Inside a workspace the head runs in the sandbox with exactly the CPUs and GPUs the permit's
+    quota was allocated, token authentication on and no dashboard (see
+    ``workspaces.ray_head``); never a cluster shared with other workspaces. Returns what
+    ``ray.init`` returns; keyword arguments go to ``ray.init``.
+    """
+    import ray as ray_module
+
+    from workspaces.ray_head import ensure_head
+
+    address = ensure_head()
+    if ray_module.is_initialized():
+        return ray_module.get_runtime_context()
+    init_kwargs.setdefault("logging_level", "ERROR")
+    return ray_module.init(address=address, **init_kwargs)

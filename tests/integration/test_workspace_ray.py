@@ -38,13 +38,12 @@ pytestmark = [
 
 DRIVER = textwrap.dedent("""
     import json, os, subprocess, sys, ray
-    from workspaces.ray_head import ensure_head
-    ensure_head()
+    from spe import client
+    client.ray()  # starts the workspace's private head and connects this driver
     # Token auth is on: a client with a wrong token is refused.
     bad = subprocess.run([sys.executable, "-c", "import ray; ray.init(); print('CONNECTED')"],
                          env={**os.environ, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True,
                          text=True, timeout=60)
-    ray.init(logging_level="ERROR")
     @ray.remote(num_gpus=1)
     def on_gpu():
         return {"gpu_ids": ray.get_gpu_ids(), "uid": os.getuid(),
