@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -67,15 +69,39 @@ def head_command(ray_bin: str, env: dict[str, str]) -> list[str]:
 
 
 def write_token(home: Path, uid: int, gid: int) -> None:
-    """Write a fresh Ray auth token into the workspace home (0600, owned by the workspace)."""
-    ray_dir = home / ".ray"
-    ray_dir.mkdir(exist_ok=True)
-    os.chown(ray_dir, uid, gid)
-    ray_dir.chmod(0o700)
-    token = ray_dir / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    os.chown(token, uid, gid)
-    token.chmod(0o600)
+    """Write a fresh Ray auth token into the workspace home (0600, owned by the workspace).
+
+    Root runs this at spawn in a home the workspace owns, so nothing in it is trusted: no
+    symbolic link is followed (``.ray`` and ``auth_token`` are replaced when they are not a
+    plain directory and a fresh file), everything is done through file descriptors.
+    """
+    home_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISDIR(os.lstat(".ray", dir_fd=home_fd).st_mode):
+                os.unlink(".ray", dir_fd=home_fd)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(".ray", 0o700, dir_fd=home_fd)
+        ray_fd = os.open(".ray", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=home_fd)
+    finally:
+        os.close(home_fd)
+    try:
+        os.fchown(ray_fd, uid, gid)
+        os.fchmod(ray_fd, 0o700)
+        try:
+            os.unlink("auth_token", dir_fd=ray_fd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            shutil.rmtree("auth_token", dir_fd=ray_fd)
+        fd = os.open("auth_token", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     0o600, dir_fd=ray_fd)
+    finally:
+        os.close(ray_fd)
+    with os.fdopen(fd, "w") as fh:
+        os.fchown(fh.fileno(), uid, gid)
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(secrets.token_hex(32))
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
