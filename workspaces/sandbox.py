@@ -6,7 +6,8 @@ A sandboxed command runs, in this order of wrapping (outermost first):
 2. ``nsenter`` into the workspace's network namespace (:mod:`workspaces.network`), or bwrap's
    own empty network namespace when the workspace has no network, then
 3. ``bwrap`` (running as root, no user namespace) that builds a new mount, PID, IPC and UTS
-   namespace, then
+   namespace and installs a seccomp filter (:mod:`workspaces.seccomp`: no user namespaces
+   inside), then
 4. ``setpriv`` that drops to the workspace account (``--reuid --regid --init-groups``), clears
    every capability (inheritable, ambient, bounding set) and sets ``no_new_privs``, then
 5. the command.
@@ -50,7 +51,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from permits.terms import ComputeQuota
-from workspaces import accounts, cgroups, disk, network
+from workspaces import accounts, cgroups, disk, network, seccomp
 from workspaces.accounts import Account
 from workspaces.cgroups import WorkspaceCgroup
 from workspaces.disk import HomeDisk
@@ -108,8 +109,10 @@ def write_etc(etc_dir: Path, account: Account) -> None:
         path.chmod(0o644)
 
 
-def bwrap_argv(spec: SandboxSpec, command: Sequence[str]) -> list[str]:
-    """The full host command line that runs ``command`` inside the sandbox."""
+def bwrap_argv(spec: SandboxSpec, command: Sequence[str],
+               seccomp_fd: int | None = None) -> list[str]:
+    """The full host command line that runs ``command`` inside the sandbox (``seccomp_fd``:
+    a descriptor the command inherits holding :func:`workspaces.seccomp.program`)."""
     a: list[str] = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session",
                     "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                     "--hostname", "workspace"]
@@ -146,6 +149,8 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str]) -> list[str]:
     # The environment is passed by the caller (Workspace.popen/run use sandbox_env), never on
     # the command line, where host processes could read tokens from /proc/<pid>/cmdline.
     a += ["--chdir", spec.home_in_sandbox]
+    if seccomp_fd is not None:
+        a += ["--seccomp", str(seccomp_fd)]
     a += ["--", "setpriv", f"--reuid={spec.account.uid}", f"--regid={spec.account.gid}",
           "--init-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
           "--", *command]
@@ -246,8 +251,8 @@ class Workspace:
     def network(self) -> WorkspaceNetwork | None:
         return self.spec.network
 
-    def argv(self, command: Sequence[str]) -> list[str]:
-        return bwrap_argv(self.spec, command)
+    def argv(self, command: Sequence[str], seccomp_fd: int | None = None) -> list[str]:
+        return bwrap_argv(self.spec, command, seccomp_fd)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The complete environment of a sandboxed command (nothing of the host's)."""
@@ -256,7 +261,10 @@ class Workspace:
     def popen(self, command: Sequence[str], *, env: Mapping[str, str] | None = None,
               **kwargs: Any) -> subprocess.Popen[Any]:
         kwargs.setdefault("start_new_session", True)
-        proc = subprocess.Popen(self.argv(command), env=self.env(env), **kwargs)
+        with seccomp.program_fd() as fd:
+            if fd is not None:
+                kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), fd)
+            proc = subprocess.Popen(self.argv(command, fd), env=self.env(env), **kwargs)
         self._procs.append(proc)
         return proc
 
@@ -273,9 +281,10 @@ class Workspace:
     def run(self, command: Sequence[str], *, timeout: float = 60.0,
             input_text: str | None = None,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(command), capture_output=True, text=True,
-                              input=input_text, timeout=timeout, check=False,
-                              env=self.env(env))
+        with seccomp.program_fd() as fd:
+            return subprocess.run(self.argv(command, fd), capture_output=True, text=True,
+                                  input=input_text, timeout=timeout, check=False,
+                                  env=self.env(env), pass_fds=() if fd is None else (fd,))
 
     def destroy(self, *, remove_home: bool = False) -> None:
         """Kill every process, unmount the home, remove cgroup, network and account.
