@@ -6,8 +6,11 @@ Contract:
   ``None`` where none is known (then the sandbox runs without one).
 * Refused with ``EPERM``: creating a user namespace (``unshare``/``clone`` with
   ``CLONE_NEWUSER``: inside one a workspace regains every capability over its own namespaces
-  and reaches kernel code unprivileged users otherwise cannot); every system call of another
-  ABI (i386, x32, arm32), so none of these refusals can be bypassed through a compat entry.
+  and reaches kernel code unprivileged users otherwise cannot); the kernel keyring calls
+  (``add_key``, ``request_key``, ``keyctl``: keyrings are not namespaced, so a key left in a
+  workspace's user keyring outlives its account and would reach the next workspace given the
+  same uid, and the session keyring inherited from the spawner is possessed); every system
+  call of another ABI (i386, x32, arm32), so no refusal is bypassed through a compat entry.
 * ``clone3`` answers ``ENOSYS`` (its flags live in memory a filter cannot read): the C library
   then falls back to ``clone``, which the filter checks.
 * Everything else is allowed: the sandbox's namespaces, account and capabilities do the rest.
@@ -38,10 +41,10 @@ RET_ERRNO = 0x00050000
 NR, ARCH, ARG0 = 0, 4, 16
 
 
-# (audit arch, x32 bit applies, unshare, clone, clone3)
-ARCHES = {
-    "x86_64": (0xC000003E, True, 272, 56, 435),
-    "aarch64": (0xC00000B7, False, 97, 220, 435),
+# (audit arch, x32 bit applies, unshare, clone, clone3, (add_key, request_key, keyctl))
+ARCHES: dict[str, tuple[int, bool, int, int, int, tuple[int, ...]]] = {
+    "x86_64": (0xC000003E, True, 272, 56, 435, (248, 249, 250)),
+    "aarch64": (0xC00000B7, False, 97, 220, 435, (217, 218, 219)),
 }
 
 
@@ -67,7 +70,7 @@ def program(machine: str | None = None) -> bytes | None:
     spec = ARCHES.get(machine or platform.machine())
     if spec is None:
         return None
-    audit_arch, x32, unshare, clone, clone3 = spec
+    audit_arch, x32, unshare, clone, clone3, refused = spec
     eperm, enosys = RET_ERRNO | errno.EPERM, RET_ERRNO | errno.ENOSYS
     code: list[tuple[int, int | str, int | str, int] | str] = [
         (LD_W_ABS, 0, 0, ARCH),
@@ -80,6 +83,7 @@ def program(machine: str | None = None) -> bytes | None:
         (JEQ_K, "flags", 0, unshare),
         (JEQ_K, "flags", 0, clone),
         (JEQ_K, "nosys", 0, clone3),
+        *((JEQ_K, "deny", 0, nr) for nr in refused),
         (RET_K, 0, 0, RET_ALLOW),
         "flags",
         (LD_W_ABS, 0, 0, ARG0),
