@@ -45,10 +45,11 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from permits.terms import ComputeQuota
 from workspaces import accounts, cgroups, disk, network, seccomp
@@ -59,6 +60,7 @@ from workspaces.network import WorkspaceNetwork
 from workspaces.settings import WorkspaceSettings
 
 EXTRACT_MOUNT = "/data/extract"
+LOG_MAX_BYTES = 8 * 1024 * 1024  # a sandboxed server's log on the host, at most
 HOST_ETC_BINDS = ("ld.so.cache", "alternatives", "localtime")
 SYSTEM_BINDS = ("/usr",)
 SYMLINKS = {"/bin": "usr/bin", "/lib": "usr/lib", "/lib64": "usr/lib64", "/sbin": "usr/sbin"}
@@ -177,6 +179,18 @@ def sandbox_env(spec: SandboxSpec) -> dict[str, str]:
     return env
 
 
+def _drain(pipe: IO[bytes], path: Path, max_bytes: int) -> None:
+    """Copy ``pipe`` to the end of ``path``; when it would pass ``max_bytes``, start it over
+    (the newest output is what explains a failure)."""
+    with pipe, open(path, "ab") as out:
+        while chunk := os.read(pipe.fileno(), 65536):
+            if out.tell() + len(chunk) > max_bytes:
+                out.truncate(0)
+                out.write(b"[earlier output dropped: log size limit]\n")
+            out.write(chunk[-max_bytes:])
+            out.flush()
+
+
 @dataclass
 class Workspace:
     """A provisioned workspace: account, home, cgroup and network namespace.
@@ -266,6 +280,20 @@ class Workspace:
                 kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), fd)
             proc = subprocess.Popen(self.argv(command, fd), env=self.env(env), **kwargs)
         self._procs.append(proc)
+        return proc
+
+    def popen_logged(self, command: Sequence[str], *, log: Path,
+                     env: Mapping[str, str] | None = None,
+                     max_bytes: int = LOG_MAX_BYTES) -> subprocess.Popen[bytes]:
+        """:meth:`popen` with stdout and stderr appended to the host file ``log``, which never
+        grows past ``max_bytes``: every process of the workspace can write to the descriptors
+        it inherited, and a host file is outside the workspace's disk quota."""
+        proc: subprocess.Popen[bytes] = self.popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        threading.Thread(target=_drain, args=(proc.stdout, log, max_bytes), daemon=True,
+                         name=f"log-{self.ws_id}").start()
         return proc
 
     def _kill_and_reap(self) -> None:

@@ -250,8 +250,7 @@ class SandboxSpawner(Spawner):
         # Started from the event-loop thread: bwrap's --die-with-parent follows the thread
         # that forked it, and this one lives as long as the hub.
         try:
-            with open(ws.root / "server.log", "ab") as log:
-                self._proc = ws.popen(cmd, env=env, stdout=log, stderr=log)
+            self._proc = ws.popen_logged(cmd, env=env, log=ws.root / "server.log")
         except BaseException:
             await asyncio.to_thread(self._teardown, _db(self.spe_settings), "start failed")
             raise
