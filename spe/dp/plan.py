@@ -168,6 +168,12 @@ def compile_plan(select: exp.Select, meta: DatasetMetadata, terms: PermitTerms, 
     ctx = _Ctx(meta=meta, terms=terms, dataset=meta.name)
     join_sql, trunc = _compile_from(select, ctx, rows_per_person)
     where = select.args.get("where")
+    if where is not None:
+        _expect(where.this, ctx, "bool", "WHERE")
+    for item in select.expressions:  # group keys and their SELECT copies, before matching
+        inner = item.this if isinstance(item, exp.Alias) else item
+        if not any(isinstance(n, AGGREGATES) for n in inner.walk()):
+            _kind(inner, ctx)
     where_sql = _render(where.this, ctx, "bool") if where is not None else None
     keys, key_nodes = _compile_group(select, ctx)
     aggregates, columns = _compile_select(select, ctx, keys, key_nodes)
@@ -241,6 +247,10 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
         for cond in conds:
             left, lref, lcol = _column(cond.this, ctx)
             right, rref, rcol = _column(cond.expression, ctx)
+            if _col_kind(lcol) != _col_kind(rcol) or (_col_kind(lcol) == "other"
+                                                     and lcol.type != rcol.type):
+                raise refuse("a join on columns of different types "
+                             f"({lcol.type} and {rcol.type})", "join columns of one type")
             if ref not in (lref, rref) or lref is rref:
                 raise refuse("a join condition that does not link the joined table",
                              "join with ON a.person_id = b.person_id")
@@ -368,7 +378,8 @@ def _render(node: exp.Expression, ctx: _Ctx, mode: str = "value") -> str:
         return f"({_render(node.this, ctx)} IS {_render(target, ctx)})"
     if isinstance(node, exp.In):
         items = node.expressions
-        if not items or not all(isinstance(i, exp.Literal | exp.Null | exp.Boolean | exp.Neg)
+        if not items or not all(isinstance(i, exp.Literal | exp.Null | exp.Boolean | exp.Neg
+                                           | exp.Cast)
                                 for i in items):
             raise refuse("IN with non-literal values", "list literal values: x IN (1, 2, 3)")
         return f"({_render(node.this, ctx)} IN ({', '.join(_render(i, ctx) for i in items)}))"
@@ -431,8 +442,170 @@ def _render(node: exp.Expression, ctx: _Ctx, mode: str = "value") -> str:
         sql, _ref, col = _column(arg, ctx)
         if not _is_date(col):
             raise refuse(f"a date part of the non-date column {col.name!r}")
-        return f"date_part({_str_lit(name)}, {sql})"
+        part_sql = f"date_part({_str_lit(name)}, {sql})"
+        # BIGINT date parts are DOUBLE in expressions (no INT64 overflow error in arithmetic);
+        # a date part that is itself a group key keeps its integer type.
+        return part_sql if mode == "key" else f"CAST({part_sql} AS DOUBLE)"
     raise refuse(f"the expression {type(node).__name__} here")
+
+
+# Kinds of values (no data-dependent DuckDB errors) -------------------------------------------
+#
+# DuckDB raises at run time, per row, when it must cast a VARCHAR to a number, a date or a
+# boolean, when a BIGINT product overflows, or when infinite timestamps are subtracted. Such an
+# error depends on which rows reach the expression, so "did the query fail?" would be an exact,
+# noise-free bit about the data (e.g. CASE WHEN person_id = 123 THEN name = 1 END fails iff
+# person 123 has a row). Every expression is therefore checked here, from metadata only, to
+# combine values of one kind: numbers with numbers (columns and date parts are DOUBLE, so
+# arithmetic yields inf/NaN, never an error), strings with strings, dates with dates or with a
+# string literal that is a valid ISO date/timestamp (rewritten to a typed literal, parsed by
+# Python here and not by DuckDB per row), booleans where a condition is expected. Arithmetic
+# applies to numbers only. Anything else is refused before data are touched.
+
+_STR_TYPES = ("VARCHAR", "TEXT", "STRING", "CHAR", "BPCHAR")
+
+
+def _col_kind(col: ColumnMeta) -> str:
+    base = col.type.upper().split("(")[0].strip()
+    if _is_numeric(col):
+        return "num"
+    if _is_date(col):
+        return "time"
+    if base in ("BOOLEAN", "BOOL"):
+        return "bool"
+    if base in _STR_TYPES:
+        return "str"
+    return "other"
+
+
+_KIND_NAMES = {"num": "a number", "str": "a string", "strlit": "a string", "time": "a date",
+               "bool": "a condition (true/false)", "other": "a value of an unsupported type"}
+
+
+def _expect(node: exp.Expression, ctx: _Ctx, kind: str, what: str) -> None:
+    got = _kind(node, ctx)
+    if got == "null" or got == kind or (kind == "str" and got == "strlit"):
+        return
+    raise refuse(f"{_KIND_NAMES[got]} where {what} expects {_KIND_NAMES[kind]} "
+                 f"({node.sql(dialect=DIALECT)[:60]})",
+                 "compare values of the same kind (numbers with numbers, strings with "
+                 "strings, dates with DATE '...' literals) and use date parts, not date "
+                 "arithmetic")
+
+
+def _time_literal(node: exp.Expression) -> None:
+    """Replace a string literal compared with a date by a typed literal (or refuse)."""
+    lit = node
+    while isinstance(lit, exp.Paren):
+        lit = lit.this
+    text = str(lit.this)
+    try:
+        try:
+            value: date | datetime = date.fromisoformat(text)
+            to, iso = "DATE", value.isoformat()
+        except ValueError:
+            value = datetime.fromisoformat(text)
+            if value.tzinfo is not None:
+                raise ValueError("time zone") from None
+            to, iso = "TIMESTAMP", value.isoformat(sep=" ")
+    except ValueError as err:
+        raise refuse(f"the string {text[:40]!r} compared with a date",
+                     "write an ISO date such as DATE '2020-01-31'") from err
+    node.replace(exp.Cast(this=exp.Literal.string(iso), to=exp.DataType.build(to)))
+
+
+def _unify(nodes: list[exp.Expression], ctx: _Ctx, what: str) -> str:
+    kinds = [_kind(n, ctx) for n in nodes]
+    present = {k for k in kinds if k not in ("null", "strlit")}
+    if "other" in present or len(present) > 1:
+        names = sorted({_KIND_NAMES[k] for k in kinds if k != "null"})
+        raise refuse(f"{what} mixing {' and '.join(names)}",
+                     "compare values of the same kind (numbers with numbers, strings with "
+                     "strings, dates with DATE '...' literals)")
+    if not present:
+        return "str" if "strlit" in kinds else "null"
+    (kind,) = present
+    if "strlit" in kinds:
+        if kind == "time":
+            for node, k in zip(nodes, kinds, strict=True):
+                if k == "strlit":
+                    _time_literal(node)
+        elif kind != "str":
+            raise refuse(f"{what} mixing a string with {_KIND_NAMES[kind]}",
+                         "compare values of the same kind")
+    return kind
+
+
+def _kind(node: exp.Expression, ctx: _Ctx) -> str:
+    """The kind of value ``node`` yields (see above); refuses mixed or unsafe combinations."""
+    if isinstance(node, exp.Paren):
+        return _kind(node.this, ctx)
+    if isinstance(node, exp.Column):
+        return _col_kind(_column(node, ctx)[2])
+    if isinstance(node, exp.Literal):
+        return "strlit" if node.is_string else "num"
+    if isinstance(node, exp.Boolean):
+        return "bool"
+    if isinstance(node, exp.Null):
+        return "null"
+    if isinstance(node, exp.Cast):
+        return "time"
+    if _part_of(node) is not None:
+        return "num"
+    if isinstance(node, exp.Neg | exp.Abs | exp.Floor | exp.Ceil | exp.Round):
+        _expect(node.this, ctx, "num", "arithmetic")
+        return "num"
+    if isinstance(node, exp.Add | exp.Sub | exp.Mul | exp.Div):
+        _expect(node.this, ctx, "num", "arithmetic")
+        _expect(node.expression, ctx, "num", "arithmetic")
+        return "num"
+    if isinstance(node, exp.EQ | exp.NEQ | exp.GT | exp.GTE | exp.LT | exp.LTE):
+        _unify([node.this, node.expression], ctx, "a comparison")
+        return "bool"
+    if isinstance(node, exp.And | exp.Or):
+        _expect(node.this, ctx, "bool", "AND/OR")
+        _expect(node.expression, ctx, "bool", "AND/OR")
+        return "bool"
+    if isinstance(node, exp.Not):
+        _expect(node.this, ctx, "bool", "NOT")
+        return "bool"
+    if isinstance(node, exp.In):
+        _unify([node.this, *node.expressions], ctx, "IN")
+        return "bool"
+    if isinstance(node, exp.Between):
+        _unify([node.this, node.args["low"], node.args["high"]], ctx, "BETWEEN")
+        return "bool"
+    if isinstance(node, exp.Like | exp.ILike):
+        _expect(node.this, ctx, "str", "LIKE")
+        return "bool"
+    if isinstance(node, exp.Is):
+        if isinstance(node.expression, exp.Null):
+            _kind(node.this, ctx)
+        else:
+            _expect(node.this, ctx, "bool", "IS TRUE/FALSE")
+        return "bool"
+    if isinstance(node, exp.Case | exp.If):
+        if isinstance(node, exp.Case):
+            ifs = node.args.get("ifs") or []
+            if node.this is not None:
+                _unify([node.this, *[b.this for b in ifs]], ctx, "CASE ... WHEN")
+            else:
+                for b in ifs:
+                    _expect(b.this, ctx, "bool", "CASE WHEN")
+            branches = [b.args["true"] for b in ifs]
+            default = node.args.get("default")
+        else:
+            _expect(node.this, ctx, "bool", "IF")
+            branches, default = [node.args["true"]], node.args.get("false")
+        if default is not None:
+            branches.append(default)
+        return _unify(branches, ctx, "the results of CASE")
+    if isinstance(node, exp.Coalesce | exp.Least | exp.Greatest):
+        return _unify([node.this, *node.expressions], ctx, type(node).__name__.upper())
+    if isinstance(node, exp.Lower | exp.Upper):
+        _expect(node.this, ctx, "str", type(node).__name__.upper())
+        return "str"
+    return "other"
 
 
 def _mentions_unit(node: exp.Expression, ctx: _Ctx) -> bool:
@@ -580,6 +753,7 @@ def _compile_group(select: exp.Select, ctx: _Ctx
                          "COUNT(DISTINCT person_id) to count persons")
         if any(isinstance(n, AGGREGATES) for n in node.walk()):
             raise refuse("GROUP BY an aggregate")
+        _kind(node, ctx)
         sql = _render(node, ctx, "key")
         # Group keys keep their native type (no DOUBLE cast) so outputs read naturally.
         if isinstance(node, exp.Column):
@@ -721,6 +895,9 @@ def _clamped_input(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float, s
     accordingly, and every row's value is forced into [lo, hi] before summing (``+inf`` to hi,
     ``-inf`` to lo). Unbounded expressions are refused.
     """
+    if _kind(arg, ctx) not in ("num", "bool", "null"):
+        raise refuse("an aggregate of a value that is not a number",
+                     "aggregate numbers, or count rows with COUNT(*)")
     lo, hi = _bounds(arg, ctx)
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise refuse("an aggregated expression without declared bounds",
