@@ -15,7 +15,8 @@ Stability arguments (what one person can change in the statistics fed to OpenDP)
   none), so over all groups one person changes counts by at most K in L1 (and in at most K
   groups), quantised sums by at most K * ceil(B / g) where B bounds |clamped value|.
   Self-joins are covered: each copy of the table is filtered and counted in the product.
-* COUNT(DISTINCT person_id) is computed without row truncation, so it is exact; a person adds
+* COUNT(DISTINCT person_id) is computed without row truncation (exact; over a join of two or
+  more truncated tables on the truncated rows, see distinct_sql); a person adds
   at most 1 per group and is kept in at most m groups (salted-hash choice), so L1 <= m.
 * A person-level table whose ingest-checked unique key is ``person_id`` (OMOP ``person``)
   has at most one row per person: it gets no rank filter and counts 1 in K (see plan).
@@ -251,8 +252,17 @@ def distinct_sql(plan: QueryPlan, salt: int) -> str:
     ``min_by(key, hash, m)`` over the person's distinct (key, person) pairs keeps at most m
     distinct groups. The grouping by person happens before any count, so however the person's
     rows are spread, the vector of per-group distinct counts changes by at most m in L1.
+
+    Exact (no row truncation) when at most one truncated person-level table is read: the work
+    is then linear in the rows. A join of two or more truncated tables is computed on the
+    truncated rows instead: untruncated, it is a product of each person's row counts (one
+    person with 10,000 rows makes a 3-way self-join 10^12 rows), so the query would time out or
+    run out of memory when, and only when, such a person is in the data, and the failure
+    would be a noise-free bit about them. The choice depends on the plan only; the stability
+    argument (at most 1 per group, at most m groups) holds for any subset of rows.
     """
-    where = _base_where(plan, False)
+    truncated = sum(1 for t in plan.tables if t.person_level and not t.one_per_person)
+    where = _base_where(plan, truncated > 1)
     if not plan.keys:
         return f"SELECT COUNT(DISTINCT {_pid_sql(plan)}) FROM {plan.join_sql} WHERE {where}"
     keys = ", ".join(_key_cols(plan))

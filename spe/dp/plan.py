@@ -16,9 +16,10 @@ Contribution bounds recorded in the plan (used by :mod:`spe.dp.mechanisms`):
   reference table on a key checked unique at ingest add no rows. Any WHERE filter only removes
   rows. So one person changes at most K rows of the table being aggregated, in at most K groups.
 * ``groups_per_person`` (m): COUNT(DISTINCT person_id) is computed on the *untruncated* join
-  (no undercount from row truncation). A person adds at most 1 to each group's distinct count;
-  with GROUP BY each person keeps at most m of their groups (chosen by a salted hash, so a
-  person in at most m groups is never dropped).
+  (no undercount from row truncation), except over a join of two or more truncated tables
+  (see :func:`spe.dp.engine.distinct_sql`: bounded work per person). A person adds at most 1
+  to each group's distinct count; with GROUP BY each person keeps at most m of their groups
+  (chosen by a salted hash, so a person in at most m groups is never dropped).
 """
 
 from __future__ import annotations
