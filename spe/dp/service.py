@@ -139,7 +139,7 @@ def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Call
         return {"dry_run": True, "cost": details["cost"], "plan": details["plan"],
                 "budget": snap.as_dict()}
     if req.idempotency_key:
-        replay = _replay(db, caller, terms, req, details)
+        replay = _replay(db, caller, terms, req, details, prepared.plan.fingerprint())
         if replay is not None:
             return replay
     charge_id = _reserve(db, caller, terms, req, prepared, details)
@@ -165,14 +165,22 @@ def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Call
 
 
 def _replay(db: Database, caller: Caller, terms: PermitTerms, req: QueryRequest,
-            details: dict[str, Any]) -> dict[str, Any] | None:
+            details: dict[str, Any], plan_hash: str) -> dict[str, Any] | None:
+    """The stored answer of this key, only for the same researcher and the same request.
+
+    Same request: the SQL text and the plan fingerprint (dataset, bounds, epsilon, delta, ...)
+    that the charge recorded. Another researcher of the permit, or other parameters, get a
+    Conflict: the answer was charged to, and computed for, that one request.
+    """
     assert req.idempotency_key is not None
     with db.read() as session:
         charge = ledger.find_charge(session, terms.permit_id, req.idempotency_key)
         if charge is None:
             return None
         state, result, sql_sha = charge.state, charge.result, charge.sql_sha256
-    if sql_sha != details["sql_sha256"]:
+        same = (sql_sha == details["sql_sha256"] and charge.plan_hash == plan_hash
+                and charge.actor == caller.actor)
+    if not same:
         raise Conflict("This idempotency key was already used for a different query.")
     if state == ledger.RESERVED:
         raise Conflict("The query with this idempotency key is still running; retry later.")
