@@ -201,7 +201,8 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
             stats.append("COUNT(*)")
             names.append(f"nvals{i}")
             if agg.kind in ("sum", "avg", "variance", "stddev"):
-                q = _quantised_finite("x", agg.lower, agg.upper, agg.grid, mech.row_bound(agg))
+                q = _quantised_finite("x", agg.lower, agg.upper, mech.sum_grid(agg),
+                                      mech.row_bound(agg))
                 stats.append(f"SUM({q})")
                 names.append(f"sum{i}")
             if agg.kind in ("variance", "stddev"):
@@ -223,7 +224,7 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
         stats.append(f"COUNT(v{i})")
         names.append(f"nvals{i}")
         if agg.kind in ("sum", "avg", "variance", "stddev"):
-            stats.append(_q_sum(f"v{i}", agg.grid, mech.row_bound(agg)))
+            stats.append(_q_sum(f"v{i}", mech.sum_grid(agg), mech.row_bound(agg)))
             names.append(f"sum{i}")
         if agg.kind in ("variance", "stddev"):
             stats.append(_q_sum(f"v{i} * v{i}", mech.sq_grid(agg),
@@ -432,7 +433,7 @@ def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
         return _with_ci([v * agg.grid for v in noisy], unit, "discrete laplace (gridded)")
     if agg.kind in ("avg", "variance", "stddev"):
         su, cu = by_role[("sum", i)], by_role[("nvals", i)]
-        s = [v * agg.grid for v in mech.laplace_release(stat(f"sum{i}"), su)]
+        s = [v * su.grid for v in mech.laplace_release(stat(f"sum{i}"), su)]
         c = mech.laplace_release(stat(f"nvals{i}"), cu)
         out: list[Any] = []
         cis: list[tuple[Any, Any]] = []

@@ -99,7 +99,18 @@ def row_bound(agg: Aggregate, squared: bool = False) -> int:
     b = max(abs(agg.lower), abs(agg.upper))
     if squared:
         return math.ceil(b * b / sq_grid(agg))
-    return math.ceil(b / agg.grid)
+    return math.ceil(b / sum_grid(agg))
+
+
+def sum_grid(agg: Aggregate) -> float:
+    """Grid of the quantised plain sum: 2^k with B / 2^k in [1024, 2048), B = max |bound|.
+
+    Equal to ``agg.grid`` for SUM, AVG and STDDEV. VARIANCE releases values on the grid of
+    B^2 (``agg.grid``), but its plain sum must still be quantised on the grid of B: on the
+    grid of B^2 every value would be rounded to a multiple of up to ~B / 4.
+    """
+    b = max(abs(agg.lower), abs(agg.upper))
+    return 1.0 if b == 0 else 2.0 ** math.floor(math.log2(b / 1024.0))
 
 
 def sq_grid(agg: Aggregate) -> float:
@@ -180,7 +191,7 @@ def allocate(plan: QueryPlan) -> tuple[Unit, ...]:
             d, grid = distinct_bound(plan), 1.0
         elif role == "sum":
             assert agg is not None
-            d, grid = k * row_bound(agg), agg.grid
+            d, grid = k * row_bound(agg), sum_grid(agg)
         else:  # sumsq
             assert agg is not None
             d, grid = k * row_bound(agg, squared=True), sq_grid(agg)

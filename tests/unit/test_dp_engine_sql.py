@@ -123,7 +123,7 @@ def test_one_pass_stats_equal_the_clamped_reference(tmp_path: Path, sql: str) ->
     keys = ", ".join(f"{k.sql} AS g{i}" for i, k in enumerate(plan.keys))
     for i, agg in enumerate(plan.aggregates):
         v = agg.value_sql
-        cols = [f"COUNT({v})", f"SUM(CAST(round(({v}) / {agg.grid!r}) AS BIGINT))",
+        cols = [f"COUNT({v})", f"SUM(CAST(round(({v}) / {mech.sum_grid(agg)!r}) AS BIGINT))",
                 f"SUM(CAST(round(({v}) * ({v}) / {mech.sq_grid(agg)!r}) AS BIGINT))"]
         ref_sql = (f"SELECT {', '.join([keys, *cols]) if keys else ', '.join(cols)} FROM "
                    f"{plan.join_sql} WHERE {plan.truncation_sql}"
