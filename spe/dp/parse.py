@@ -14,6 +14,7 @@ fresh SQL from that plan.
 from __future__ import annotations
 
 import logging
+import math
 
 import sqlglot
 from sqlglot import exp
@@ -219,9 +220,11 @@ def _check_node(node: exp.Expression, root: exp.Select) -> None:
     if isinstance(node, AGGREGATES + SCALAR_NODES + STRUCTURE_NODES):
         if isinstance(node, exp.Literal) and not node.is_string:
             try:
-                float(node.this)
+                value = float(node.this)
             except ValueError as err:
                 raise refuse("a numeric literal DuckDB would read differently") from err
+            if not math.isfinite(value):
+                raise refuse("a non-finite numeric literal")
         return
     if isinstance(node, exp.Func):
         raise refuse(f"the function {node.sql_name().lower()}()",

@@ -906,6 +906,9 @@ def _clamped_input(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float, s
                      "LEAST(GREATEST(x, 0), 100)")
     if max(abs(lo), abs(hi)) > 1e15:
         raise refuse("an aggregated expression with bounds beyond 1e15")
+    if 0 < max(abs(lo), abs(hi)) < 1e-100:  # the power-of-two grids of B and B^2 underflow
+        raise refuse("an aggregated expression with bounds below 1e-100",
+                     "scale the expression up and the result down")
     v = f"CAST({_render(arg, ctx)} AS DOUBLE)"
     return clamp_sql(v, float(lo), float(hi)), float(lo), float(hi), v
 
