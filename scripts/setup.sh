@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(postgresql bubblewrap nftables iproute2 util-linux passwd curl unzip python3 python3-venv)
 # Keycloak needs a JDK 17, 21 or 25; any one already installed is enough.
 command -v java >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jre-headless)
+# Keycloak's server distribution is fetched through Maven.
+command -v mvn >/dev/null 2>&1 || APT_PACKAGES+=(maven)
 # JupyterHub's proxy (configurable-http-proxy) comes from npm.
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
 missing=()
