@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,7 @@ class SandboxSpawner(Spawner):
         self.poll_interval = 2
         self._ws: Workspace | None = None
         self._proc: Any = None
+        self._started_at = 0.0
         self._stale_ws: str | None = None
         self._extra_env: dict[str, str] = {}
         self._permit_id = ""
@@ -251,6 +253,7 @@ class SandboxSpawner(Spawner):
         # that forked it, and this one lives as long as the hub.
         try:
             self._proc = ws.popen_logged(cmd, env=env, log=ws.root / "server.log")
+            self._started_at = time.monotonic()
         except BaseException:
             await asyncio.to_thread(self._teardown, _db(self.spe_settings), "start failed")
             raise
@@ -263,8 +266,15 @@ class SandboxSpawner(Spawner):
             return 0
         code = self._proc.poll()
         if code is not None:
-            self.log.error("Workspace %s server exited with %s; its log:\n%s", self.ws_id,
-                           code, server_log(self.spe_settings.data_dir, self.ws_id))
+            if time.monotonic() - self._started_at <= START_LOG_WINDOW_S:
+                # A server that dies while starting: surface its own log (DESIGN §10).
+                self.log.error("Workspace %s server exited with %s while starting; its log:"
+                               "\n%s", self.ws_id, code,
+                               server_log(self.spe_settings.data_dir, self.ws_id))
+            else:
+                # Later, the log holds whatever the researcher's code printed, which may be
+                # data: it stays in the workspace's own file, never in the hub's log.
+                self.log.error("Workspace %s server exited with %s", self.ws_id, code)
             await asyncio.to_thread(self._teardown, _db(self.spe_settings),
                                     f"server exited ({code})")
             return int(code)
@@ -299,6 +309,10 @@ class SandboxSpawner(Spawner):
         self._ws = None
         self._proc = None
         self._permit_id = ""
+
+
+#: Seconds after start within which a dead server's log is copied to the hub log.
+START_LOG_WINDOW_S = 60.0
 
 
 def server_log(data_dir: Path, ws_id: str) -> str:
