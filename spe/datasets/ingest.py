@@ -13,8 +13,12 @@ Contract of ``ingest(db, settings, name, source, principal)``:
   as its date). A bad value, a wrong number of fields, a truncated line, a NULL in a
   required column or a duplicated primary key (``person_id`` in ``person``) is an
   ``IngestError`` naming the file, line (for Parquet: row) and column — never the value.
-* Every table holding ``person_id`` gets ``ROW_RANK_COLUMN``: a uniformly random rank of the row
-  among the person's rows (1..n), computed once here.
+* Every table gets its kind (per-person, linked, public, refused: ``spe.datasets.defaults``).
+  A linked table's rows are resolved through its declared foreign-key path to their person,
+  stored in the hidden ``LINKED_PERSON_COLUMN``; a row that reaches no person is an
+  ``IngestError`` naming its line. Every per-person and linked table gets ``ROW_RANK_COLUMN``:
+  a uniformly random rank of the row among the person's rows (1..n), computed once here.
+* Dates and timestamps must lie in the years 1 to 9999 (CSV and Parquet alike).
 * Atomic: the database is built in a temporary file in the store directory (mode 0700), moved to
   ``<name>.duckdb`` (mode 0600) and registered — ``DatasetRecord`` row plus a ``dataset.ingest``
   audit event — in one control-database transaction. Any failure leaves neither file nor row,
@@ -49,9 +53,11 @@ from spe.auth.principal import Principal
 from spe.config import Settings
 from spe.datasets import defaults, recovery
 from spe.datasets.metadata import (
+    LINKED_PERSON_COLUMN,
     PRIVACY_UNIT,
     ROW_RANK_COLUMN,
     DatasetMetadata,
+    LinkHop,
     TableMeta,
 )
 from spe.datasets.models import DatasetRecord
@@ -357,17 +363,86 @@ def _check_stage(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec
     return rows
 
 
+def _check_temporal(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                    stage: str) -> None:
+    """Dates and timestamps lie in years 1..9999 (finite): converting any stored DATE to a
+    TIMESTAMP in a query can then never fail, whatever the file held (Parquet can store
+    dates far outside the timestamp range, and 'infinity')."""
+    temporal = [f for f in spec.fields if f.name in sf.columns
+                and f.duckdb_type in ("DATE", "TIMESTAMP")]
+    if not temporal:
+        return
+    probes = ", ".join(
+        f"min({_position(sf)}) FILTER (WHERE {_q(f.name)} IS NOT NULL AND NOT ("
+        f"isfinite({_q(f.name)}) AND {_q(f.name)} >= {f.duckdb_type} '{_MIN_TIME}' AND "
+        f"{_q(f.name)} < {f.duckdb_type} '{_MAX_TIME}'))" for f in temporal)
+    bad = con.execute(f"SELECT {probes} FROM {stage}").fetchone()
+    assert bad is not None
+    found = [(int(pos), f) for pos, f in zip(bad, temporal, strict=True) if pos is not None]
+    if found:
+        pos, f = min(found, key=lambda item: item[0])
+        raise IngestError(f"{sf.path.name} {_line(sf, pos)}, column {f.name} "
+                          f"({f.duckdb_type}): outside the years 1 to 9999")
+
+
+_MIN_TIME = "0001-01-01"
+_MAX_TIME = "10000-01-01"
+
+
+def _resolve_link(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                  stage: str, link: tuple[LinkHop, ...], built: dict[str, TableMeta]) -> str:
+    """Stage ``stage`` with ``LINKED_PERSON_COLUMN``: the person each row reaches through
+    ``link``. A row that reaches nobody is an ``IngestError`` naming its line; returns the
+    new stage's name."""
+    joins, persons = [], []
+    for i, hop in enumerate(link):
+        parent = built.get(hop.table)
+        if parent is None:
+            continue  # rows that need this hop do not resolve: reported below
+        unit = parent.privacy_unit
+        if not parent.person_level or unit is None:
+            raise IngestError(f"{spec.name}: its link {hop.describe()} reaches the "
+                              f"{parent.kind} table {parent.name}, which holds no person")
+        cond = f"s.{_q(hop.column)} = h{i}._spe_k"
+        if hop.when_column is not None and hop.when_value is not None:
+            cond += f" AND s.{_q(hop.when_column)} = {_lit(hop.when_value)}"
+        joins.append(f"LEFT JOIN (SELECT {_q(hop.parent_column)} AS _spe_k, {_q(unit)} AS _spe_p "
+                     f"FROM {_q(parent.name)}) AS h{i} ON {cond}")
+        persons.append(f"h{i}._spe_p")
+    person = f"coalesce({', '.join(persons)})" if len(persons) > 1 else (
+        persons[0] if persons else "CAST(NULL AS BIGINT)")
+    linked = f"{stage}_linked"
+    con.execute(f"CREATE TEMP TABLE {linked} AS SELECT s.*, s.{_position(sf)} AS _spe_at, "
+                f"{person} AS {_q(LINKED_PERSON_COLUMN)} FROM {stage} AS s {' '.join(joins)}")
+    row = con.execute(f"SELECT count(*), min(_spe_at) FROM {linked} "
+                      f"WHERE {_q(LINKED_PERSON_COLUMN)} IS NULL").fetchone()
+    assert row is not None
+    if row[0]:
+        paths = " or ".join(h.describe() for h in link)
+        raise IngestError(
+            f"{sf.path.name} {_line(sf, int(row[1]))}: the row does not reach a person through "
+            f"{paths} ({row[0]} row(s) in all); every row of {spec.name} must belong to "
+            "exactly one person (fix the rows, ship the table they point to, or declare the "
+            f"table `kind: refused` to keep it out of queries)")
+    con.execute(f"DROP TABLE {stage}")
+    return linked
+
+
 def _build_table(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
-                 stage: str) -> None:
+                 stage: str, unit: str | None) -> None:
+    """The final table: the spec's columns in order, and for person-level tables (``unit``
+    is their person column) the ingest rank of each row among its person's rows."""
     cols = [
         _q(f.name) if f.name in sf.columns else f"CAST(NULL AS {f.duckdb_type}) AS {_q(f.name)}"
         for f in spec.fields
     ]
     source = stage
-    if spec.has_person_id:
+    if unit is not None:
+        if unit != PRIVACY_UNIT:
+            cols.append(_q(unit))
         # Window ORDER BY may not be volatile: draw the random key in a subquery.
         source = f"(SELECT *, random() AS _spe_draw FROM {stage})"
-        cols.append(f"row_number() OVER (PARTITION BY {_q(PRIVACY_UNIT)} ORDER BY _spe_draw) "
+        cols.append(f"row_number() OVER (PARTITION BY {_q(unit)} ORDER BY _spe_draw) "
                     f"AS {_q(ROW_RANK_COLUMN)}")
     con.execute(f"CREATE TABLE {_q(spec.name)} AS SELECT {', '.join(cols)} FROM {source}")
     con.execute(f"DROP TABLE {stage}")
@@ -376,16 +451,41 @@ def _build_table(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec
 def _table_meta(spec: TableSpec, rows: int, decl: defaults.Declaration) -> TableMeta:
     columns = [defaults.column_meta(spec.name, f.name, f.duckdb_type, f.required, decl)
                for f in spec.fields]
-    person = spec.has_person_id
+    kind, link, refusal = defaults.table_kind(spec, decl)
+    unit = defaults.person_column(kind)
     return TableMeta(
         name=spec.name,
         columns=columns,
         row_count=rows,
-        privacy_unit=PRIVACY_UNIT if person else None,
+        kind=kind,
+        link=list(link),
+        refusal=refusal,
+        privacy_unit=unit,
         max_rows_per_person=defaults.max_rows_per_person(spec.name, decl),
         unique_key=spec.primary_key,
-        row_rank_column=ROW_RANK_COLUMN if person else None,
+        row_rank_column=ROW_RANK_COLUMN if unit is not None else None,
     )
+
+
+def _ingest_order(files: list[SourceFile], decl: defaults.Declaration) -> list[SourceFile]:
+    """person first, then other tables, linked tables after the tables they link to."""
+    specs = load_spec()
+    by_name = {f.table: f for f in files}
+    ordered = [by_name[t] for t in sorted(by_name, key=lambda t: (t != "person", t))
+               if defaults.table_kind(specs[t], decl)[0] != "linked"]
+    pending = sorted(t for t in by_name if defaults.table_kind(specs[t], decl)[0] == "linked")
+    placed = {f.table for f in ordered}
+    while pending:
+        ready = [t for t in pending
+                 if all(h.table in placed or h.table not in by_name
+                        for h in defaults.table_kind(specs[t], decl)[1])]
+        if not ready:
+            raise IngestError("the declared links form a cycle: " + ", ".join(pending))
+        for t in ready:
+            ordered.append(by_name[t])
+            placed.add(t)
+            pending.remove(t)
+    return ordered
 
 
 def _source_format(files: list[SourceFile]) -> str:
@@ -409,7 +509,7 @@ def build_database(settings: Settings, name: str, files: list[SourceFile],
         con.execute(f"SET memory_limit = {_lit(settings.duckdb_memory_limit)}")
         con.execute(f"SET temp_directory = {_lit(str(tmpdir))}")
         con.execute("SET preserve_insertion_order = true")
-        ordered = sorted(files, key=lambda f: (f.table != "person", f.table))
+        ordered = _ingest_order(files, decl)
         with tqdm(ordered, desc=f"ingesting {name}", unit="table", file=sys.stderr,
                   disable=not progress) as bar:
             for index, sf in enumerate(bar):
@@ -422,8 +522,12 @@ def build_database(settings: Settings, name: str, files: list[SourceFile],
                 else:
                     _stage_delimited(con, sf, spec, stage)
                 rows = _check_stage(con, sf, spec, stage)
-                _build_table(con, sf, spec, stage)
-                tables[sf.table] = _table_meta(spec, rows, decl)
+                _check_temporal(con, sf, spec, stage)
+                meta = _table_meta(spec, rows, decl)
+                if meta.kind == "linked":
+                    stage = _resolve_link(con, sf, spec, stage, tuple(meta.link), tables)
+                _build_table(con, sf, spec, stage, meta.privacy_unit)
+                tables[sf.table] = meta
                 seconds[sf.table] = time.perf_counter() - started
         con.execute("CHECKPOINT")
     except duckdb.Error as exc:

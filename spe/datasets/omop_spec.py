@@ -114,7 +114,9 @@ def parse_spec(path: Path) -> dict[str, TableSpec]:
             table = row["table"].strip().lower()
             fields.setdefault(table, []).append(
                 FieldSpec(
-                    name=row["field"].strip().lower(),
+                    # The official table quotes fields that are SQL keywords ('"offset"'):
+                    # exports name them plainly, and so do we.
+                    name=row["field"].strip().strip('"').strip().lower(),
                     cdm_datatype=row["datatype"].strip(),
                     duckdb_type=duckdb_type(row["datatype"]),
                     required=row["required"].strip().lower() == "yes",

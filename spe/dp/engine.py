@@ -240,7 +240,7 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
 
 def _pid_sql(plan: QueryPlan) -> str:
     first = next(t for t in plan.tables if t.person_level)
-    return f'{first.alias}."person_id"'
+    return first.unit_sql  # person_id, or a linked table's hidden person column
 
 
 def distinct_sql(plan: QueryPlan, salt: int) -> str:

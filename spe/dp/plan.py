@@ -34,7 +34,14 @@ from typing import Any, Literal
 from sqlglot import exp
 
 from permits.terms import PermitTerms
-from spe.datasets.metadata import ROW_RANK_COLUMN, ColumnMeta, DatasetMetadata, TableMeta
+from spe.datasets.metadata import (
+    ROW_RANK_COLUMN,
+    ColumnMeta,
+    DatasetMetadata,
+    LinkHop,
+    TableMeta,
+    refusal_text,
+)
 from spe.dp.parse import AGGREGATES, DIALECT, refuse
 from spe.errors import QueryRefused
 
@@ -60,9 +67,15 @@ _NODE_PART = {exp.Year: "year", exp.Month: "month", exp.Quarter: "quarter", exp.
 class TableRef:
     alias: str  # generated alias t0, t1, ...
     table: str
-    person_level: bool
+    person_level: bool  # per-person or linked to a person (bounded per person)
     k: int  # rows per person kept (1 for reference tables: unused)
     one_per_person: bool = False  # unique on the privacy unit (checked at ingest): no rank
+    unit: str | None = None  # the column holding the row's person (hidden for linked tables)
+
+    @property
+    def unit_sql(self) -> str:
+        assert self.unit is not None
+        return f"{self.alias}.{_q(self.unit)}"
 
 
 @dataclass(frozen=True)
@@ -213,14 +226,22 @@ def _resolve_table(node: exp.Table, ctx: _Ctx, rows_per_person: int | None) -> T
                          t for t in ctx.meta.tables if ctx.terms.allowed_columns(ctx.dataset, t)
                      )))
     tmeta = ctx.meta.tables[name]
-    person_level = tmeta.privacy_unit is not None
+    if tmeta.kind == "refused":
+        raise QueryRefused(
+            f"This query reads {tmeta.refusal or refusal_text(name)}. Until then it cannot be "
+            "queried: ask the data holder to declare it, or query per-person tables.")
+    person_level = tmeta.person_level
+    if person_level and tmeta.privacy_unit is None:
+        raise QueryRefused(f"The table {name!r} has no recorded privacy unit; it cannot be "
+                           "queried until the dataset is ingested again.")
     k = rows_per_person or tmeta.max_rows_per_person if person_level else 1
     # A table whose unique key (checked at ingest) is the privacy unit holds at most one row
     # per person: rank <= k keeps every row for any k >= 1, so the filter is dropped and the
     # table counts 1 (not k) in the product K; the stability argument is unchanged.
-    one = person_level and tmeta.unique_key == [ctx.meta.privacy_unit]
+    one = tmeta.kind == "person" and tmeta.unique_key == [ctx.meta.privacy_unit]
     ref = TableRef(alias=f"t{len(ctx.refs)}", table=name, person_level=person_level,
-                   k=1 if one else int(k), one_per_person=one)
+                   k=1 if one else int(k), one_per_person=one,
+                   unit=tmeta.privacy_unit if person_level else None)
     alias = node.alias_or_name
     if alias in ctx.aliases:
         raise refuse(f"the table alias {alias!r} used twice", "give each table its own alias")
@@ -240,37 +261,65 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
     if len(joins) + 1 > MAX_JOIN_TABLES:
         raise refuse(f"more than {MAX_JOIN_TABLES} tables in one query")
     for join in joins:
+        if join.args.get("using") or join.args.get("on") is None:
+            raise refuse("a join without ON", "join with ON a.person_id = b.person_id")
         ref = _resolve_table(join.this, ctx, rows_per_person)
         on = join.args["on"]
         conds = on.flatten() if isinstance(on, exp.And) else [on]
         rendered = []
-        person_join = False
+        person_join = False  # a condition that puts the joined rows on one person
+        extra: list[exp.Expression] = []  # other conditions between person-level tables
         for cond in conds:
+            if not isinstance(cond, exp.EQ):
+                raise refuse("a join condition other than column = column",
+                             "join with ON a.person_id = b.person_id")
             left, lref, lcol = _column(cond.this, ctx)
             right, rref, rcol = _column(cond.expression, ctx)
             if _col_kind(lcol) != _col_kind(rcol) or (_col_kind(lcol) == "other"
-                                                     and lcol.type != rcol.type):
+                                                     and lcol.type != rcol.type) or \
+                    lcol.type.upper() != rcol.type.upper() and _col_kind(lcol) == "time":
                 raise refuse("a join on columns of different types "
                              f"({lcol.type} and {rcol.type})", "join columns of one type")
             if ref not in (lref, rref) or lref is rref:
                 raise refuse("a join condition that does not link the joined table",
                              "join with ON a.person_id = b.person_id")
             unit = ctx.meta.privacy_unit
-            if lcol.name == unit and rcol.name == unit and lref.person_level \
-                    and rref.person_level:
-                person_join = True
-            elif lref.person_level and rref.person_level:
-                raise refuse("a join between person-level tables not on person_id",
-                             "join person-level tables with ON a.person_id = b.person_id")
+            if lref.person_level and rref.person_level:
+                if lcol.name == unit and rcol.name == unit and lref.unit == unit \
+                        and rref.unit == unit:
+                    person_join = True
+                elif (hop := _link_hop(lref, lcol, rref, rcol, ctx)) is not None:
+                    person_join = True
+                    child = lref if hop[0] == "left" else rref
+                    if hop[1].when_column is not None:
+                        rendered.append(f"{child.alias}.{_q(hop[1].when_column)} = "
+                                        f"{_str_lit(str(hop[1].when_value))}")
+                else:
+                    extra.append(cond)
             else:
                 refside, refcol = (lref, lcol) if not lref.person_level else (rref, rcol)
-                if refside is not ref or [refcol.name] != ctx.table_meta(refside).unique_key:
+                if refside.person_level or refside is not ref \
+                        or [refcol.name] != ctx.table_meta(refside).unique_key:
                     raise refuse("a join to a reference table not on its unique key",
                                  "join reference tables on their declared unique key")
                 person_join = True
             rendered.append(f"{left} = {right}")
         if not person_join:
+            if extra:
+                raise refuse("a join between person-level tables not on person_id (or the "
+                             "declared link of a linked table)",
+                             "join person-level tables with ON a.person_id = b.person_id; "
+                             "a linked table joins its parent on the declared key, e.g. "
+                             "note_nlp.note_id = note.note_id")
             raise refuse("a join without a person_id or reference-key condition")
+        if ref.person_level:
+            # The joined rows belong to one person, whatever else the condition says: the
+            # person columns (hidden for linked tables) are equal by construction on the
+            # paths accepted above, and saying so makes the bound hold even if they were not.
+            other = next(r for r in ctx.refs if r.person_level and r is not ref
+                         and any(r in (_column(c.this, ctx)[1], _column(c.expression, ctx)[1])
+                                 for c in conds))
+            rendered.append(f"{ref.unit_sql} = {other.unit_sql}")
         parts.append(f"JOIN {_q(ref.table)} AS {ref.alias} ON " + " AND ".join(rendered))
     trunc = " AND ".join(f"{r.alias}.{_q(ROW_RANK_COLUMN)} <= {r.k}"
                          for r in ctx.refs if r.person_level and not r.one_per_person)
@@ -278,6 +327,21 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
         raise refuse("a query over reference tables only (no person-level table)",
                      "reference tables are public: aggregate a person-level table")
     return " ".join(parts), trunc or "TRUE"
+
+
+def _link_hop(lref: TableRef, lcol: ColumnMeta, rref: TableRef, rcol: ColumnMeta,
+              ctx: _Ctx) -> tuple[str, LinkHop] | None:
+    """The declared hop that ``lcol = rcol`` follows (and which side is the linked child)."""
+    for side, child, ccol, parent, pcol in (("left", lref, lcol, rref, rcol),
+                                             ("right", rref, rcol, lref, lcol)):
+        cmeta = ctx.table_meta(child)
+        if cmeta.kind != "linked":
+            continue
+        for hop in cmeta.link:
+            if hop.column == ccol.name and hop.table == parent.table \
+                    and hop.parent_column == pcol.name:
+                return side, hop
+    return None
 
 
 def _column(node: exp.Expression, ctx: _Ctx) -> tuple[str, TableRef, ColumnMeta]:
