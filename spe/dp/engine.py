@@ -254,16 +254,16 @@ def distinct_sql(plan: QueryPlan, salt: int) -> str:
     distinct groups. The grouping by person happens before any count, so however the person's
     rows are spread, the vector of per-group distinct counts changes by at most m in L1.
 
-    Exact (no row truncation) when at most one truncated person-level table is read: the work
-    is then linear in the rows. A join of two or more truncated tables is computed on the
-    truncated rows instead: untruncated, it is a product of each person's row counts (one
-    person with 10,000 rows makes a 3-way self-join 10^12 rows), so the query would time out or
-    run out of memory when, and only when, such a person is in the data, and the failure
-    would be a noise-free bit about them. The choice depends on the plan only; the stability
-    argument (at most 1 per group, at most m groups) holds for any subset of rows.
+    Always computed on the truncated rows (every person-level table ``rank <= k``), like every
+    other statistic: untruncated, the work grows with one person's row count (a join is a
+    product of each person's rows: one person with 10,000 rows makes a 3-way self-join 10^12
+    rows; a single table is read in full), so the answer time, or a time-out, would tell
+    whether a person with many rows is in the data. Without WHERE the count is still exact
+    (every person keeps the row ranked 1); with a selective WHERE a person whose matching rows
+    are all ranked above k is not counted (the documented WHERE/truncation trade-off). The
+    stability argument (at most 1 per group, at most m groups) holds for any subset of rows.
     """
-    truncated = sum(1 for t in plan.tables if t.person_level and not t.one_per_person)
-    where = _base_where(plan, truncated > 1)
+    where = _base_where(plan, True)
     if not plan.keys:
         return f"SELECT COUNT(DISTINCT {_pid_sql(plan)}) FROM {plan.join_sql} WHERE {where}"
     keys = ", ".join(_key_cols(plan))

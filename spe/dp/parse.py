@@ -51,7 +51,8 @@ STRUCTURE_NODES: tuple[type[exp.Expression], ...] = (
 
 DATE_PARTS = frozenset({"year", "month", "quarter", "day", "dayofweek", "dow", "dayofyear",
                         "doy"})
-CAST_LITERAL_TYPES = frozenset({exp.DataType.Type.DATE, exp.DataType.Type.TIMESTAMP})
+CAST_LITERAL_TYPES = frozenset({exp.DataType.Type.DATE, exp.DataType.Type.TIMESTAMP,
+                                exp.DataType.Type.TIMESTAMPNTZ})  # TIMESTAMP '...' in DuckDB
 
 # Named refusals with the supported alternative: checked before the generic allow-list.
 _REFUSALS: tuple[tuple[type[exp.Expression], str], ...] = (

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -51,6 +52,11 @@ NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "INT", "BIGINT", "HUGEINT", "
                  "NUMERIC")
 DATE_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMPTZ", "TIMESTAMP WITH TIME ZONE", "DATETIME")
 MAX_PUBLIC_CELLS = 100_000
+#: Bound on the work a plan may ask of the engine: public cells x (quantile candidates for a
+#: quantile, 1 otherwise) summed over aggregates. Checked from metadata, before data are read.
+MAX_PLAN_WORK = 5_000_000
+#: Released column names: identifiers the engine can print verbatim (no researcher prose).
+OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MAX_ROWS_PER_PERSON = 1_000
 MAX_JOIN_TABLES = 4
 DEFAULT_YEAR_RANGE = (1900, datetime.now(UTC).year)
@@ -202,6 +208,16 @@ def compile_plan(select: exp.Select, meta: DatasetMetadata, terms: PermitTerms, 
         raise refuse(f"a join whose per-person contribution bound ({k_total} rows) exceeds "
                      f"{MAX_ROWS_PER_PERSON}", "lower max_rows_per_person")
     m = groups_per_person or meta.max_groups_per_person
+    for column in columns:
+        if not OUTPUT_NAME.fullmatch(column):
+            raise refuse("an output column name that is not a plain identifier of at most 63 "
+                         "characters", "alias columns with letters, digits and '_'")
+    work = _public_cells(keys) * sum(quantile_candidates(a) if a.kind == "quantile" else 1
+                                     for a in aggregates)
+    if work > MAX_PLAN_WORK:
+        raise refuse(f"a query whose public cells x quantile candidates x aggregates "
+                     f"({work:,}) exceed {MAX_PLAN_WORK:,}",
+                     "group by fewer or coarser keys, or ask for fewer quantiles")
     post = _compile_post(select, ctx, aggregates, keys, key_nodes)
     return QueryPlan(
         dataset=meta.name, tables=tuple(ctx.refs), join_sql=join_sql, truncation_sql=trunc,
@@ -276,8 +292,7 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
             left, lref, lcol = _column(cond.this, ctx)
             right, rref, rcol = _column(cond.expression, ctx)
             if _col_kind(lcol) != _col_kind(rcol) or (_col_kind(lcol) == "other"
-                                                     and lcol.type != rcol.type) or \
-                    lcol.type.upper() != rcol.type.upper() and _col_kind(lcol) == "time":
+                                                     and lcol.type != rcol.type):
                 raise refuse("a join on columns of different types "
                              f"({lcol.type} and {rcol.type})", "join columns of one type")
             if ref not in (lref, rref) or lref is rref:
@@ -495,7 +510,10 @@ def _render(node: exp.Expression, ctx: _Ctx, mode: str = "value") -> str:
         try:
             if to == exp.DataType.Type.DATE:
                 return f"DATE {_str_lit(date.fromisoformat(text).isoformat())}"
-            return f"TIMESTAMP {_str_lit(datetime.fromisoformat(text).isoformat(sep=' '))}"
+            stamp = datetime.fromisoformat(text)
+            if stamp.tzinfo is not None:
+                raise ValueError("time zone")
+            return f"TIMESTAMP {_str_lit(stamp.isoformat(sep=' '))}"
         except ValueError as err:
             raise refuse("a malformed DATE/TIMESTAMP literal", "write DATE 'YYYY-MM-DD'") \
                 from err
@@ -535,7 +553,7 @@ def _col_kind(col: ColumnMeta) -> str:
     if _is_numeric(col):
         return "num"
     if _is_date(col):
-        return "time"
+        return "date" if base == "DATE" else "ts"
     if base in ("BOOLEAN", "BOOL"):
         return "bool"
     if base in _STR_TYPES:
@@ -543,7 +561,8 @@ def _col_kind(col: ColumnMeta) -> str:
     return "other"
 
 
-_KIND_NAMES = {"num": "a number", "str": "a string", "strlit": "a string", "time": "a date",
+_KIND_NAMES = {"num": "a number", "str": "a string", "strlit": "a string", "date": "a date",
+               "ts": "a timestamp",
                "bool": "a condition (true/false)", "other": "a value of an unsupported type"}
 
 
@@ -554,28 +573,31 @@ def _expect(node: exp.Expression, ctx: _Ctx, kind: str, what: str) -> None:
     raise refuse(f"{_KIND_NAMES[got]} where {what} expects {_KIND_NAMES[kind]} "
                  f"({node.sql(dialect=DIALECT)[:60]})",
                  "compare values of the same kind (numbers with numbers, strings with "
-                 "strings, dates with DATE '...' literals) and use date parts, not date "
-                 "arithmetic")
+                 "strings, dates with DATE '...' literals, timestamps with TIMESTAMP '...' "
+                 "literals) and use date parts, not date arithmetic")
 
 
-def _time_literal(node: exp.Expression) -> None:
-    """Replace a string literal compared with a date by a typed literal (or refuse)."""
+def _time_literal(node: exp.Expression, kind: str) -> None:
+    """Replace a string literal compared with a date (``kind`` "date") or a timestamp
+    ("ts") by a literal of that type, parsed here (or refuse): DATE and TIMESTAMP values
+    are never compared with each other, so no implicit conversion runs per row."""
     lit = node
     while isinstance(lit, exp.Paren):
         lit = lit.this
     text = str(lit.this)
     try:
-        try:
-            value: date | datetime = date.fromisoformat(text)
-            to, iso = "DATE", value.isoformat()
-        except ValueError:
+        if kind == "date":
+            to, iso = "DATE", date.fromisoformat(text).isoformat()
+        else:
             value = datetime.fromisoformat(text)
             if value.tzinfo is not None:
-                raise ValueError("time zone") from None
+                raise ValueError("time zone")
             to, iso = "TIMESTAMP", value.isoformat(sep=" ")
     except ValueError as err:
-        raise refuse(f"the string {text[:40]!r} compared with a date",
-                     "write an ISO date such as DATE '2020-01-31'") from err
+        what, example = (("a date", "DATE '2020-01-31'") if kind == "date" else
+                         ("a timestamp", "TIMESTAMP '2020-01-31 12:00:00'"))
+        raise refuse(f"the string {text[:40]!r} compared with {what}",
+                     f"write an ISO literal such as {example}") from err
     node.replace(exp.Cast(this=exp.Literal.string(iso), to=exp.DataType.build(to)))
 
 
@@ -586,15 +608,17 @@ def _unify(nodes: list[exp.Expression], ctx: _Ctx, what: str) -> str:
         names = sorted({_KIND_NAMES[k] for k in kinds if k != "null"})
         raise refuse(f"{what} mixing {' and '.join(names)}",
                      "compare values of the same kind (numbers with numbers, strings with "
-                     "strings, dates with DATE '...' literals)")
+                     "strings, dates with DATE '...' literals, timestamps with "
+                     "TIMESTAMP '...' literals; compare date parts such as YEAR(x) across "
+                     "the two)")
     if not present:
         return "str" if "strlit" in kinds else "null"
     (kind,) = present
     if "strlit" in kinds:
-        if kind == "time":
+        if kind in ("date", "ts"):
             for node, k in zip(nodes, kinds, strict=True):
                 if k == "strlit":
-                    _time_literal(node)
+                    _time_literal(node, kind)
         elif kind != "str":
             raise refuse(f"{what} mixing a string with {_KIND_NAMES[kind]}",
                          "compare values of the same kind")
@@ -614,7 +638,7 @@ def _kind(node: exp.Expression, ctx: _Ctx) -> str:
     if isinstance(node, exp.Null):
         return "null"
     if isinstance(node, exp.Cast):
-        return "time"
+        return "date" if node.args["to"].this == exp.DataType.Type.DATE else "ts"
     if _part_of(node) is not None:
         return "num"
     if isinstance(node, exp.Neg | exp.Abs | exp.Floor | exp.Ceil | exp.Round):
@@ -827,14 +851,25 @@ def _compile_group(select: exp.Select, ctx: _Ctx
         name = _output_name(select, node, f"key{len(keys)}")
         keys.append(GroupKey(name=name, sql=sql, public_values=public))
         nodes.append(node)
-    cells = 1
-    for key in keys:
-        if key.public_values is not None:
-            cells *= max(1, len(key.public_values))
+    cells = _public_cells(keys)
     if cells > MAX_PUBLIC_CELLS:
         raise refuse(f"a public key grid of more than {MAX_PUBLIC_CELLS} cells",
                      "group by fewer or coarser keys")
     return keys, nodes
+
+
+def _public_cells(keys: list[GroupKey]) -> int:
+    cells = 1
+    for key in keys:
+        if key.public_values is not None:
+            cells *= max(1, len(key.public_values))
+    return cells
+
+
+def quantile_candidates(agg: Aggregate) -> int:
+    """Number of candidates on a quantile's power-of-two grid over [lower, upper]."""
+    step = agg.grid
+    return round(math.ceil(agg.upper / step) - math.floor(agg.lower / step)) + 1
 
 
 def _output_name(select: exp.Select, node: exp.Expression, default: str) -> str:

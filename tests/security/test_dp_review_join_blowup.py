@@ -48,14 +48,28 @@ def test_distinct_over_self_join_is_bounded_per_person(pair) -> None:  # type: i
         assert time.monotonic() - start < 10
 
 
-def test_distinct_single_table_stays_exact(pair) -> None:  # type: ignore[no-untyped-def]
+def test_distinct_reads_truncated_rows_on_every_path(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A single table read in full would make the answer time grow with one person's rows."""
+    import shutil
+
+    import duckdb
+
     from spe.dp.engine import distinct_sql
 
-    meta = pair[0]
-    prepared = prepare("SELECT COUNT(DISTINCT person_id) FROM measurement", meta,
-                       make_terms(meta), epsilon=1.0, delta=1e-6)
-    assert "_spe_row_rank" not in distinct_sql(prepared.plan, 1)
-    prepared = prepare("SELECT COUNT(DISTINCT m.person_id) FROM measurement m JOIN person p "
-                       "ON p.person_id = m.person_id", meta, make_terms(meta), epsilon=1.0,
-                       delta=1e-6)
-    assert "_spe_row_rank" not in distinct_sql(prepared.plan, 1)
+    meta, with_path, _without, _settings = pair
+    copy = tmp_path / "copy.duckdb"  # the engine holds the original open with its own config
+    shutil.copy(with_path, copy)
+    con = duckdb.connect(str(copy))
+    try:
+        for sql in ("SELECT COUNT(DISTINCT person_id) FROM measurement",
+                    "SELECT COUNT(DISTINCT m.person_id) FROM measurement m JOIN person p "
+                    "ON p.person_id = m.person_id"):
+            plan = prepare(sql, meta, make_terms(meta), epsilon=1.0, delta=1e-6).plan
+            text = distinct_sql(plan, 1)
+            assert "_spe_row_rank" in text
+            # Without WHERE the count stays exact: every person keeps their rank-1 row.
+            got = con.execute(text).fetchone()
+            exact = con.execute("SELECT COUNT(DISTINCT person_id) FROM measurement").fetchone()
+            assert got == exact
+    finally:
+        con.close()
