@@ -90,9 +90,9 @@ def show_cmd(
                f"{info.total_rows:,} rows, source {meta.source_format}, "
                f"sha256 {meta.content_sha256[:16]}...")
     for table in meta.tables.values():
-        unit = table.privacy_unit or "none (reference table)"
-        typer.echo(f"\n  {table.name}: {table.row_count:,} rows, privacy unit {unit}, "
-                   f"k={table.max_rows_per_person}")
+        bound = f", k={table.max_rows_per_person}" if table.person_level else ""
+        typer.echo(f"\n  {table.name}: {table.row_count:,} rows, {table.describe_kind()}"
+                   f"{bound}")
         for col in table.columns:
             dp = []
             if col.lower is not None or col.upper is not None:

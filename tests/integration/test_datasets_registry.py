@@ -104,6 +104,8 @@ def test_cli_demo_data_ingest_show_remove(db: Database, cli_env: Settings,
     assert res.exit_code == 0 and "cli" in res.output
     res = runner.invoke(app, ["datasets", "show", "cli"])
     assert res.exit_code == 0 and "value_as_number" in res.output
+    # Each table's privacy-unit kind (and a linked table's path) is printed.
+    assert "measurement: " in res.output and "per-person (person_id), k=" in res.output
     res = runner.invoke(app, ["datasets", "show", "cli", "--json"])
     assert res.exit_code == 0 and '"privacy_unit": "person_id"' in res.output
 

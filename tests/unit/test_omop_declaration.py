@@ -77,3 +77,64 @@ def test_two_declaration_files_are_refused(tmp_path: Path) -> None:
     (tmp_path / "spe-metadata.toml").write_text("version = 1\n")
     with pytest.raises(IngestError, match="more than one declaration file"):
         defaults.load_declaration(tmp_path, load_spec())
+
+
+def _load(tmp_path: Path, text: str) -> defaults.Declaration:
+    (tmp_path / "spe-metadata.yaml").write_text(text)
+    decl, _ = defaults.load_declaration(tmp_path, load_spec())
+    return decl
+
+
+def test_public_values_are_normalised_and_exact_repeats_dropped(tmp_path: Path) -> None:
+    decl = _load(tmp_path, "version: 1\ntables:\n  measurement:\n    columns:\n"
+                 "      measurement_concept_id: {public_values: [3004410, '3016723', 3004410]}\n"
+                 "      unit_source_value: {public_values: [mg, 12, mg]}\n")
+    concept = _meta("measurement", "measurement_concept_id", decl)
+    assert concept.public_values == [3004410, 3016723]  # the engine's key form: integers
+    unit = _meta("measurement", "unit_source_value", decl)
+    assert unit.public_values == ["mg", "12"]
+
+
+@pytest.mark.parametrize("values", ["[8507, '8507']", "[8507, ' 8507']", "['12', 12]"])
+def test_public_values_spelled_twice_are_refused(tmp_path: Path, values: str) -> None:
+    column = "unit_source_value" if "'12'" in values else "measurement_concept_id"
+    (tmp_path / "spe-metadata.yaml").write_text(
+        f"version: 1\ntables:\n  measurement:\n    columns:\n      {column}: "
+        f"{{public_values: {values}}}\n")
+    with pytest.raises(IngestError) as info:
+        defaults.load_declaration(tmp_path, load_spec())
+    assert f"tables.measurement.columns.{column}" in str(info.value)
+    assert "different spellings" in str(info.value)
+
+
+def test_bounds_are_ordered_after_the_defaults_apply(tmp_path: Path) -> None:
+    # The built-in upper bound of value_as_number is 1000: a declared lower of 2000 alone
+    # would leave an empty interval.
+    decl = _load(tmp_path, "version: 1\ntables:\n  measurement:\n    columns:\n"
+                 "      value_as_number: {lower: 2000}\n")
+    with pytest.raises(IngestError) as info:
+        _meta("measurement", "value_as_number", decl)
+    assert "tables.measurement.columns.value_as_number" in str(info.value)
+
+
+@pytest.mark.parametrize("bound", [".inf", "-.inf", ".nan"])
+def test_non_finite_bounds_are_refused(tmp_path: Path, bound: str) -> None:
+    (tmp_path / "spe-metadata.yaml").write_text(
+        "version: 1\ntables:\n  measurement:\n    columns:\n"
+        f"      value_as_number: {{lower: 0, upper: {bound}}}\n")
+    with pytest.raises(IngestError) as info:
+        defaults.load_declaration(tmp_path, load_spec())
+    assert "measurement" in str(info.value) and "value_as_number" in str(info.value)
+
+
+def test_table_kinds_by_default_and_declared(tmp_path: Path) -> None:
+    specs = load_spec()
+    empty = defaults.Declaration()
+    kinds = {name: defaults.table_kind(spec, empty)[0] for name, spec in specs.items()}
+    assert kinds["person"] == kinds["death"] == kinds["specimen"] == "person"
+    assert kinds["note_nlp"] == kinds["cost"] == kinds["episode_event"] == "linked"
+    assert kinds["concept"] == kinds["cdm_source"] == kinds["metadata"] == "public"
+    for name in ("location", "provider", "care_site", "fact_relationship", "cohort"):
+        assert kinds[name] == "refused"
+    decl = _load(tmp_path, "version: 1\ntables:\n  provider: {kind: public}\n")
+    assert defaults.table_kind(specs["provider"], decl)[0] == "public"
