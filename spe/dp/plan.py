@@ -35,6 +35,7 @@ from typing import Any, Literal
 from sqlglot import exp
 
 from permits.terms import PermitTerms
+from spe.datasets.defaults import normalise_public_values
 from spe.datasets.metadata import (
     ROW_RANK_COLUMN,
     ColumnMeta,
@@ -809,7 +810,17 @@ def _key_public_values(node: exp.Expression, ctx: _Ctx) -> tuple[Any, ...] | Non
     if isinstance(node, exp.Column):
         _sql, _ref, col = _column(node, ctx)
         if col.public_values is not None:
-            return tuple(col.public_values)
+            # Normalised again here (metadata recorded before ingest normalised it): a value
+            # listed twice would be released twice with fresh noise, outside the accounting.
+            kind = col.type.upper()
+            if kind not in ("BIGINT", "VARCHAR"):
+                return tuple(dict.fromkeys(col.public_values))
+            try:
+                return tuple(normalise_public_values(list(col.public_values), kind))
+            except ValueError:
+                raise QueryRefused(
+                    f"The declared public values of {col.name!r} list one value in two "
+                    "spellings; the data holder must correct the declaration.") from None
         if col.type.upper() == "BOOLEAN":
             return (False, True)
     return None

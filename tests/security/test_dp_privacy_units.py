@@ -285,3 +285,26 @@ def test_bad_kind_declarations_are_refused(tmp_path: Path, declaration: str) -> 
         ingest(db, Settings(data_dir=tmp_path / "var"), "decl", src, OPERATOR)
     assert "tables." in str(info.value) or "link" in str(info.value)
     db.dispose()
+
+
+def test_old_metadata_with_public_values_spelled_twice_is_refused(pair: Pair) -> None:
+    """Metadata recorded before ingest normalised public values: the planner checks again."""
+    meta = pair.meta.model_copy(deep=True)
+    column = meta.tables["person"].column("gender_concept_id")
+    assert column is not None
+    column.public_values = [8507, "8507", 8532]
+    with pytest.raises(QueryRefused):
+        _plan(meta, "SELECT gender_concept_id, COUNT(*) FROM person GROUP BY 1")
+    column.public_values = [8507, 8507, 8532]  # an exact repeat is released once
+    plan = _plan(meta, "SELECT gender_concept_id, COUNT(*) FROM person GROUP BY 1")
+    assert plan.keys[0].public_values == (8507, 8532)
+
+
+def test_metadata_without_kinds_is_read_safely() -> None:
+    """Metadata recorded before kinds existed: no person column means public only for the
+    default vocabularies, refused otherwise (never guessed from column names)."""
+    old = {"name": "note_nlp", "columns": [], "row_count": 1, "privacy_unit": None}
+    assert TableMeta.model_validate(old).kind == "refused"
+    assert TableMeta.model_validate({**old, "name": "concept"}).kind == "public"
+    assert TableMeta.model_validate({**old, "name": "note", "privacy_unit": "person_id"}
+                                    ).kind == "person"
