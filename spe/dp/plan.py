@@ -3,7 +3,7 @@
 Contract: :func:`compile_plan` takes the tree from :func:`spe.dp.parse.parse`, the dataset's
 :class:`~spe.datasets.metadata.DatasetMetadata` and the permit's terms, and returns a frozen
 plan or raises :class:`spe.errors.QueryRefused`. It reads metadata only, never data. Every
-SQL fragment in the plan is *generated* here by :func:`_render` from allow-listed nodes:
+SQL fragment in the plan is *generated* by :func:`spe.dp.expressions.render` from allowed nodes:
 identifiers are re-quoted, string literals re-escaped, numbers re-printed from parsed floats;
 user text is never copied into the SQL that DuckDB runs.
 
@@ -15,22 +15,23 @@ Contribution bounds recorded in the plan (used by :mod:`spe.dp.mechanisms`):
   ``prod(k_t)`` joined rows (each joined row is one choice of a kept row per table); joins to a
   reference table on a key checked unique at ingest add no rows. Any WHERE filter only removes
   rows. So one person changes at most K rows of the table being aggregated, in at most K groups.
-* ``groups_per_person`` (m): COUNT(DISTINCT person_id) is computed on the *untruncated* join
-  (no undercount from row truncation), except over a join of two or more truncated tables
-  (see :func:`spe.dp.engine.distinct_sql`: bounded work per person). A person adds at most 1
-  to each group's distinct count; with GROUP BY each person keeps at most m of their groups
-  (chosen by a salted hash, so a person in at most m groups is never dropped).
+* ``groups_per_person`` (m): COUNT(DISTINCT person_id) is computed on the truncated rows like
+  every other statistic (see :func:`spe.dp.engine.distinct_sql`: bounded work per person). A
+  person adds at most 1 to each group's distinct count; with GROUP BY each person keeps at most
+  m of their groups (chosen by a salted hash, so a person in at most m groups is never dropped).
+
+Where things live: the plan's types in :mod:`spe.dp.plan_types`, scalar expressions (columns,
+kinds of values, bounds, rendering) in :mod:`spe.dp.expressions`, SQL quoting in
+:mod:`spe.dp.sqltext`; this module compiles FROM/JOIN, GROUP BY, the SELECT list and the
+post-processing of the noisy table.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, date, datetime
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 from sqlglot import exp
 
@@ -41,17 +42,39 @@ from spe.datasets.metadata import (
     ColumnMeta,
     DatasetMetadata,
     LinkHop,
-    TableMeta,
     refusal_text,
 )
+from spe.dp.expressions import (
+    BINARY_OPS,
+    DEFAULT_YEAR_RANGE,
+    PART_RANGES,
+    Ctx,
+    bounds,
+    col_kind,
+    column_ref,
+    expect,
+    grid_for,
+    kind_of,
+    literal_sql,
+    mentions_unit,
+    part_of,
+    render,
+)
 from spe.dp.parse import AGGREGATES, DIALECT, refuse
+from spe.dp.plan_types import (
+    AggKind,
+    Aggregate,
+    GroupKey,
+    PostStep,
+    QueryPlan,
+    TableRef,
+)
+from spe.dp.sqltext import clamp_sql, quote_ident, str_lit
 from spe.errors import QueryRefused
 
-AggKind = Literal["count", "count_distinct", "sum", "avg", "variance", "stddev", "quantile"]
-NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "INT", "BIGINT", "HUGEINT", "UTINYINT",
-                 "USMALLINT", "UINTEGER", "UBIGINT", "FLOAT", "REAL", "DOUBLE", "DECIMAL",
-                 "NUMERIC")
-DATE_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMPTZ", "TIMESTAMP WITH TIME ZONE", "DATETIME")
+__all__ = ["AggKind", "Aggregate", "GroupKey", "PostStep", "QueryPlan", "TableRef",
+           "clamp_sql", "compile_plan", "quantile_candidates"]
+
 MAX_PUBLIC_CELLS = 100_000
 #: Bound on the work a plan may ask of the engine: public cells x (quantile candidates for a
 #: quantile, 1 otherwise) summed over aggregates. Checked from metadata, before data are read.
@@ -60,118 +83,6 @@ MAX_PLAN_WORK = 5_000_000
 OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MAX_ROWS_PER_PERSON = 1_000
 MAX_JOIN_TABLES = 4
-DEFAULT_YEAR_RANGE = (1900, datetime.now(UTC).year)
-_PARTS = {"year": "year", "month": "month", "quarter": "quarter", "day": "day",
-          "dayofweek": "dayofweek", "dow": "dayofweek", "dayofyear": "dayofyear",
-          "doy": "dayofyear"}
-_PART_RANGES = {"month": (1, 12), "quarter": (1, 4), "day": (1, 31), "dayofweek": (0, 6),
-                "dayofyear": (1, 366)}
-_NODE_PART = {exp.Year: "year", exp.Month: "month", exp.Quarter: "quarter", exp.Day: "day",
-              exp.DayOfWeek: "dayofweek", exp.DayOfYear: "dayofyear"}
-
-
-@dataclass(frozen=True)
-class TableRef:
-    alias: str  # generated alias t0, t1, ...
-    table: str
-    person_level: bool  # per-person or linked to a person (bounded per person)
-    k: int  # rows per person kept (1 for reference tables: unused)
-    one_per_person: bool = False  # unique on the privacy unit (checked at ingest): no rank
-    unit: str | None = None  # the column holding the row's person (hidden for linked tables)
-
-    @property
-    def unit_sql(self) -> str:
-        assert self.unit is not None
-        return f"{self.alias}.{_q(self.unit)}"
-
-
-@dataclass(frozen=True)
-class GroupKey:
-    name: str
-    sql: str
-    public_values: tuple[Any, ...] | None  # None: keys released only above a DP threshold
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    name: str
-    kind: AggKind
-    value_sql: str | None = None  # clamped DOUBLE expression (NULL for NULL/NaN rows)
-    lower: float = 0.0
-    upper: float = 0.0
-    grid: float = 1.0  # released values of this aggregate lie on multiples of grid (2^k)
-    alpha: float = 0.5
-    population: bool = False  # VAR_POP/STDDEV_POP vs sample
-    input_sql: str | None = None  # the DOUBLE expression before clamping (value_sql clamps it)
-
-
-@dataclass(frozen=True)
-class PostStep:
-    """HAVING / ORDER BY / LIMIT, applied to the noisy output table only."""
-
-    having_sql: str | None = None
-    order_sql: str | None = None
-    limit: int | None = None
-
-
-@dataclass(frozen=True)
-class QueryPlan:
-    dataset: str
-    tables: tuple[TableRef, ...]
-    join_sql: str  # FROM ... JOIN ... (generated)
-    truncation_sql: str  # rank filters (generated)
-    where_sql: str | None
-    keys: tuple[GroupKey, ...]
-    aggregates: tuple[Aggregate, ...]
-    columns: tuple[str, ...]  # output column order
-    post: PostStep
-    rows_per_person: int
-    groups_per_person: int
-    epsilon: float
-    delta: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def public_keys(self) -> bool:
-        return all(k.public_values is not None for k in self.keys)
-
-    def summary(self) -> dict[str, Any]:
-        """What the audit log records about the plan (no data values)."""
-        return {
-            "dataset": self.dataset,
-            "tables": [t.table for t in self.tables],
-            "keys": [k.name for k in self.keys],
-            "public_keys": self.public_keys,
-            "aggregates": [f"{a.kind}:{a.name}" for a in self.aggregates],
-            "rows_per_person": self.rows_per_person,
-            "groups_per_person": self.groups_per_person,
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-        }
-
-    def fingerprint(self) -> str:
-        body = json.dumps(asdict(self), sort_keys=True, default=str)
-        return hashlib.sha256(body.encode()).hexdigest()
-
-
-@dataclass
-class _Ctx:
-    meta: DatasetMetadata
-    terms: PermitTerms
-    dataset: str
-    aliases: dict[str, TableRef] = field(default_factory=dict)  # user alias -> ref
-    refs: list[TableRef] = field(default_factory=list)
-
-    def table_meta(self, ref: TableRef) -> TableMeta:
-        return self.meta.tables[ref.table]
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _str_lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def compile_plan(select: exp.Select, meta: DatasetMetadata, terms: PermitTerms, *,
@@ -186,16 +97,16 @@ def compile_plan(select: exp.Select, meta: DatasetMetadata, terms: PermitTerms, 
         raise QueryRefused(f"max_rows_per_person must be in 1..{MAX_ROWS_PER_PERSON}.")
     if groups_per_person is not None and not 1 <= groups_per_person <= MAX_ROWS_PER_PERSON:
         raise QueryRefused(f"max_groups_per_person must be in 1..{MAX_ROWS_PER_PERSON}.")
-    ctx = _Ctx(meta=meta, terms=terms, dataset=meta.name)
+    ctx = Ctx(meta=meta, terms=terms, dataset=meta.name)
     join_sql, trunc = _compile_from(select, ctx, rows_per_person)
     where = select.args.get("where")
     if where is not None:
-        _expect(where.this, ctx, "bool", "WHERE")
+        expect(where.this, ctx, "bool", "WHERE")
     for item in select.expressions:  # group keys and their SELECT copies, before matching
         inner = item.this if isinstance(item, exp.Alias) else item
         if not any(isinstance(n, AGGREGATES) for n in inner.walk()):
-            _kind(inner, ctx)
-    where_sql = _render(where.this, ctx, "bool") if where is not None else None
+            kind_of(inner, ctx)
+    where_sql = render(where.this, ctx, "bool") if where is not None else None
     keys, key_nodes = _compile_group(select, ctx)
     aggregates, columns = _compile_select(select, ctx, keys, key_nodes)
     if not aggregates:
@@ -230,7 +141,7 @@ def compile_plan(select: exp.Select, meta: DatasetMetadata, terms: PermitTerms, 
 
 # FROM / JOIN ------------------------------------------------------------------------------
 
-def _resolve_table(node: exp.Table, ctx: _Ctx, rows_per_person: int | None) -> TableRef:
+def _resolve_table(node: exp.Table, ctx: Ctx, rows_per_person: int | None) -> TableRef:
     dataset = node.args.get("db")
     if dataset is not None and dataset.name != ctx.dataset:
         raise refuse(f"the dataset {dataset.name!r} in this query",
@@ -267,13 +178,13 @@ def _resolve_table(node: exp.Table, ctx: _Ctx, rows_per_person: int | None) -> T
     return ref
 
 
-def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
+def _compile_from(select: exp.Select, ctx: Ctx, rows_per_person: int | None
                   ) -> tuple[str, str]:
     from_ = select.args.get("from_") or select.args.get("from")
     if from_ is None:
         raise refuse("a SELECT without FROM", "select from a permitted table")
     first = _resolve_table(from_.this, ctx, rows_per_person)
-    parts = [f"{_q(first.table)} AS {first.alias}"]
+    parts = [f"{quote_ident(first.table)} AS {first.alias}"]
     joins = select.args.get("joins") or []
     if len(joins) + 1 > MAX_JOIN_TABLES:
         raise refuse(f"more than {MAX_JOIN_TABLES} tables in one query")
@@ -290,9 +201,9 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
             if not isinstance(cond, exp.EQ):
                 raise refuse("a join condition other than column = column",
                              "join with ON a.person_id = b.person_id")
-            left, lref, lcol = _column(cond.this, ctx)
-            right, rref, rcol = _column(cond.expression, ctx)
-            if _col_kind(lcol) != _col_kind(rcol) or (_col_kind(lcol) == "other"
+            left, lref, lcol = column_ref(cond.this, ctx)
+            right, rref, rcol = column_ref(cond.expression, ctx)
+            if col_kind(lcol) != col_kind(rcol) or (col_kind(lcol) == "other"
                                                      and lcol.type != rcol.type):
                 raise refuse("a join on columns of different types "
                              f"({lcol.type} and {rcol.type})", "join columns of one type")
@@ -308,8 +219,8 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
                     person_join = True
                     child = lref if hop[0] == "left" else rref
                     if hop[1].when_column is not None:
-                        rendered.append(f"{child.alias}.{_q(hop[1].when_column)} = "
-                                        f"{_str_lit(str(hop[1].when_value))}")
+                        rendered.append(f"{child.alias}.{quote_ident(hop[1].when_column)} = "
+                                        f"{str_lit(str(hop[1].when_value))}")
                 else:
                     extra.append(cond)
             else:
@@ -333,11 +244,11 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
             # person columns (hidden for linked tables) are equal by construction on the
             # paths accepted above, and saying so makes the bound hold even if they were not.
             other = next(r for r in ctx.refs if r.person_level and r is not ref
-                         and any(r in (_column(c.this, ctx)[1], _column(c.expression, ctx)[1])
+                         and any(r in (column_ref(c.this, ctx)[1], column_ref(c.expression, ctx)[1])
                                  for c in conds))
             rendered.append(f"{ref.unit_sql} = {other.unit_sql}")
-        parts.append(f"JOIN {_q(ref.table)} AS {ref.alias} ON " + " AND ".join(rendered))
-    trunc = " AND ".join(f"{r.alias}.{_q(ROW_RANK_COLUMN)} <= {r.k}"
+        parts.append(f"JOIN {quote_ident(ref.table)} AS {ref.alias} ON " + " AND ".join(rendered))
+    trunc = " AND ".join(f"{r.alias}.{quote_ident(ROW_RANK_COLUMN)} <= {r.k}"
                          for r in ctx.refs if r.person_level and not r.one_per_person)
     if not any(r.person_level for r in ctx.refs):
         raise refuse("a query over reference tables only (no person-level table)",
@@ -346,7 +257,7 @@ def _compile_from(select: exp.Select, ctx: _Ctx, rows_per_person: int | None
 
 
 def _link_hop(lref: TableRef, lcol: ColumnMeta, rref: TableRef, rcol: ColumnMeta,
-              ctx: _Ctx) -> tuple[str, LinkHop] | None:
+              ctx: Ctx) -> tuple[str, LinkHop] | None:
     """The declared hop that ``lcol = rcol`` follows (and which side is the linked child)."""
     for side, child, ccol, parent, pcol in (("left", lref, lcol, rref, rcol),
                                              ("right", rref, rcol, lref, lcol)):
@@ -360,440 +271,14 @@ def _link_hop(lref: TableRef, lcol: ColumnMeta, rref: TableRef, rcol: ColumnMeta
     return None
 
 
-def _column(node: exp.Expression, ctx: _Ctx) -> tuple[str, TableRef, ColumnMeta]:
-    """Resolve a column reference to (generated SQL, table, metadata) or refuse."""
-    if not isinstance(node, exp.Column):
-        raise refuse("a join condition on an expression", "join on plain columns")
-    name = node.name
-    table = node.table
-    if node.args.get("db") or node.args.get("catalog"):
-        raise refuse("a column qualified with a dataset", "write alias.column")
-    if table:
-        if table not in ctx.aliases:
-            raise refuse(f"the table alias {table!r}, which is not in FROM")
-        candidates = [ctx.aliases[table]]
-    else:
-        candidates = [r for r in ctx.refs if ctx.table_meta(r).column(name) is not None]
-        if len(candidates) > 1:
-            raise refuse(f"the ambiguous column {name!r}", "qualify it: alias.column")
-    if not candidates:
-        raise refuse(f"the column {name!r}, which is unknown or not granted by the permit")
-    ref = candidates[0]
-    col = ctx.table_meta(ref).column(name)
-    allowed = ctx.terms.allowed_columns(ctx.dataset, ref.table)
-    if col is None or name not in allowed or name == ROW_RANK_COLUMN:
-        raise refuse(f"the column {name!r} of {ref.table!r}, which is unknown or not granted "
-                     "by the permit", "use the permitted columns: " + ", ".join(sorted(
-                         c for c in allowed if c != ROW_RANK_COLUMN)))
-    return f"{ref.alias}.{_q(name)}", ref, col
-
-
-def _is_numeric(col: ColumnMeta) -> bool:
-    return col.type.upper().split("(")[0].strip() in NUMERIC_TYPES
-
-
-def _is_date(col: ColumnMeta) -> bool:
-    return col.type.upper().split("(")[0].strip() in DATE_TYPES
-
-
-# Expressions -------------------------------------------------------------------------------
-
-_BINARY = {exp.Add: "+", exp.Sub: "-", exp.Mul: "*", exp.Div: "/", exp.EQ: "=",
-           exp.NEQ: "<>", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<=",
-           exp.And: "AND", exp.Or: "OR"}
-_UNARY_FUNCS = {exp.Abs: "abs", exp.Lower: "lower", exp.Upper: "upper", exp.Floor: "floor",
-                exp.Ceil: "ceil"}
-
-
-def _literal(node: exp.Literal) -> str:
-    if node.is_string:
-        return _str_lit(str(node.this))
-    value = float(node.this)
-    if not math.isfinite(value):
-        raise refuse("a non-finite numeric literal")
-    return f"CAST({value!r} AS DOUBLE)"
-
-
-def _part_of(node: exp.Expression) -> tuple[str, exp.Expression] | None:
-    for cls, part in _NODE_PART.items():
-        if isinstance(node, cls):
-            return part, node.this
-    if isinstance(node, exp.Extract):
-        return _PARTS[node.this.name.lower()], node.expression
-    if isinstance(node, exp.Anonymous) and str(node.this).lower() in ("date_part", "datepart"):
-        return _PARTS[node.expressions[0].this.lower()], node.expressions[1]
-    return None
-
-
-def _render(node: exp.Expression, ctx: _Ctx, mode: str = "value") -> str:
-    """Generate DuckDB SQL for an allow-listed scalar expression.
-
-    Numeric columns and numeric literals are cast to DOUBLE so arithmetic cannot raise a
-    data-dependent overflow error (it yields inf/NaN, handled by clamping instead).
-    """
-    if isinstance(node, AGGREGATES):
-        raise refuse("an aggregate inside WHERE, GROUP BY or another expression",
-                     "aggregates may appear only at the top of SELECT (and in HAVING)")
-    if isinstance(node, exp.Column):
-        sql, _ref, col = _column(node, ctx)
-        return f"CAST({sql} AS DOUBLE)" if _is_numeric(col) else sql
-    if isinstance(node, exp.Literal):
-        return _literal(node)
-    if isinstance(node, exp.Boolean):
-        return "TRUE" if node.this else "FALSE"
-    if isinstance(node, exp.Null):
-        return "NULL"
-    if isinstance(node, exp.Paren):
-        return f"({_render(node.this, ctx, mode)})"
-    if isinstance(node, exp.Neg):
-        return f"(-{_render(node.this, ctx, mode)})"
-    if isinstance(node, exp.Not):
-        return f"(NOT {_render(node.this, ctx, mode)})"
-    for cls, op in _BINARY.items():
-        if type(node) is cls:
-            return f"({_render(node.this, ctx)} {op} {_render(node.expression, ctx)})"
-    if isinstance(node, exp.Is):
-        target = node.expression
-        if not isinstance(target, exp.Null | exp.Boolean):
-            raise refuse("IS with something other than NULL/TRUE/FALSE")
-        return f"({_render(node.this, ctx)} IS {_render(target, ctx)})"
-    if isinstance(node, exp.In):
-        items = node.expressions
-        if not items or not all(isinstance(i, exp.Literal | exp.Null | exp.Boolean | exp.Neg
-                                           | exp.Cast)
-                                for i in items):
-            raise refuse("IN with non-literal values", "list literal values: x IN (1, 2, 3)")
-        return f"({_render(node.this, ctx)} IN ({', '.join(_render(i, ctx) for i in items)}))"
-    if isinstance(node, exp.Between):
-        return (f"({_render(node.this, ctx)} BETWEEN {_render(node.args['low'], ctx)} AND "
-                f"{_render(node.args['high'], ctx)})")
-    if isinstance(node, exp.Like | exp.ILike):
-        pattern = node.expression
-        if not (isinstance(pattern, exp.Literal) and pattern.is_string):
-            raise refuse("LIKE with a non-literal pattern", "write LIKE 'text%'")
-        op = "LIKE" if isinstance(node, exp.Like) else "ILIKE"
-        return f"({_render(node.this, ctx)} {op} {_literal(pattern)})"
-    if isinstance(node, exp.Case):
-        subject = node.this
-        out = ["CASE"]
-        if subject is not None:
-            out.append(_render(subject, ctx))
-        for branch in node.args.get("ifs") or []:
-            out.append(f"WHEN {_render(branch.this, ctx)} THEN "
-                       f"{_render(branch.args['true'], ctx)}")
-        default = node.args.get("default")
-        if default is not None:
-            out.append(f"ELSE {_render(default, ctx)}")
-        out.append("END")
-        return "(" + " ".join(out) + ")"
-    if isinstance(node, exp.If):
-        false = node.args.get("false")
-        tail = f" ELSE {_render(false, ctx)}" if false is not None else ""
-        return (f"(CASE WHEN {_render(node.this, ctx)} THEN {_render(node.args['true'], ctx)}"
-                f"{tail} END)")
-    if isinstance(node, exp.Coalesce | exp.Least | exp.Greatest):
-        name = {exp.Coalesce: "coalesce", exp.Least: "least", exp.Greatest: "greatest"}[
-            type(node)]
-        args = [node.this, *node.expressions]
-        return f"{name}({', '.join(_render(a, ctx) for a in args)})"
-    for fcls, fname in _UNARY_FUNCS.items():
-        if type(node) is fcls:
-            return f"{fname}({_render(node.this, ctx)})"
-    if isinstance(node, exp.Round):
-        digits = node.args.get("decimals")
-        if digits is not None and not (isinstance(digits, exp.Literal) and not digits.is_string):
-            raise refuse("ROUND with non-literal digits")
-        nd = f", {int(float(digits.this))}" if digits is not None else ""
-        return f"round({_render(node.this, ctx)}{nd})"
-    if isinstance(node, exp.Cast):
-        to = node.args["to"].this
-        text = str(node.this.this)
-        try:
-            if to == exp.DataType.Type.DATE:
-                return f"DATE {_str_lit(date.fromisoformat(text).isoformat())}"
-            stamp = datetime.fromisoformat(text)
-            if stamp.tzinfo is not None:
-                raise ValueError("time zone")
-            return f"TIMESTAMP {_str_lit(stamp.isoformat(sep=' '))}"
-        except ValueError as err:
-            raise refuse("a malformed DATE/TIMESTAMP literal", "write DATE 'YYYY-MM-DD'") \
-                from err
-    part = _part_of(node)
-    if part is not None:
-        name, arg = part
-        if not isinstance(arg, exp.Column):
-            raise refuse("a date part of an expression", "take date parts of a date column")
-        sql, _ref, col = _column(arg, ctx)
-        if not _is_date(col):
-            raise refuse(f"a date part of the non-date column {col.name!r}")
-        part_sql = f"date_part({_str_lit(name)}, {sql})"
-        # BIGINT date parts are DOUBLE in expressions (no INT64 overflow error in arithmetic);
-        # a date part that is itself a group key keeps its integer type.
-        return part_sql if mode == "key" else f"CAST({part_sql} AS DOUBLE)"
-    raise refuse(f"the expression {type(node).__name__} here")
-
-
-# Kinds of values (no data-dependent DuckDB errors) -------------------------------------------
-#
-# DuckDB raises at run time, per row, when it must cast a VARCHAR to a number, a date or a
-# boolean, when a BIGINT product overflows, or when infinite timestamps are subtracted. Such an
-# error depends on which rows reach the expression, so "did the query fail?" would be an exact,
-# noise-free bit about the data (e.g. CASE WHEN person_id = 123 THEN name = 1 END fails iff
-# person 123 has a row). Every expression is therefore checked here, from metadata only, to
-# combine values of one kind: numbers with numbers (columns and date parts are DOUBLE, so
-# arithmetic yields inf/NaN, never an error), strings with strings, dates with dates or with a
-# string literal that is a valid ISO date/timestamp (rewritten to a typed literal, parsed by
-# Python here and not by DuckDB per row), booleans where a condition is expected. Arithmetic
-# applies to numbers only. Anything else is refused before data are touched.
-
-_STR_TYPES = ("VARCHAR", "TEXT", "STRING", "CHAR", "BPCHAR")
-
-
-def _col_kind(col: ColumnMeta) -> str:
-    base = col.type.upper().split("(")[0].strip()
-    if _is_numeric(col):
-        return "num"
-    if _is_date(col):
-        return "date" if base == "DATE" else "ts"
-    if base in ("BOOLEAN", "BOOL"):
-        return "bool"
-    if base in _STR_TYPES:
-        return "str"
-    return "other"
-
-
-_KIND_NAMES = {"num": "a number", "str": "a string", "strlit": "a string", "date": "a date",
-               "ts": "a timestamp",
-               "bool": "a condition (true/false)", "other": "a value of an unsupported type"}
-
-
-def _expect(node: exp.Expression, ctx: _Ctx, kind: str, what: str) -> None:
-    got = _kind(node, ctx)
-    if got == "null" or got == kind or (kind == "str" and got == "strlit"):
-        return
-    raise refuse(f"{_KIND_NAMES[got]} where {what} expects {_KIND_NAMES[kind]} "
-                 f"({node.sql(dialect=DIALECT)[:60]})",
-                 "compare values of the same kind (numbers with numbers, strings with "
-                 "strings, dates with DATE '...' literals, timestamps with TIMESTAMP '...' "
-                 "literals) and use date parts, not date arithmetic")
-
-
-def _time_literal(node: exp.Expression, kind: str) -> None:
-    """Replace a string literal compared with a date (``kind`` "date") or a timestamp
-    ("ts") by a literal of that type, parsed here (or refuse): DATE and TIMESTAMP values
-    are never compared with each other, so no implicit conversion runs per row."""
-    lit = node
-    while isinstance(lit, exp.Paren):
-        lit = lit.this
-    text = str(lit.this)
-    try:
-        if kind == "date":
-            to, iso = "DATE", date.fromisoformat(text).isoformat()
-        else:
-            value = datetime.fromisoformat(text)
-            if value.tzinfo is not None:
-                raise ValueError("time zone")
-            to, iso = "TIMESTAMP", value.isoformat(sep=" ")
-    except ValueError as err:
-        what, example = (("a date", "DATE '2020-01-31'") if kind == "date" else
-                         ("a timestamp", "TIMESTAMP '2020-01-31 12:00:00'"))
-        raise refuse(f"the string {text[:40]!r} compared with {what}",
-                     f"write an ISO literal such as {example}") from err
-    node.replace(exp.Cast(this=exp.Literal.string(iso), to=exp.DataType.build(to)))
-
-
-def _unify(nodes: list[exp.Expression], ctx: _Ctx, what: str) -> str:
-    kinds = [_kind(n, ctx) for n in nodes]
-    present = {k for k in kinds if k not in ("null", "strlit")}
-    if "other" in present or len(present) > 1:
-        names = sorted({_KIND_NAMES[k] for k in kinds if k != "null"})
-        raise refuse(f"{what} mixing {' and '.join(names)}",
-                     "compare values of the same kind (numbers with numbers, strings with "
-                     "strings, dates with DATE '...' literals, timestamps with "
-                     "TIMESTAMP '...' literals; compare date parts such as YEAR(x) across "
-                     "the two)")
-    if not present:
-        return "str" if "strlit" in kinds else "null"
-    (kind,) = present
-    if "strlit" in kinds:
-        if kind in ("date", "ts"):
-            for node, k in zip(nodes, kinds, strict=True):
-                if k == "strlit":
-                    _time_literal(node, kind)
-        elif kind != "str":
-            raise refuse(f"{what} mixing a string with {_KIND_NAMES[kind]}",
-                         "compare values of the same kind")
-    return kind
-
-
-def _kind(node: exp.Expression, ctx: _Ctx) -> str:
-    """The kind of value ``node`` yields (see above); refuses mixed or unsafe combinations."""
-    if isinstance(node, exp.Paren):
-        return _kind(node.this, ctx)
-    if isinstance(node, exp.Column):
-        return _col_kind(_column(node, ctx)[2])
-    if isinstance(node, exp.Literal):
-        return "strlit" if node.is_string else "num"
-    if isinstance(node, exp.Boolean):
-        return "bool"
-    if isinstance(node, exp.Null):
-        return "null"
-    if isinstance(node, exp.Cast):
-        return "date" if node.args["to"].this == exp.DataType.Type.DATE else "ts"
-    if _part_of(node) is not None:
-        return "num"
-    if isinstance(node, exp.Neg | exp.Abs | exp.Floor | exp.Ceil | exp.Round):
-        _expect(node.this, ctx, "num", "arithmetic")
-        return "num"
-    if isinstance(node, exp.Add | exp.Sub | exp.Mul | exp.Div):
-        _expect(node.this, ctx, "num", "arithmetic")
-        _expect(node.expression, ctx, "num", "arithmetic")
-        return "num"
-    if isinstance(node, exp.EQ | exp.NEQ | exp.GT | exp.GTE | exp.LT | exp.LTE):
-        _unify([node.this, node.expression], ctx, "a comparison")
-        return "bool"
-    if isinstance(node, exp.And | exp.Or):
-        _expect(node.this, ctx, "bool", "AND/OR")
-        _expect(node.expression, ctx, "bool", "AND/OR")
-        return "bool"
-    if isinstance(node, exp.Not):
-        _expect(node.this, ctx, "bool", "NOT")
-        return "bool"
-    if isinstance(node, exp.In):
-        _unify([node.this, *node.expressions], ctx, "IN")
-        return "bool"
-    if isinstance(node, exp.Between):
-        _unify([node.this, node.args["low"], node.args["high"]], ctx, "BETWEEN")
-        return "bool"
-    if isinstance(node, exp.Like | exp.ILike):
-        _expect(node.this, ctx, "str", "LIKE")
-        return "bool"
-    if isinstance(node, exp.Is):
-        if isinstance(node.expression, exp.Null):
-            _kind(node.this, ctx)
-        else:
-            _expect(node.this, ctx, "bool", "IS TRUE/FALSE")
-        return "bool"
-    if isinstance(node, exp.Case | exp.If):
-        if isinstance(node, exp.Case):
-            ifs = node.args.get("ifs") or []
-            if node.this is not None:
-                _unify([node.this, *[b.this for b in ifs]], ctx, "CASE ... WHEN")
-            else:
-                for b in ifs:
-                    _expect(b.this, ctx, "bool", "CASE WHEN")
-            branches = [b.args["true"] for b in ifs]
-            default = node.args.get("default")
-        else:
-            _expect(node.this, ctx, "bool", "IF")
-            branches, default = [node.args["true"]], node.args.get("false")
-        if default is not None:
-            branches.append(default)
-        return _unify(branches, ctx, "the results of CASE")
-    if isinstance(node, exp.Coalesce | exp.Least | exp.Greatest):
-        return _unify([node.this, *node.expressions], ctx, type(node).__name__.upper())
-    if isinstance(node, exp.Lower | exp.Upper):
-        _expect(node.this, ctx, "str", type(node).__name__.upper())
-        return "str"
-    return "other"
-
-
-def _mentions_unit(node: exp.Expression, ctx: _Ctx) -> bool:
-    return any(isinstance(n, exp.Column) and n.name == ctx.meta.privacy_unit
-               for n in node.walk())
-
-
-def _bounds(node: exp.Expression, ctx: _Ctx) -> tuple[float, float]:
-    """Interval of values ``node`` can take (inf where nothing is declared)."""
-    inf = math.inf
-    if isinstance(node, exp.Column):
-        _sql, _ref, col = _column(node, ctx)
-        if _is_numeric(col):
-            lo = col.lower if col.lower is not None else -inf
-            hi = col.upper if col.upper is not None else inf
-            return float(lo), float(hi)
-        return -inf, inf
-    if isinstance(node, exp.Literal):
-        if node.is_string:
-            return -inf, inf
-        v = float(node.this)
-        return v, v
-    if isinstance(node, exp.Boolean):
-        return (1.0, 1.0) if node.this else (0.0, 0.0)
-    if isinstance(node, exp.Null):
-        return inf, -inf  # empty interval: contributes nothing to unions
-    if isinstance(node, exp.Paren):
-        return _bounds(node.this, ctx)
-    if isinstance(node, exp.Neg):
-        lo, hi = _bounds(node.this, ctx)
-        return -hi, -lo
-    if isinstance(node, exp.Add | exp.Sub | exp.Mul | exp.Div):
-        a = _bounds(node.this, ctx)
-        b = _bounds(node.expression, ctx)
-        if isinstance(node, exp.Add):
-            return a[0] + b[0], a[1] + b[1]
-        if isinstance(node, exp.Sub):
-            return a[0] - b[1], a[1] - b[0]
-        if isinstance(node, exp.Div):
-            if not (b[0] == b[1] and b[0] != 0 and math.isfinite(b[0])):
-                return -inf, inf
-            b = (1.0 / b[0], 1.0 / b[0])
-        prods = [x * y for x in a for y in b if not (math.isinf(x) and y == 0)
-                 and not (math.isinf(y) and x == 0)]
-        return (min(prods), max(prods)) if prods else (0.0, 0.0)
-    if isinstance(node, exp.Case | exp.If | exp.Coalesce):
-        if isinstance(node, exp.Case):
-            branches = [b.args["true"] for b in node.args.get("ifs") or []]
-            default = node.args.get("default")
-        elif isinstance(node, exp.If):
-            branches, default = [node.args["true"]], node.args.get("false")
-        else:
-            branches, default = [node.this, *node.expressions], None
-        if default is not None:
-            branches.append(default)
-        ivs = [_bounds(b, ctx) for b in branches]
-        return min(i[0] for i in ivs), max(i[1] for i in ivs)
-    if isinstance(node, exp.Least | exp.Greatest):
-        ivs = [_bounds(a, ctx) for a in [node.this, *node.expressions]]
-        if isinstance(node, exp.Least):
-            return min(i[0] for i in ivs), min(i[1] for i in ivs)
-        return max(i[0] for i in ivs), max(i[1] for i in ivs)
-    if isinstance(node, exp.Abs):
-        lo, hi = _bounds(node.this, ctx)
-        if lo >= 0:
-            return lo, hi
-        if hi <= 0:
-            return -hi, -lo
-        return 0.0, max(-lo, hi)
-    if isinstance(node, exp.Floor | exp.Ceil | exp.Round):
-        lo, hi = _bounds(node.this, ctx)
-        return lo - 1, hi + 1
-    if isinstance(node, exp.EQ | exp.NEQ | exp.GT | exp.GTE | exp.LT | exp.LTE | exp.And
-                  | exp.Or | exp.Not | exp.In | exp.Between | exp.Like | exp.ILike | exp.Is):
-        return 0.0, 1.0
-    part = _part_of(node)
-    if part is not None:
-        name = part[0]
-        return (float(DEFAULT_YEAR_RANGE[0]), float(DEFAULT_YEAR_RANGE[1])) if name == "year" \
-            else tuple(float(x) for x in _PART_RANGES[name])  # type: ignore[return-value]
-    return -inf, inf
-
-
-def _grid(bound: float) -> float:
-    """Power-of-two grid so one row contributes at most ~2048 grid units."""
-    if bound <= 0:
-        return 1.0
-    return 2.0 ** math.floor(math.log2(bound / 1024.0))
-
-
 # GROUP BY ------------------------------------------------------------------------------------
 
-def _key_public_values(node: exp.Expression, ctx: _Ctx) -> tuple[Any, ...] | None:
-    part = _part_of(node)
+def _key_public_values(node: exp.Expression, ctx: Ctx) -> tuple[Any, ...] | None:
+    part = part_of(node)
     if part is not None:
         name, arg = part
         if name == "year":
-            _sql, _ref, col = _column(arg, ctx)
+            _sql, _ref, col = column_ref(arg, ctx)
             # The declared calendar range (year_lower/year_upper, recorded at ingest) is the
             # public key set; rows outside it are filtered out by the key IN (...) filter.
             lo = col.year_lower if col.year_lower is not None else (
@@ -805,10 +290,10 @@ def _key_public_values(node: exp.Expression, ctx: _Ctx) -> tuple[Any, ...] | Non
             if lo > hi:
                 raise refuse(f"the column {col.name!r}, whose declared year range is empty")
             return tuple(range(int(lo), int(hi) + 1))
-        lo, hi = _PART_RANGES[name]
+        lo, hi = PART_RANGES[name]
         return tuple(range(lo, hi + 1))
     if isinstance(node, exp.Column):
-        _sql, _ref, col = _column(node, ctx)
+        _sql, _ref, col = column_ref(node, ctx)
         if col.public_values is not None:
             # Normalised again here (metadata recorded before ingest normalised it): a value
             # listed twice would be released twice with fresh noise, outside the accounting.
@@ -826,7 +311,7 @@ def _key_public_values(node: exp.Expression, ctx: _Ctx) -> tuple[Any, ...] | Non
     return None
 
 
-def _compile_group(select: exp.Select, ctx: _Ctx
+def _compile_group(select: exp.Select, ctx: Ctx
                    ) -> tuple[list[GroupKey], list[exp.Expression]]:
     group = select.args.get("group")
     if group is None:
@@ -847,17 +332,17 @@ def _compile_group(select: exp.Select, ctx: _Ctx
         elif isinstance(item, exp.Column) and not item.table and item.name in aliases \
                 and not any(ctx.table_meta(r).column(item.name) for r in ctx.refs):
             node = aliases[item.name]
-        if _mentions_unit(node, ctx):
+        if mentions_unit(node, ctx):
             raise refuse("GROUP BY the privacy unit (person_id) or an expression of it",
                          "group by attributes such as year or concept; use "
                          "COUNT(DISTINCT person_id) to count persons")
         if any(isinstance(n, AGGREGATES) for n in node.walk()):
             raise refuse("GROUP BY an aggregate")
-        _kind(node, ctx)
-        sql = _render(node, ctx, "key")
+        kind_of(node, ctx)
+        sql = render(node, ctx, "key")
         # Group keys keep their native type (no DOUBLE cast) so outputs read naturally.
         if isinstance(node, exp.Column):
-            sql = _column(node, ctx)[0]
+            sql = column_ref(node, ctx)[0]
         public = _key_public_values(node, ctx)
         name = _output_name(select, node, f"key{len(keys)}")
         keys.append(GroupKey(name=name, sql=sql, public_values=public))
@@ -898,7 +383,7 @@ def _output_name(select: exp.Select, node: exp.Expression, default: str) -> str:
 
 # SELECT list ---------------------------------------------------------------------------------
 
-def _compile_select(select: exp.Select, ctx: _Ctx, keys: list[GroupKey],
+def _compile_select(select: exp.Select, ctx: Ctx, keys: list[GroupKey],
                     key_nodes: list[exp.Expression]) -> tuple[list[Aggregate], list[str]]:
     aggregates: list[Aggregate] = []
     columns: list[str] = []
@@ -937,7 +422,7 @@ def _default_agg_name(node: exp.Expression, index: int) -> str:
     return f"{base}_{index}"
 
 
-def _compile_aggregate(node: exp.Expression, ctx: _Ctx, name: str) -> Aggregate:
+def _compile_aggregate(node: exp.Expression, ctx: Ctx, name: str) -> Aggregate:
     agg = _compile_aggregate_kind(node, ctx, name)
     if agg.value_sql is not None:
         _sql, _lo, _hi, v = _clamped_input(node.this, ctx)
@@ -945,7 +430,7 @@ def _compile_aggregate(node: exp.Expression, ctx: _Ctx, name: str) -> Aggregate:
     return agg
 
 
-def _compile_aggregate_kind(node: exp.Expression, ctx: _Ctx, name: str) -> Aggregate:
+def _compile_aggregate_kind(node: exp.Expression, ctx: Ctx, name: str) -> Aggregate:
     arg = node.this
     if isinstance(node, exp.Count):
         if isinstance(arg, exp.Star):
@@ -954,7 +439,7 @@ def _compile_aggregate_kind(node: exp.Expression, ctx: _Ctx, name: str) -> Aggre
             cols = arg.expressions
             if len(cols) == 1 and isinstance(cols[0], exp.Column) \
                     and cols[0].name == ctx.meta.privacy_unit:
-                _column(cols[0], ctx)
+                column_ref(cols[0], ctx)
                 return Aggregate(name=name, kind="count_distinct")
             raise refuse("COUNT(DISTINCT ...) of anything but person_id",
                          "use COUNT(DISTINCT person_id), or GROUP BY the column")
@@ -968,14 +453,14 @@ def _compile_aggregate_kind(node: exp.Expression, ctx: _Ctx, name: str) -> Aggre
     value_sql, lo, hi = _clamped(arg, ctx)
     bound = max(abs(lo), abs(hi))
     if isinstance(node, exp.Sum):
-        return Aggregate(name, "sum", value_sql, lo, hi, _grid(bound))
+        return Aggregate(name, "sum", value_sql, lo, hi, grid_for(bound))
     if isinstance(node, exp.Avg):
-        return Aggregate(name, "avg", value_sql, lo, hi, _grid(bound))
+        return Aggregate(name, "avg", value_sql, lo, hi, grid_for(bound))
     if isinstance(node, exp.Variance | exp.VariancePop):
-        return Aggregate(name, "variance", value_sql, lo, hi, _grid(bound * bound),
+        return Aggregate(name, "variance", value_sql, lo, hi, grid_for(bound * bound),
                          population=isinstance(node, exp.VariancePop))
     if isinstance(node, exp.Stddev | exp.StddevSamp | exp.StddevPop):
-        return Aggregate(name, "stddev", value_sql, lo, hi, _grid(bound),
+        return Aggregate(name, "stddev", value_sql, lo, hi, grid_for(bound),
                          population=isinstance(node, exp.StddevPop))
     # Quantiles
     if isinstance(node, exp.Median):
@@ -989,16 +474,16 @@ def _compile_aggregate_kind(node: exp.Expression, ctx: _Ctx, name: str) -> Aggre
         if not 0.0 <= alpha <= 1.0:
             raise refuse("a quantile level outside [0, 1]")
     span = hi - lo
-    return Aggregate(name, "quantile", value_sql, lo, hi, _grid(span) if span > 0 else 1.0,
+    return Aggregate(name, "quantile", value_sql, lo, hi, grid_for(span) if span > 0 else 1.0,
                      alpha=round(alpha, 3))
 
 
-def _clamped(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float]:
+def _clamped(arg: exp.Expression, ctx: Ctx) -> tuple[str, float, float]:
     sql, lo, hi, _v = _clamped_input(arg, ctx)
     return sql, lo, hi
 
 
-def _clamped_input(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float, str]:
+def _clamped_input(arg: exp.Expression, ctx: Ctx) -> tuple[str, float, float, str]:
     """SQL for the aggregated value clamped to its bounds; NULL for NULL/NaN inputs.
 
     Bounds come from interval arithmetic over declared column bounds and literals, so
@@ -1006,10 +491,10 @@ def _clamped_input(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float, s
     accordingly, and every row's value is forced into [lo, hi] before summing (``+inf`` to hi,
     ``-inf`` to lo). Unbounded expressions are refused.
     """
-    if _kind(arg, ctx) not in ("num", "bool", "null"):
+    if kind_of(arg, ctx) not in ("num", "bool", "null"):
         raise refuse("an aggregate of a value that is not a number",
                      "aggregate numbers, or count rows with COUNT(*)")
-    lo, hi = _bounds(arg, ctx)
+    lo, hi = bounds(arg, ctx)
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise refuse("an aggregated expression without declared bounds",
                      "aggregate columns with declared bounds, or clamp explicitly: "
@@ -1019,20 +504,13 @@ def _clamped_input(arg: exp.Expression, ctx: _Ctx) -> tuple[str, float, float, s
     if 0 < max(abs(lo), abs(hi)) < 1e-100:  # the power-of-two grids of B and B^2 underflow
         raise refuse("an aggregated expression with bounds below 1e-100",
                      "scale the expression up and the result down")
-    v = f"CAST({_render(arg, ctx)} AS DOUBLE)"
+    v = f"CAST({render(arg, ctx)} AS DOUBLE)"
     return clamp_sql(v, float(lo), float(hi)), float(lo), float(hi), v
-
-
-def clamp_sql(v: str, lo: float, hi: float) -> str:
-    """``v`` (a DOUBLE expression or column) clamped to [lo, hi]; NULL for NULL and NaN."""
-    return (f"(CASE WHEN {v} IS NULL OR isnan({v}) THEN NULL "
-            f"ELSE least(greatest({v}, {lo!r}), {hi!r}) END)")
-
 
 
 # HAVING / ORDER BY / LIMIT (post-processing of the noisy table) ------------------------------
 
-def _compile_post(select: exp.Select, ctx: _Ctx, aggregates: list[Aggregate],
+def _compile_post(select: exp.Select, ctx: Ctx, aggregates: list[Aggregate],
                   keys: list[GroupKey], key_nodes: list[exp.Expression]) -> PostStep:
     agg_nodes: dict[str, str] = {}
     for item in select.expressions:
@@ -1049,16 +527,16 @@ def _compile_post(select: exp.Select, ctx: _Ctx, aggregates: list[Aggregate],
             if text not in agg_nodes:
                 raise refuse("an aggregate in HAVING/ORDER BY that is not in SELECT",
                              "add the aggregate to SELECT")
-            return _q(agg_nodes[text])
+            return quote_ident(agg_nodes[text])
         if text in key_by_sql and not isinstance(node, exp.Literal):
-            return _q(key_by_sql[text])
+            return quote_ident(key_by_sql[text])
         if isinstance(node, exp.Column):
             if node.name in outputs and not node.table:
-                return _q(node.name)
+                return quote_ident(node.name)
             raise refuse(f"the column {node.name!r} in HAVING/ORDER BY",
                          "refer to output columns or aliases")
         if isinstance(node, exp.Literal):
-            return _literal(node)
+            return literal_sql(node)
         if isinstance(node, exp.Paren):
             return f"({out(node.this)})"
         if isinstance(node, exp.Neg):
@@ -1066,10 +544,10 @@ def _compile_post(select: exp.Select, ctx: _Ctx, aggregates: list[Aggregate],
         if isinstance(node, exp.Not):
             return f"(NOT {out(node.this)})"
         if isinstance(node, exp.Null | exp.Boolean):
-            return _render(node, ctx)
+            return render(node, ctx)
         if isinstance(node, exp.Is):
-            return f"({out(node.this)} IS {_render(node.expression, ctx)})"
-        for cls, op in _BINARY.items():
+            return f"({out(node.this)} IS {render(node.expression, ctx)})"
+        for cls, op in BINARY_OPS.items():
             if type(node) is cls:
                 return f"({out(node.this)} {op} {out(node.expression)})"
         raise refuse(f"the expression {type(node).__name__} in HAVING/ORDER BY")
@@ -1089,7 +567,7 @@ def _compile_post(select: exp.Select, ctx: _Ctx, aggregates: list[Aggregate],
                 if not 0 <= idx < len(ordered):
                     raise refuse("an ORDER BY position outside the SELECT list")
                 del cols
-                expr = _q(ordered[idx])
+                expr = quote_ident(ordered[idx])
             else:
                 expr = out(node)
             parts.append(f"{expr} {'DESC' if o.args.get('desc') else 'ASC'} NULLS LAST")
