@@ -257,8 +257,9 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
-                     stage: str) -> None:
+def _delimited_source(sf: SourceFile, spec: TableSpec, stage: str) -> str:
+    """A subquery reading the delimited file with the spec's types; bad lines go to the
+    rejects table ``{stage}_rejects`` (see :func:`_check_rejects`)."""
     types = spec.duckdb_columns()
     # DATE columns are read as TIMESTAMP so "2020-01-31 00:00:00" (a common export of dates)
     # is accepted, then truncated to the date.
@@ -269,11 +270,17 @@ def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: Table
         for c in sf.columns)
     rejects, scan = f"{stage}_rejects", f"{stage}_scan"
     assert sf.delimiter is not None
-    con.execute(
-        f"CREATE TEMP TABLE {stage} AS SELECT {select_list} FROM read_csv({_lit(str(sf.path))}, "
-        f"auto_detect=false, header=true, delim={_lit(sf.delimiter)}, quote='\"', "
-        f"escape='\"', columns={columns}, store_rejects=true, "
-        f"rejects_table={_lit(rejects)}, rejects_scan={_lit(scan)})")
+    return (f"(SELECT {select_list} FROM read_csv({_lit(str(sf.path))}, "
+            f"auto_detect=false, header=true, delim={_lit(sf.delimiter)}, quote='\"', "
+            f"escape='\"', columns={columns}, store_rejects=true, "
+            f"rejects_table={_lit(rejects)}, rejects_scan={_lit(scan)}))")
+
+
+def _check_rejects(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                   stage: str) -> None:
+    """Raise for the first line DuckDB rejected while reading the delimited file."""
+    types = spec.duckdb_columns()
+    rejects = f"{stage}_rejects"
     first = con.execute(
         f"SELECT line, column_idx, column_name, CAST(error_type AS VARCHAR) FROM {rejects} "
         "ORDER BY line, error_type = 'CAST', column_idx LIMIT 1").fetchone()
@@ -288,9 +295,16 @@ def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: Table
                           f"{_REJECT_TEXT.get(kind, kind.lower())}{more}")
 
 
-def _stage_parquet(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
-                   stage: str) -> None:
-    """Stage a Parquet file; its row numbers (from 0) are kept in ``_spe_pos``."""
+def _stage_delimited(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                     stage: str) -> None:
+    con.execute(f"CREATE TEMP TABLE {stage} AS SELECT * FROM "
+                f"{_delimited_source(sf, spec, stage)}")
+    _check_rejects(con, sf, spec, stage)
+
+
+def _parquet_source(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec) -> str:
+    """A subquery reading the Parquet file with the spec's types (row numbers from 0 in
+    ``_spe_pos``), after one scan that names the first value of a wrong type."""
     types = spec.duckdb_columns()
     src = f"read_parquet({_lit(str(sf.path))}, file_row_number=true)"
     described = con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
@@ -313,8 +327,13 @@ def _stage_parquet(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSp
         (_q(by_lower[c][0]) if c not in convert
          else f"TRY_CAST({_q(by_lower[c][0])} AS {types[c]})") + f" AS {_q(c)}"
         for c in sf.columns)
-    con.execute(f"CREATE TEMP TABLE {stage} AS SELECT {select_list}, "
-                f"file_row_number AS _spe_pos FROM {src}")
+    return f"(SELECT {select_list}, file_row_number AS _spe_pos FROM {src})"
+
+
+def _stage_parquet(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                   stage: str) -> None:
+    """Stage a Parquet file; its row numbers (from 0) are kept in ``_spe_pos``."""
+    con.execute(f"CREATE TEMP TABLE {stage} AS SELECT * FROM {_parquet_source(con, sf, spec)}")
 
 
 def _position(sf: SourceFile) -> str:
@@ -389,31 +408,39 @@ _MIN_TIME = "0001-01-01"
 _MAX_TIME = "10000-01-01"
 
 
-def _resolve_link(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
-                  stage: str, link: tuple[LinkHop, ...], built: dict[str, TableMeta]) -> str:
-    """Stage ``stage`` with ``LINKED_PERSON_COLUMN``: the person each row reaches through
-    ``link``. A row that reaches nobody is an ``IngestError`` naming its line; returns the
-    new stage's name."""
+def _link_parts(spec: TableSpec, link: tuple[LinkHop, ...], built: dict[str, TableMeta],
+                alias: str) -> tuple[str, str]:
+    """(LEFT JOINs, person expression) resolving a linked table's rows (``alias``) to their
+    person through ``link``; at most one hop applies to a row (checked with the declaration)."""
     joins, persons = [], []
     for i, hop in enumerate(link):
         parent = built.get(hop.table)
         if parent is None:
-            continue  # rows that need this hop do not resolve: reported below
+            continue  # rows that need this hop do not resolve: reported by the checks
         unit = parent.privacy_unit
         if not parent.person_level or unit is None:
             raise IngestError(f"{spec.name}: its link {hop.describe()} reaches the "
                               f"{parent.kind} table {parent.name}, which holds no person")
-        cond = f"s.{_q(hop.column)} = h{i}._spe_k"
+        cond = f"{alias}.{_q(hop.column)} = h{i}._spe_k"
         if hop.when_column is not None and hop.when_value is not None:
-            cond += f" AND s.{_q(hop.when_column)} = {_lit(hop.when_value)}"
+            cond += f" AND {alias}.{_q(hop.when_column)} = {_lit(hop.when_value)}"
         joins.append(f"LEFT JOIN (SELECT {_q(hop.parent_column)} AS _spe_k, {_q(unit)} AS _spe_p "
                      f"FROM {_q(parent.name)}) AS h{i} ON {cond}")
         persons.append(f"h{i}._spe_p")
     person = f"coalesce({', '.join(persons)})" if len(persons) > 1 else (
         persons[0] if persons else "CAST(NULL AS BIGINT)")
+    return " ".join(joins), person
+
+
+def _resolve_link(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                  stage: str, link: tuple[LinkHop, ...], built: dict[str, TableMeta]) -> str:
+    """Stage ``stage`` with ``LINKED_PERSON_COLUMN``: the person each row reaches through
+    ``link``. A row that reaches nobody is an ``IngestError`` naming its line; returns the
+    new stage's name."""
+    joins, person = _link_parts(spec, link, built, "s")
     linked = f"{stage}_linked"
     con.execute(f"CREATE TEMP TABLE {linked} AS SELECT s.*, s.{_position(sf)} AS _spe_at, "
-                f"{person} AS {_q(LINKED_PERSON_COLUMN)} FROM {stage} AS s {' '.join(joins)}")
+                f"{person} AS {_q(LINKED_PERSON_COLUMN)} FROM {stage} AS s {joins}")
     row = con.execute(f"SELECT count(*), min(_spe_at) FROM {linked} "
                       f"WHERE {_q(LINKED_PERSON_COLUMN)} IS NULL").fetchone()
     assert row is not None
@@ -428,24 +455,74 @@ def _resolve_link(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpe
     return linked
 
 
-def _build_table(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
-                 stage: str, unit: str | None) -> None:
-    """The final table: the spec's columns in order, and for person-level tables (``unit``
-    is their person column) the ingest rank of each row among its person's rows."""
+def _final_columns(sf: SourceFile, spec: TableSpec, unit: str | None) -> list[str]:
     cols = [
         _q(f.name) if f.name in sf.columns else f"CAST(NULL AS {f.duckdb_type}) AS {_q(f.name)}"
         for f in spec.fields
     ]
-    source = stage
     if unit is not None:
         if unit != PRIVACY_UNIT:
             cols.append(_q(unit))
-        # Window ORDER BY may not be volatile: draw the random key in a subquery.
-        source = f"(SELECT *, random() AS _spe_draw FROM {stage})"
         cols.append(f"row_number() OVER (PARTITION BY {_q(unit)} ORDER BY _spe_draw) "
                     f"AS {_q(ROW_RANK_COLUMN)}")
-    con.execute(f"CREATE TABLE {_q(spec.name)} AS SELECT {', '.join(cols)} FROM {source}")
-    con.execute(f"DROP TABLE {stage}")
+    return cols
+
+
+def _build_checked(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                   meta: TableMeta, built: dict[str, TableMeta], stage: str) -> int | None:
+    """Fast path: load the file straight into its final table (typed, linked, ranked) and run
+    every check in one aggregate over it. Returns the row count, or None when a check failed
+    (the table is dropped; :func:`_build_staged` then finds and names the first bad line)."""
+    if sf.kind == "parquet":
+        source = _parquet_source(con, sf, spec)
+    else:
+        source = _delimited_source(sf, spec, stage)
+    unit = meta.privacy_unit
+    if meta.kind == "linked":
+        joins, person = _link_parts(spec, tuple(meta.link), built, "s")
+        source = (f"(SELECT s.*, {person} AS {_q(LINKED_PERSON_COLUMN)} FROM {source} AS s "
+                  f"{joins})")
+    if unit is not None:
+        # Window ORDER BY may not be volatile: draw the random key in a subquery.
+        source = f"(SELECT *, random() AS _spe_draw FROM {source})"
+    con.execute(f"CREATE TABLE {_q(spec.name)} AS SELECT "
+                f"{', '.join(_final_columns(sf, spec, unit))} FROM {source}")
+    if sf.kind != "parquet":
+        _check_rejects(con, sf, spec, stage)
+    checks = ["count(*)"]
+    checks += [f"count(*) FILTER (WHERE {_q(c)} IS NULL)"
+               for c in spec.required_columns if c in sf.columns]
+    checks += [f"count(*) - count(DISTINCT {_q(k)})" for k in spec.primary_key
+               if k in sf.columns]
+    checks += [f"count(*) FILTER (WHERE {_q(f.name)} IS NOT NULL AND NOT ("
+               f"isfinite({_q(f.name)}) AND {_q(f.name)} >= {f.duckdb_type} '{_MIN_TIME}' AND "
+               f"{_q(f.name)} < {f.duckdb_type} '{_MAX_TIME}'))"
+               for f in spec.fields if f.name in sf.columns
+               and f.duckdb_type in ("DATE", "TIMESTAMP")]
+    if meta.kind == "linked":
+        checks.append(f"count(*) FILTER (WHERE {_q(LINKED_PERSON_COLUMN)} IS NULL)")
+    row = con.execute(f"SELECT {', '.join(checks)} FROM {_q(spec.name)}").fetchone()
+    assert row is not None
+    if any(int(v or 0) for v in row[1:]):
+        con.execute(f"DROP TABLE {_q(spec.name)}")
+        return None
+    return int(row[0])
+
+
+def _build_staged(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
+                  meta: TableMeta, built: dict[str, TableMeta], stage: str) -> int:
+    """Slow path, after a failed check: stage the file with its line positions and raise the
+    first problem naming file, line and column."""
+    if sf.kind == "parquet":
+        _stage_parquet(con, sf, spec, stage)
+    else:
+        _stage_delimited(con, sf, spec, stage)
+    rows = _check_stage(con, sf, spec, stage)
+    _check_temporal(con, sf, spec, stage)
+    if meta.kind == "linked":
+        stage = _resolve_link(con, sf, spec, stage, tuple(meta.link), built)
+    raise IngestError(f"{sf.path.name}: a check failed on {rows} rows but no line could be "
+                      "named; the file may have changed during ingest")
 
 
 def _table_meta(spec: TableSpec, rows: int, decl: defaults.Declaration) -> TableMeta:
@@ -517,17 +594,12 @@ def build_database(settings: Settings, name: str, files: list[SourceFile],
                 started = time.perf_counter()
                 spec = specs[sf.table]
                 stage = f"_spe_stage_{index}"
-                if sf.kind == "parquet":
-                    _stage_parquet(con, sf, spec, stage)
-                else:
-                    _stage_delimited(con, sf, spec, stage)
-                rows = _check_stage(con, sf, spec, stage)
-                _check_temporal(con, sf, spec, stage)
-                meta = _table_meta(spec, rows, decl)
-                if meta.kind == "linked":
-                    stage = _resolve_link(con, sf, spec, stage, tuple(meta.link), tables)
-                _build_table(con, sf, spec, stage, meta.privacy_unit)
-                tables[sf.table] = meta
+                meta = _table_meta(spec, 0, decl)
+                rows = _build_checked(con, sf, spec, meta, tables, stage)
+                if rows is None:
+                    _build_staged(con, sf, spec, meta, tables, f"{stage}_again")
+                    raise AssertionError("unreachable: the staged build raises")
+                tables[sf.table] = meta.model_copy(update={"row_count": rows})
                 seconds[sf.table] = time.perf_counter() - started
         con.execute("CHECKPOINT")
     except duckdb.Error as exc:

@@ -208,7 +208,8 @@ def test_snippet_attack_is_bounded(pair: Pair) -> None:
     plan = _plan(pair.meta, "SELECT n.snippet, COUNT(*) FROM note t JOIN note_nlp n "
                  "ON n.note_id = t.note_id GROUP BY n.snippet")
     stats = _stats(pair.paths[0], plan)
-    assert stats[(SECRET,)]["rows"] <= plan.rows_per_person
+    # (The kept note_nlp rows may all hang off notes ranked out: then the count is 0.)
+    assert stats.get((SECRET,), {}).get("rows", 0) <= plan.rows_per_person
     assert (SECRET,) not in _stats(pair.paths[1], plan)
 
 
