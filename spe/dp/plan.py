@@ -124,7 +124,7 @@ def compile_plan(select: exp.Select, meta: DatasetMetadata, terms: PermitTerms, 
         if not OUTPUT_NAME.fullmatch(column):
             raise refuse("an output column name that is not a plain identifier of at most 63 "
                          "characters", "alias columns with letters, digits and '_'")
-    work = _public_cells(keys) * sum(quantile_candidates(a) if a.kind == "quantile" else 1
+    work = _public_cells(keys) * sum(quantile_candidates(a) if a.kind is AggKind.QUANTILE else 1
                                      for a in aggregates)
     if work > MAX_PLAN_WORK:
         raise refuse(f"a query whose public cells x quantile candidates x aggregates "
@@ -434,33 +434,33 @@ def _compile_aggregate_kind(node: exp.Expression, ctx: Ctx, name: str) -> Aggreg
     arg = node.this
     if isinstance(node, exp.Count):
         if isinstance(arg, exp.Star):
-            return Aggregate(name=name, kind="count")
+            return Aggregate(name=name, kind=AggKind.COUNT)
         if isinstance(arg, exp.Distinct):
             cols = arg.expressions
             if len(cols) == 1 and isinstance(cols[0], exp.Column) \
                     and cols[0].name == ctx.meta.privacy_unit:
                 column_ref(cols[0], ctx)
-                return Aggregate(name=name, kind="count_distinct")
+                return Aggregate(name=name, kind=AggKind.COUNT_DISTINCT)
             raise refuse("COUNT(DISTINCT ...) of anything but person_id",
                          "use COUNT(DISTINCT person_id), or GROUP BY the column")
         if isinstance(arg, exp.Literal) and not arg.is_string:
-            return Aggregate(name=name, kind="count")
+            return Aggregate(name=name, kind=AggKind.COUNT)
         value_sql, lo, hi = _clamped(arg, ctx)
         # COUNT(expr) counts rows where the clamped value is not NULL.
-        return Aggregate(name=name, kind="count", value_sql=value_sql, lower=lo, upper=hi)
+        return Aggregate(name=name, kind=AggKind.COUNT, value_sql=value_sql, lower=lo, upper=hi)
     if isinstance(arg, exp.Distinct):
         raise refuse("DISTINCT inside this aggregate", "aggregate without DISTINCT")
     value_sql, lo, hi = _clamped(arg, ctx)
     bound = max(abs(lo), abs(hi))
     if isinstance(node, exp.Sum):
-        return Aggregate(name, "sum", value_sql, lo, hi, grid_for(bound))
+        return Aggregate(name, AggKind.SUM, value_sql, lo, hi, grid_for(bound))
     if isinstance(node, exp.Avg):
-        return Aggregate(name, "avg", value_sql, lo, hi, grid_for(bound))
+        return Aggregate(name, AggKind.AVG, value_sql, lo, hi, grid_for(bound))
     if isinstance(node, exp.Variance | exp.VariancePop):
-        return Aggregate(name, "variance", value_sql, lo, hi, grid_for(bound * bound),
+        return Aggregate(name, AggKind.VARIANCE, value_sql, lo, hi, grid_for(bound * bound),
                          population=isinstance(node, exp.VariancePop))
     if isinstance(node, exp.Stddev | exp.StddevSamp | exp.StddevPop):
-        return Aggregate(name, "stddev", value_sql, lo, hi, grid_for(bound),
+        return Aggregate(name, AggKind.STDDEV, value_sql, lo, hi, grid_for(bound),
                          population=isinstance(node, exp.StddevPop))
     # Quantiles
     if isinstance(node, exp.Median):
@@ -474,7 +474,7 @@ def _compile_aggregate_kind(node: exp.Expression, ctx: Ctx, name: str) -> Aggreg
         if not 0.0 <= alpha <= 1.0:
             raise refuse("a quantile level outside [0, 1]")
     span = hi - lo
-    return Aggregate(name, "quantile", value_sql, lo, hi, grid_for(span) if span > 0 else 1.0,
+    return Aggregate(name, AggKind.QUANTILE, value_sql, lo, hi, grid_for(span) if span > 0 else 1.0,
                      alpha=round(alpha, 3))
 
 

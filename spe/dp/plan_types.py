@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from spe.dp.kinds import AggKind
 from spe.dp.sqltext import quote_ident
 
-AggKind = Literal["count", "count_distinct", "sum", "avg", "variance", "stddev", "quantile"]
+__all__ = ["AggKind", "Aggregate", "GroupKey", "PostStep", "QueryPlan", "TableRef"]
+
 
 
 @dataclass(frozen=True)
