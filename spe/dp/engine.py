@@ -51,7 +51,7 @@ import json
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 import duckdb
 import pandas as pd
@@ -59,6 +59,7 @@ import pandas as pd
 from spe.config import Settings
 from spe.dp import mechanisms as mech
 from spe.dp.duck import connect_memory, run
+from spe.dp.kinds import AggKind
 from spe.dp.mechanisms import Unit
 from spe.dp.plan import Aggregate, QueryPlan, clamp_sql
 
@@ -407,70 +408,100 @@ def _on_grid(value: float, grid: float) -> float:
     return round(value / grid) * grid
 
 
+_Released = tuple[list[Any], dict[str, Any], list[tuple[Any, Any]]]
+
+
 def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
                        by_role: dict[Any, Unit], key_strs: list[str],
                        stat: Any, distinct: dict[str, int], selected: dict[str, int],
-                       con: duckdb.DuckDBPyConnection, timeout: float
-                       ) -> tuple[list[Any], dict[str, Any], list[tuple[Any, Any]]]:
-    n = len(key_strs)
-    if agg.kind == "count" and agg.value_sql is None:
-        own = by_role.get(("count", i))
-        if own is None:  # the first COUNT(*) of a thresholded query: the threshold's counts
-            unit = by_role[("select", None)]
-            return _with_ci([selected[ks] for ks in key_strs], unit, "laplace threshold")
-        return _with_ci(mech.laplace_release(stat("rows"), own), own, "discrete laplace")
-    if agg.kind == "count":
-        unit = by_role[("nvals", i)]
-        return _with_ci(mech.laplace_release(stat(f"nvals{i}"), unit), unit,
-                        "discrete laplace")
-    if agg.kind == "count_distinct":
-        unit = by_role[("distinct", i)]
-        vals = mech.laplace_release([distinct.get(ks, 0) for ks in key_strs], unit)
-        return _with_ci(vals, unit, "discrete laplace")
-    if agg.kind == "sum":
-        unit = by_role[("sum", i)]
-        noisy = mech.laplace_release(stat(f"sum{i}"), unit)
-        return _with_ci([v * agg.grid for v in noisy], unit, "discrete laplace (gridded)")
-    if agg.kind in ("avg", "variance", "stddev"):
-        su, cu = by_role[("sum", i)], by_role[("nvals", i)]
-        s = [v * su.grid for v in mech.laplace_release(stat(f"sum{i}"), su)]
-        c = mech.laplace_release(stat(f"nvals{i}"), cu)
-        out: list[Any] = []
-        cis: list[tuple[Any, Any]] = []
-        if agg.kind == "avg":
-            hw_s, hw_c = mech.ci95_halfwidth(su), mech.ci95_halfwidth(cu)
-            for sv, cv in zip(s, c, strict=True):
-                if cv <= 0:
-                    out.append(None)
-                    cis.append((agg.lower, agg.upper))
-                    continue
-                mean = min(max(sv / cv, agg.lower), agg.upper)
-                out.append(_on_grid(mean, agg.grid))
-                hw = (hw_s + abs(mean) * hw_c) / max(cv - hw_c, 1.0)
-                cis.append((max(mean - hw, agg.lower), min(mean + hw, agg.upper)))
-            acc: dict[str, Any] = {"mechanism": "discrete laplace on sum and count (ratio)",
-                   "scale": {"sum": su.scale * su.grid, "count": cu.scale},
-                   "ci95_kind": "approximate"}
-            return out, acc, cis
-        qu = by_role[("sumsq", i)]
-        s2 = [v * qu.grid for v in mech.laplace_release(stat(f"sumsq{i}"), qu)]
-        vmax = ((agg.upper - agg.lower) / 2.0) ** 2
-        for sv, s2v, cv in zip(s, s2, c, strict=True):
-            denom = cv if agg.population else cv - 1
-            if cv <= 1 or denom <= 0:
-                out.append(None)
-                cis.append((None, None))
-                continue
-            var = (s2v - sv * sv / cv) / denom
-            var = min(max(var, 0.0), vmax)
-            value = math.sqrt(var) if agg.kind == "stddev" else var
-            out.append(_on_grid(value, agg.grid))
+                       con: duckdb.DuckDBPyConnection, timeout: float) -> _Released:
+    """The noisy values, accuracy and CIs of aggregate ``i``: one branch per kind (the
+    ``match`` is exhaustive over :class:`~spe.dp.kinds.AggKind`; mypy rejects a missing one)."""
+    match agg.kind:
+        case AggKind.COUNT:
+            if agg.value_sql is None:
+                own = by_role.get(("count", i))
+                if own is None:  # the first COUNT(*) of a thresholded query: threshold counts
+                    unit = by_role[("select", None)]
+                    return _with_ci([selected[ks] for ks in key_strs], unit,
+                                    "laplace threshold")
+                return _with_ci(mech.laplace_release(stat("rows"), own), own,
+                                "discrete laplace")
+            unit = by_role[("nvals", i)]
+            return _with_ci(mech.laplace_release(stat(f"nvals{i}"), unit), unit,
+                            "discrete laplace")
+        case AggKind.COUNT_DISTINCT:
+            unit = by_role[("distinct", i)]
+            vals = mech.laplace_release([distinct.get(ks, 0) for ks in key_strs], unit)
+            return _with_ci(vals, unit, "discrete laplace")
+        case AggKind.SUM:
+            unit = by_role[("sum", i)]
+            noisy = mech.laplace_release(stat(f"sum{i}"), unit)
+            return _with_ci([v * agg.grid for v in noisy], unit, "discrete laplace (gridded)")
+        case AggKind.AVG:
+            return _release_mean(i, agg, by_role, stat)
+        case AggKind.VARIANCE | AggKind.STDDEV:
+            return _release_spread(i, agg, by_role, stat)
+        case AggKind.QUANTILE:
+            return _release_quantile(plan, i, agg, by_role, key_strs, con, timeout)
+        case _:
+            assert_never(agg.kind)
+
+
+def _release_mean(i: int, agg: Aggregate, by_role: dict[Any, Unit], stat: Any) -> _Released:
+    su, cu = by_role[("sum", i)], by_role[("nvals", i)]
+    s = [v * su.grid for v in mech.laplace_release(stat(f"sum{i}"), su)]
+    c = mech.laplace_release(stat(f"nvals{i}"), cu)
+    out: list[Any] = []
+    cis: list[tuple[Any, Any]] = []
+    hw_s, hw_c = mech.ci95_halfwidth(su), mech.ci95_halfwidth(cu)
+    for sv, cv in zip(s, c, strict=True):
+        if cv <= 0:
+            out.append(None)
+            cis.append((agg.lower, agg.upper))
+            continue
+        mean = min(max(sv / cv, agg.lower), agg.upper)
+        out.append(_on_grid(mean, agg.grid))
+        hw = (hw_s + abs(mean) * hw_c) / max(cv - hw_c, 1.0)
+        cis.append((max(mean - hw, agg.lower), min(mean + hw, agg.upper)))
+    acc: dict[str, Any] = {"mechanism": "discrete laplace on sum and count (ratio)",
+                           "scale": {"sum": su.scale * su.grid, "count": cu.scale},
+                           "ci95_kind": "approximate"}
+    return out, acc, cis
+
+
+def _release_spread(i: int, agg: Aggregate, by_role: dict[Any, Unit], stat: Any
+                    ) -> _Released:
+    su, cu = by_role[("sum", i)], by_role[("nvals", i)]
+    s = [v * su.grid for v in mech.laplace_release(stat(f"sum{i}"), su)]
+    c = mech.laplace_release(stat(f"nvals{i}"), cu)
+    out: list[Any] = []
+    cis: list[tuple[Any, Any]] = []
+    qu = by_role[("sumsq", i)]
+    s2 = [v * qu.grid for v in mech.laplace_release(stat(f"sumsq{i}"), qu)]
+    vmax = ((agg.upper - agg.lower) / 2.0) ** 2
+    for sv, s2v, cv in zip(s, s2, c, strict=True):
+        denom = cv if agg.population else cv - 1
+        if cv <= 1 or denom <= 0:
+            out.append(None)
             cis.append((None, None))
-        acc = {"mechanism": "discrete laplace on count, sum and sum of squares",
-               "scale": {"sum": su.scale * su.grid, "sumsq": qu.scale * qu.grid,
-                         "count": cu.scale}, "ci95_kind": "not available"}
-        return out, acc, cis
-    # Quantile: one report-noisy-max per group over the candidate grid.
+            continue
+        var = (s2v - sv * sv / cv) / denom
+        var = min(max(var, 0.0), vmax)
+        value = math.sqrt(var) if agg.kind is AggKind.STDDEV else var
+        out.append(_on_grid(value, agg.grid))
+        cis.append((None, None))
+    acc = {"mechanism": "discrete laplace on count, sum and sum of squares",
+           "scale": {"sum": su.scale * su.grid, "sumsq": qu.scale * qu.grid,
+                     "count": cu.scale}, "ci95_kind": "not available"}
+    return out, acc, cis
+
+
+def _release_quantile(plan: QueryPlan, i: int, agg: Aggregate, by_role: dict[Any, Unit],
+                      key_strs: list[str], con: duckdb.DuckDBPyConnection,
+                      timeout: float) -> _Released:
+    """One report-noisy-max per group over the candidate grid."""
+    n = len(key_strs)
     unit = by_role[("quantile", i)]
     lo, ncand = quantile_grid(agg)
     hists: dict[str, list[int]] = {ks: [0] * ncand for ks in key_strs}

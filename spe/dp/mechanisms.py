@@ -32,6 +32,7 @@ from typing import Any, Literal
 import opendp.mod as dp_mod
 import opendp.prelude as dp
 
+from spe.dp.kinds import AggKind, Role, spec
 from spe.dp.plan import Aggregate, QueryPlan
 
 UNSAFE_FEATURES = ("floating-point", "honest-but-curious", "idealized-numerics")
@@ -40,7 +41,6 @@ CI_Z = math.log(20.0)  # Laplace: P(|noise| > s ln 20) = 5 %
 _SLACK = 1.0 + 1e-9  # scales are widened by this factor so maps never exceed the allocation
 
 UnitKind = Literal["laplace", "threshold", "noisy_max"]
-Role = Literal["select", "count", "distinct", "sum", "sumsq", "nvals", "quantile"]
 
 
 def assert_safe_features() -> None:
@@ -141,23 +141,11 @@ def _roles(plan: QueryPlan) -> list[tuple[Role, int | None]]:
     if selection:
         needs.append(("select", None))
     for i, agg in enumerate(plan.aggregates):
-        if agg.kind == "count" and agg.value_sql is None:
-            if selection and not count_from_selection:
-                count_from_selection = True  # answered by the threshold's noisy counts
-                continue
-            needs.append(("count", i))
-        elif agg.kind == "count":
-            needs.append(("nvals", i))
-        elif agg.kind == "count_distinct":
-            needs.append(("distinct", i))
-        elif agg.kind == "sum":
-            needs.append(("sum", i))
-        elif agg.kind == "avg":
-            needs += [("sum", i), ("nvals", i)]
-        elif agg.kind in ("variance", "stddev"):
-            needs += [("sum", i), ("sumsq", i), ("nvals", i)]
-        else:
-            needs.append(("quantile", i))
+        counts_rows = agg.kind is AggKind.COUNT and agg.value_sql is None
+        if counts_rows and selection and not count_from_selection:
+            count_from_selection = True  # answered by the threshold's noisy counts
+            continue
+        needs += [(role, i) for role in spec(agg.kind, counts_rows=counts_rows).roles]
     return needs
 
 
