@@ -61,7 +61,8 @@ from spe.dp import mechanisms as mech
 from spe.dp.duck import connect_memory, run
 from spe.dp.kinds import AggKind
 from spe.dp.mechanisms import Unit
-from spe.dp.plan import Aggregate, QueryPlan, clamp_sql
+from spe.dp.plan import Aggregate, QueryPlan
+from spe.dp.sqltext import clamp_sql, value_lit
 
 PID = "_spe_pid"
 
@@ -75,18 +76,6 @@ class Release:
     cells: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per row
 
 
-def _lit(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int):
-        return str(int(value))
-    if isinstance(value, float):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
-
-
 def _base_where(plan: QueryPlan, truncate: bool, public_filter: bool = True) -> str:
     parts = [plan.truncation_sql] if truncate and plan.truncation_sql != "TRUE" else []
     if plan.where_sql:
@@ -94,7 +83,7 @@ def _base_where(plan: QueryPlan, truncate: bool, public_filter: bool = True) -> 
     if public_filter:
         for key in plan.keys:
             if key.public_values is not None:
-                vals = ", ".join(_lit(v) for v in key.public_values)
+                vals = ", ".join(value_lit(v) for v in key.public_values)
                 parts.append(f"({key.sql} IN ({vals}))")
     return " AND ".join(parts) if parts else "TRUE"
 
