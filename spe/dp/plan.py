@@ -155,9 +155,10 @@ def _resolve_table(node: exp.Table, ctx: Ctx, rows_per_person: int | None) -> Ta
                      )))
     tmeta = ctx.meta.tables[name]
     if tmeta.kind == "refused":
+        reason = tmeta.refusal or refusal_text(name)
         raise QueryRefused(
-            f"This query reads {tmeta.refusal or refusal_text(name)}. Until then it cannot be "
-            "queried: ask the data holder to declare it, or query per-person tables.")
+            f"Refused: {reason[0].upper()}{reason[1:]}. Until then the table cannot be queried; "
+            "ask the data holder to declare it, or query per-person tables.")
     person_level = tmeta.person_level
     if person_level and tmeta.privacy_unit is None:
         raise QueryRefused(f"The table {name!r} has no recorded privacy unit; it cannot be "
