@@ -17,3 +17,7 @@ class NotNamedInPermit(Forbidden):
 
 class WorkspaceStartFailed(ServiceUnavailable):
     code, title = "workspace-start-failed", "Workspace failed to start"
+
+
+class UnsupportedArchitecture(WorkspaceStartFailed):
+    code, title = "unsupported-architecture", "No sandbox system call filter for this machine"

@@ -214,6 +214,7 @@ class Workspace:
                   ws_id: str | None = None) -> Workspace:
         """Create everything the workspace of (person, permit) needs; undo it on failure."""
         ws_id = ws_id or accounts.workspace_id(person, permit_id)
+        seccomp.program()  # fail closed: no filter for this machine, nothing is created
         workspaces_dir.mkdir(parents=True, exist_ok=True)
         workspaces_dir.chmod(0o700)
         root = workspaces_dir / ws_id
@@ -276,8 +277,7 @@ class Workspace:
               **kwargs: Any) -> subprocess.Popen[Any]:
         kwargs.setdefault("start_new_session", True)
         with seccomp.program_fd() as fd:
-            if fd is not None:
-                kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), fd)
+            kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), fd)
             proc = subprocess.Popen(self.argv(command, fd), env=self.env(env), **kwargs)
         self._procs.append(proc)
         return proc
@@ -312,7 +312,7 @@ class Workspace:
         with seccomp.program_fd() as fd:
             return subprocess.run(self.argv(command, fd), capture_output=True, text=True,
                                   input=input_text, timeout=timeout, check=False,
-                                  env=self.env(env), pass_fds=() if fd is None else (fd,))
+                                  env=self.env(env), pass_fds=(fd,))
 
     def destroy(self, *, remove_home: bool = False) -> None:
         """Kill every process, unmount the home, remove cgroup, network and account.

@@ -17,6 +17,7 @@ import pytest
 
 from permits.terms import ComputeQuota
 from workspaces import seccomp
+from workspaces.errors import UnsupportedArchitecture
 from workspaces.sandbox import Workspace
 from workspaces.settings import WorkspaceSettings
 
@@ -52,7 +53,6 @@ def ws(tmp_path: Path) -> Iterator[Workspace]:
         w.destroy(remove_home=True)
 
 
-@pytest.mark.skipif(seccomp.program() is None, reason="no seccomp filter for this machine")
 @pytest.mark.parametrize("name", list(ATTEMPTS))
 def test_no_user_namespaces_inside(ws: Workspace, name: str) -> None:
     attempt = ATTEMPTS[name]
@@ -78,4 +78,5 @@ def test_sandbox_still_forks_threads_and_runs_python(ws: Workspace) -> None:
 
 def test_program_refuses_other_abis_and_unknown_machines() -> None:
     assert seccomp.program("x86_64") != seccomp.program("aarch64")
-    assert seccomp.program("sparc") is None
+    with pytest.raises(UnsupportedArchitecture):
+        seccomp.program("sparc")
