@@ -217,7 +217,8 @@ def test_x32_abi_refused(ws: Workspace) -> None:
 def test_ordinary_work_still_runs(ws: Workspace) -> None:
     out = ws.run(["python3", "-c", "import json, sqlite3, ssl, socket, subprocess, threading; "
                   "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join(); "
-                  "db = sqlite3.connect(':memory:'); print(db.execute('select 41+1').fetchone()[0]); "
+                  "db = sqlite3.connect(':memory:'); "
+                  "print(db.execute('select 41+1').fetchone()[0]); "
                   "print(subprocess.run(['sh', '-c', 'echo child'], capture_output=True, "
                   "text=True).stdout.strip())"])
     assert out.returncode == 0, out.stderr
@@ -235,6 +236,5 @@ def test_unknown_architecture_starts_nothing(tmp_path: Path,
             quota=ComputeQuota(cpus=1.0, memory_mb=256, disk_mb=64), settings=settings,
             with_network=False, ws_id=f"t{uuid.uuid4().hex[:11]}")
     assert not (tmp_path / "ws").exists()
-    with pytest.raises(UnsupportedArchitecture):
-        with seccomp.program_fd():
-            pass
+    with pytest.raises(UnsupportedArchitecture), seccomp.program_fd():
+        pass
