@@ -95,6 +95,7 @@ class SourceFile:
     kind: str  # "csv", "tsv" or "parquet"
     delimiter: str | None
     columns: tuple[str, ...]  # lower-case, in file order
+    compact_dates: bool = False  # DATE values written YYYYMMDD (the OHDSI vocabulary files)
 
 
 @dataclass
@@ -164,6 +165,27 @@ def _read_header(path: Path) -> tuple[str, str]:
     return line, delimiter
 
 
+_COMPACT_DATE = re.compile(r"^\d{8}$")
+
+
+def _compact_dates(path: Path, spec: TableSpec, columns: tuple[str, ...],
+                   delimiter: str) -> bool:
+    """Whether the file writes dates as YYYYMMDD (as the OHDSI vocabulary files do), judged
+    from the DATE fields of its first data line; the whole file is then read in that format
+    (a line in the other one is a rejected value, named by its line)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
+            fh.readline(_HEADER_LIMIT)
+            first = fh.readline(_HEADER_LIMIT)
+    except (OSError, EOFError, UnicodeDecodeError):
+        return False  # reading the data reports the problem with its line
+    fields = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter, quotechar='"'), [])
+    dates = [f.strip() for f, c in zip(fields, columns, strict=False)
+             if (fs := spec.field(c)) is not None and fs.duckdb_type == "DATE" and f.strip()]
+    return bool(dates) and all(_COMPACT_DATE.match(d) for d in dates)
+
+
 def _header_columns(path: Path, line: str, delimiter: str) -> tuple[str, ...]:
     fields = next(csv.reader([line], delimiter=delimiter, quotechar='"'))
     return tuple(f.strip().strip('"').strip().lower() for f in fields)
@@ -224,7 +246,7 @@ def discover(source: Path) -> list[SourceFile]:
             line, delimiter = _read_header(path)
             columns = _header_columns(path, line, delimiter)
             sf = SourceFile(table, path, "tsv" if delimiter == "\t" else "csv", delimiter,
-                            columns)
+                            columns, _compact_dates(path, spec, columns, delimiter))
         _check_columns(path, spec, sf.columns)
         found[table] = sf
     if not found:
@@ -262,17 +284,20 @@ def _delimited_source(sf: SourceFile, spec: TableSpec, stage: str) -> str:
     rejects table ``{stage}_rejects`` (see :func:`_check_rejects`)."""
     types = spec.duckdb_columns()
     # DATE columns are read as TIMESTAMP so "2020-01-31 00:00:00" (a common export of dates)
-    # is accepted, then truncated to the date.
-    read_types = {c: "TIMESTAMP" if types[c] == "DATE" else types[c] for c in sf.columns}
+    # is accepted, then truncated to the date; files writing YYYYMMDD are read in that format.
+    compact = sf.compact_dates
+    read_types = {c: "TIMESTAMP" if types[c] == "DATE" and not compact else types[c]
+                  for c in sf.columns}
     columns = "{" + ", ".join(f"{_lit(c)}: {_lit(read_types[c])}" for c in sf.columns) + "}"
     select_list = ", ".join(
         f"CAST({_q(c)} AS DATE) AS {_q(c)}" if types[c] == "DATE" else _q(c)
         for c in sf.columns)
     rejects, scan = f"{stage}_rejects", f"{stage}_scan"
     assert sf.delimiter is not None
+    date_format = ", dateformat='%Y%m%d'" if compact else ""
     return (f"(SELECT {select_list} FROM read_csv({_lit(str(sf.path))}, "
             f"auto_detect=false, header=true, delim={_lit(sf.delimiter)}, quote='\"', "
-            f"escape='\"', columns={columns}, store_rejects=true, "
+            f"escape='\"', columns={columns}{date_format}, store_rejects=true, "
             f"rejects_table={_lit(rejects)}, rejects_scan={_lit(scan)}))")
 
 
