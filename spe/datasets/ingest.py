@@ -96,6 +96,7 @@ class SourceFile:
     delimiter: str | None
     columns: tuple[str, ...]  # lower-case, in file order
     compact_dates: bool = False  # DATE values written YYYYMMDD (the OHDSI vocabulary files)
+    quoted: bool = True  # '"' quotes fields; off for tab-separated files with a bare header
 
 
 @dataclass
@@ -180,7 +181,9 @@ def _compact_dates(path: Path, spec: TableSpec, columns: tuple[str, ...],
             first = fh.readline(_HEADER_LIMIT)
     except (OSError, EOFError, UnicodeDecodeError):
         return False  # reading the data reports the problem with its line
-    fields = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter, quotechar='"'), [])
+    quoting = csv.QUOTE_MINIMAL if delimiter != "\t" else csv.QUOTE_NONE
+    fields = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter, quotechar='"',
+                             quoting=quoting), [])
     dates = [f.strip() for f, c in zip(fields, columns, strict=False)
              if (fs := spec.field(c)) is not None and fs.duckdb_type == "DATE" and f.strip()]
     return bool(dates) and all(_COMPACT_DATE.match(d) for d in dates)
@@ -245,8 +248,11 @@ def discover(source: Path) -> list[SourceFile]:
         else:
             line, delimiter = _read_header(path)
             columns = _header_columns(path, line, delimiter)
+            # Tab-separated files with a bare header (the OHDSI vocabulary downloads) do not
+            # quote: a name such as '"Cold" remedy' is text, not a quoted field.
+            quoted = delimiter != "\t" or '"' in line
             sf = SourceFile(table, path, "tsv" if delimiter == "\t" else "csv", delimiter,
-                            columns, _compact_dates(path, spec, columns, delimiter))
+                            columns, _compact_dates(path, spec, columns, delimiter), quoted)
         _check_columns(path, spec, sf.columns)
         found[table] = sf
     if not found:
@@ -295,9 +301,10 @@ def _delimited_source(sf: SourceFile, spec: TableSpec, stage: str) -> str:
     rejects, scan = f"{stage}_rejects", f"{stage}_scan"
     assert sf.delimiter is not None
     date_format = ", dateformat='%Y%m%d'" if compact else ""
+    quote = "'\"'" if sf.quoted else "''"
     return (f"(SELECT {select_list} FROM read_csv({_lit(str(sf.path))}, "
-            f"auto_detect=false, header=true, delim={_lit(sf.delimiter)}, quote='\"', "
-            f"escape='\"', columns={columns}{date_format}, store_rejects=true, "
+            f"auto_detect=false, header=true, delim={_lit(sf.delimiter)}, quote={quote}, "
+            f"escape={quote}, columns={columns}{date_format}, store_rejects=true, "
             f"rejects_table={_lit(rejects)}, rejects_scan={_lit(scan)}))")
 
 

@@ -37,7 +37,8 @@ def db(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_athena_style_concept_file_ingests_and_joins(tmp_path: Path, db: Database) -> None:
     src = write_export(tmp_path / "src", False)
-    _vocab(src, [f"{i}\tConcept {i}\tCondition\tSNOMED\tClinical Finding\tS\tC{i}\t"
+    # Names with quotes inside, as in the real vocabulary ('"Cold" remedy', '5" pen').
+    _vocab(src, [f"{i}\t\"Concept\" {i}\" pen\tCondition\tSNOMED\tClinical Finding\tS\tC{i}\t"
                  "19700101\t20991231\t" for i in range(1, 8)])
     info = ingest(db, Settings(data_dir=tmp_path / "var"), "vocab", src, OPERATOR)
     concept = info.metadata.tables["concept"]
@@ -45,8 +46,10 @@ def test_athena_style_concept_file_ingests_and_joins(tmp_path: Path, db: Databas
     con = duckdb.connect(str(info.path), read_only=True)
     first = con.execute("SELECT min(valid_start_date), max(valid_end_date) FROM concept"
                         ).fetchone()
-    con.close()
     assert first is not None and str(first[0]) == "1970-01-01" and str(first[1]) == "2099-12-31"
+    names = con.execute("SELECT concept_name FROM concept ORDER BY concept_id").fetchall()
+    assert names[0][0] == '"Concept" 1" pen'
+    con.close()
     prepared = prepare("SELECT c.concept_name, COUNT(*) FROM condition_occurrence o JOIN "
                        "concept c ON c.concept_id = o.condition_concept_id GROUP BY "
                        "c.concept_name", info.metadata, make_terms(info.metadata),
