@@ -8,6 +8,8 @@ Contract of ``generate(out, persons, seed, fmt)``:
 * the output depends only on ``(persons, seed, fmt)``: the same arguments give byte-identical
   files (persons are generated in fixed-size chunks, each with its own seeded generator);
 * memory stays bounded by the chunk size, whatever ``persons`` is;
+* ``concept`` holds every concept id the other tables use, with its standard name (public
+  reference data: researchers join it to read names instead of ids);
 * writes ``spe-metadata.yaml`` beside the data: the bounds and public value sets the generator
   knows to hold for every row it wrote (a data holder's declaration, see ``defaults``).
 
@@ -38,7 +40,7 @@ from spe.datasets.omop_spec import TableSpec, table_spec
 
 Format = Literal["csv", "parquet"]
 TABLES = ("person", "observation_period", "visit_occurrence", "condition_occurrence",
-          "drug_exposure", "measurement", "death")
+          "drug_exposure", "measurement", "death", "concept")
 #: Persons per chunk. Part of the output's definition: changing it changes the data.
 CHUNK_PERSONS = 25_000
 END = date(2024, 12, 31)
@@ -155,6 +157,105 @@ M_SIGMA = np.sqrt(np.log1p(_CV**2))  # log-normal with the given mean and sd
 M_MU = np.log(_MEAN) - M_SIGMA**2 / 2
 M_LOW = np.array([m[6] for m in _MEASUREMENTS], dtype=float)
 M_HIGH = np.array([m[7] for m in _MEASUREMENTS], dtype=float)
+
+
+# The vocabulary: every concept the generator writes, with its standard name, so researchers
+# join ``concept`` (public reference data) to read names instead of ids.
+_CONDITION_NAMES = [
+    "Essential hypertension", "Type 2 diabetes mellitus without complication",
+    "Hyperlipidemia", "Acute viral pharyngitis", "Acute bronchitis", "Depressive disorder",
+    "Osteoarthritis", "Asthma", "Chronic obstructive lung disease", "Obesity",
+    "Atrial fibrillation", "Coronary arteriosclerosis", "Chronic sinusitis",
+    "Urinary tract infectious disease", "Cough", "Headache", "Chest pain", "Influenza",
+    "Streptococcal sore throat", "Anemia", "Migraine", "Congestive heart failure",
+    "Chronic kidney disease", "Osteoporosis", "Cerebrovascular disease",
+    "Acute myocardial infarction", "Gastrointestinal hemorrhage", "Fever",
+    "Malignant neoplastic disease", "Pulmonary embolism",
+]
+_DRUG_NAMES = [
+    "metformin", "lisinopril", "atorvastatin", "amlodipine", "acetaminophen", "ibuprofen",
+    "amoxicillin", "metoprolol", "hydrochlorothiazide", "aspirin", "albuterol", "simvastatin",
+    "warfarin", "prednisone", "sertraline", "losartan", "atenolol", "insulin glargine",
+    "pantoprazole", "omeprazole", "doxycycline", "ciprofloxacin", "celecoxib", "oxycodone",
+]
+_MEASUREMENT_NAMES = [
+    "Systolic blood pressure", "Diastolic blood pressure", "Heart rate", "Body weight",
+    "Glucose [Mass/volume] in Serum or Plasma", "Creatinine [Mass/volume] in Serum or Plasma",
+    "Hemoglobin [Mass/volume] in Blood", "Body height", "Body mass index (BMI)",
+    "Hemoglobin A1c/Hemoglobin.total in Blood", "Cholesterol [Mass/volume] in Serum or Plasma",
+    "Sodium [Moles/volume] in Serum or Plasma", "Potassium [Moles/volume] in Serum or Plasma",
+    "Urea nitrogen [Mass/volume] in Serum or Plasma", "HDL Cholesterol",
+    "LDL Cholesterol", "Triglyceride [Mass/volume] in Serum or Plasma", "Body temperature",
+    "Respiratory rate", "Albumin [Mass/volume] in Serum or Plasma",
+    "Aspartate aminotransferase [Enzymatic activity/volume]",
+    "Alanine aminotransferase [Enzymatic activity/volume]",
+]
+_OTHER_CONCEPTS = [  # (id, name, domain, vocabulary, class, code)
+    (0, "No matching concept", "Metadata", "None", "Undefined", "No matching concept"),
+    (8507, "MALE", "Gender", "Gender", "Gender", "M"),
+    (8532, "FEMALE", "Gender", "Gender", "Gender", "F"),
+    (8527, "White", "Race", "Race", "Race", "5"),
+    (8516, "Black or African American", "Race", "Race", "Race", "3"),
+    (8515, "Asian", "Race", "Race", "Race", "2"),
+    (38003564, "Not Hispanic or Latino", "Ethnicity", "Ethnicity", "Ethnicity",
+     "Not Hispanic"),
+    (38003563, "Hispanic or Latino", "Ethnicity", "Ethnicity", "Ethnicity", "Hispanic"),
+    (9202, "Outpatient Visit", "Visit", "Visit", "Visit", "OP"),
+    (9203, "Emergency Room Visit", "Visit", "Visit", "Visit", "ER"),
+    (9201, "Inpatient Visit", "Visit", "Visit", "Visit", "IP"),
+    (32817, "EHR", "Type Concept", "Type Concept", "Type Concept", "OMOP4976890"),
+    (32838, "EHR prescription", "Type Concept", "Type Concept", "Type Concept",
+     "OMOP4976911"),
+    (32856, "Lab", "Type Concept", "Type Concept", "Type Concept", "OMOP4976929"),
+    (32902, "Primary diagnosis", "Condition Status", "Condition Status", "Condition Status",
+     "OMOP4976972"),
+    (32908, "Secondary diagnosis", "Condition Status", "Condition Status", "Condition Status",
+     "OMOP4976978"),
+    (4132161, "Oral", "Route", "SNOMED", "Qualifier Value", "26643006"),
+    (45956874, "Inhalation", "Route", "SNOMED", "Qualifier Value", "447694001"),
+    (4142048, "Subcutaneous", "Route", "SNOMED", "Qualifier Value", "34206005"),
+    (8876, "millimeter mercury column", "Unit", "UCUM", "Unit", "mm[Hg]"),
+    (8541, "per minute", "Unit", "UCUM", "Unit", "/min"),
+    (9529, "kilogram", "Unit", "UCUM", "Unit", "kg"),
+    (8840, "milligram per deciliter", "Unit", "UCUM", "Unit", "mg/dL"),
+    (8713, "gram per deciliter", "Unit", "UCUM", "Unit", "g/dL"),
+    (8582, "centimeter", "Unit", "UCUM", "Unit", "cm"),
+    (9531, "kilogram per square meter", "Unit", "UCUM", "Unit", "kg/m2"),
+    (8554, "percent", "Unit", "UCUM", "Unit", "%"),
+    (8753, "millimole per liter", "Unit", "UCUM", "Unit", "mmol/L"),
+    (586323, "degree Celsius", "Unit", "UCUM", "Unit", "Cel"),
+    (8645, "unit per liter", "Unit", "UCUM", "Unit", "U/L"),
+]
+
+
+def vocabulary() -> list[tuple[int, str, str, str, str, str]]:
+    """(concept_id, name, domain, vocabulary, class, code) of every concept the generator uses."""
+    rows = list(_OTHER_CONCEPTS)
+    rows += [(int(c), n, "Condition", "SNOMED", "Clinical Finding", code)
+             for (c, code), n in zip(_CONDITIONS, _CONDITION_NAMES, strict=True)]
+    rows += [(int(d), n, "Drug", "RxNorm", "Ingredient", code)
+             for (d, code, _r), n in zip(_DRUGS, _DRUG_NAMES, strict=True)]
+    rows += [(int(m[0]), n, "Measurement", "LOINC", "Clinical Observation", m[1])
+             for m, n in zip(_MEASUREMENTS, _MEASUREMENT_NAMES, strict=True)]
+    return rows
+
+
+def _concepts() -> tuple[Columns, int]:
+    rows = vocabulary()
+    n = len(rows)
+    start = (date(1970, 1, 1) - _EPOCH).days
+    end = (date(2099, 12, 31) - _EPOCH).days
+    return {
+        "concept_id": np.array([r[0] for r in rows], dtype=np.int64),
+        "concept_name": [r[1] for r in rows],
+        "domain_id": [r[2] for r in rows],
+        "vocabulary_id": [r[3] for r in rows],
+        "concept_class_id": [r[4] for r in rows],
+        "standard_concept": ["S"] * n,
+        "concept_code": [r[5] for r in rows],
+        "valid_start_date": np.full(n, start, dtype=np.int32),
+        "valid_end_date": np.full(n, end, dtype=np.int32),
+    }, n
 
 
 def arrow_schema(spec: TableSpec) -> pa.Schema:
@@ -496,6 +597,11 @@ def generate(out: Path, persons: int, *, seed: int = 0, fmt: Format = "csv",
                     stats.seconds[name] += built + time.perf_counter() - t0
                     stats.rows[name] += rows
                 bar.update(n)
+        t0 = time.perf_counter()
+        cols, rows = _concepts()
+        writers["concept"].write(_to_table(specs["concept"], cols, rows))
+        stats.seconds["concept"] = time.perf_counter() - t0
+        stats.rows["concept"] = rows
     finally:
         for writer in writers.values():
             writer.close()
