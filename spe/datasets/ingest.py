@@ -181,9 +181,9 @@ def _compact_dates(path: Path, spec: TableSpec, columns: tuple[str, ...],
             first = fh.readline(_HEADER_LIMIT)
     except (OSError, EOFError, UnicodeDecodeError):
         return False  # reading the data reports the problem with its line
-    quoting = csv.QUOTE_MINIMAL if delimiter != "\t" else csv.QUOTE_NONE
     fields = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter, quotechar='"',
-                             quoting=quoting), [])
+                             quoting=csv.QUOTE_NONE if delimiter == "\t"
+                             else csv.QUOTE_MINIMAL), [])
     dates = [f.strip() for f, c in zip(fields, columns, strict=False)
              if (fs := spec.field(c)) is not None and fs.duckdb_type == "DATE" and f.strip()]
     return bool(dates) and all(_COMPACT_DATE.match(d) for d in dates)
