@@ -98,6 +98,47 @@ class Settings(BaseSettings):
     query_timeout_seconds: float = Field(
         60.0, gt=0, le=3600, description="Wall-clock limit of one DP query (enforced: interrupted)."
     )
+    dp_answer_time_bucket_seconds: float = Field(
+        0.25, ge=0, le=60,
+        description="DP answers (and failures after data access) are returned at the next "
+        "multiple of this many seconds after the request reached the engine, so the answer "
+        "time tells nothing finer about the data. Enforced by the DP service; 0 turns "
+        "padding off (benchmarks only).",
+    )
+    dp_min_epsilon_per_query: float = Field(
+        0.01, gt=0, le=100,
+        description="Smallest epsilon a DP query may spend, so no probe is free. Enforced: "
+        "queries asking for less (or whose permit's per-query maximum is below it) are "
+        "refused before planning.",
+    )
+    dp_permit_queries_per_minute: float = Field(
+        60.0, gt=0,
+        description="Queries (not dry runs) one permit may run per minute, all its "
+        "researchers together (token bucket). Enforced by the DP service: further queries "
+        "are refused (429) and audited.",
+    )
+    dp_permit_query_burst: int = Field(
+        20, ge=1, description="Burst size of dp_permit_queries_per_minute (enforced)."
+    )
+    dp_max_threshold_groups: int = Field(
+        100_000, ge=1,
+        description="Most groups a thresholded DP query (non-public keys) fetches from the "
+        "store. Enforced: the fetch stops at this bound and the query fails generically "
+        "(charged).",
+    )
+    api_token_requests_per_minute: float = Field(
+        120.0, gt=0,
+        description="DP requests (queries, dry runs, budget reads) one token may make per "
+        "minute (token bucket). Enforced by the DP API: further requests get 429, audited.",
+    )
+    api_token_burst: int = Field(
+        30, ge=1, description="Burst size of api_token_requests_per_minute (enforced)."
+    )
+    api_token_concurrency: int = Field(
+        4, ge=1,
+        description="DP requests one token may have in flight at once. Enforced by the DP "
+        "API: more are refused (429), audited.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the structured JSON logs."
     )

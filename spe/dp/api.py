@@ -11,11 +11,20 @@ must be active. The budget may also be read, whatever the permit's status, by th
 that issued the permit and by hospital admins (``permits.policy.can_see``). Every
 authorisation refusal is audited (``dp.query`` / ``dp.budget``, outcome refused). Errors are
 RFC 9457 problems (QueryRefused 400, not named or inactive permit 403, BudgetExceeded 403,
-unknown permit 404, QueryFailed 500 with one generic message).
+unknown permit 404, RateLimited 429 with ``Retry-After``, QueryFailed 500 with one generic
+message).
+
+Limits (:mod:`spe.dp.limits`, one set per app): every DP request of a token (query, dry run,
+budget read) passes the token's rate and concurrency limits before anything else is done for
+it, and every query that touches data passes its permit's rate limit. A refusal is audited
+(``dp.query`` / ``dp.budget``, outcome refused) with the SQL's hash, and the SQL text only the
+first time that SQL is seen under the permit, not again on every retry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,7 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.auth.deps import get_principal, require_role
 from spe.auth.principal import Principal, Role
 from spe.datasets.metadata import DatasetMetadata
+from spe.dp.limits import Limits, RateLimited
 from spe.dp.service import Caller, QueryRequest, budget_status, run_query
 from spe.errors import Forbidden, InvalidInput, NotFound
 
@@ -103,13 +113,47 @@ def authorise_budget_read(principal: Principal, terms: PermitTerms) -> None:
 
 
 def _audit_refusal(request: Request, principal: Principal, permit_id: str, action: str,
-                   reason: str) -> None:
+                   reason: str, extra: dict[str, Any] | None = None) -> None:
     with get_state(request).db.write() as session:
         record(session, AuditEvent(
             action=action, actor=principal.actor, role=principal.primary_role(),
             permit_id=permit_id, target=permit_id, outcome=Outcome.REFUSED, reason=reason,
             request_id=getattr(request.state, "request_id", None) or "none",
-            details={"principal_kind": principal.kind}))
+            details={"principal_kind": principal.kind, **(extra or {})}))
+
+
+_LIMITS_LOCK = threading.Lock()
+
+
+def limits_of(request: Request) -> Limits:
+    """The app's :class:`~spe.dp.limits.Limits` (created on first use)."""
+    app_state = request.app.state
+    limits = getattr(app_state, "spe_dp_limits", None)
+    if limits is None:
+        with _LIMITS_LOCK:
+            limits = getattr(app_state, "spe_dp_limits", None)
+            if limits is None:
+                limits = Limits(get_state(request).settings)
+                app_state.spe_dp_limits = limits
+    assert isinstance(limits, Limits)
+    return limits
+
+
+def _token_key(principal: Principal) -> str:
+    """One key per token: a workspace token by its id, any other caller by its subject."""
+    if principal.token_id:
+        return f"token:{principal.token_id}"
+    return f"{principal.kind}:{principal.subject}"
+
+
+def _sql_details(limits: Limits, permit_id: str, sql: str | None) -> dict[str, Any]:
+    if sql is None:
+        return {}
+    sha = hashlib.sha256(sql.encode()).hexdigest()
+    out: dict[str, Any] = {"sql_sha256": sha}
+    if limits.first_sighting(permit_id, sha):
+        out["sql"] = sql
+    return out
 
 
 def _checked(request: Request, principal: Principal, permit_id: str, action: str,
@@ -142,21 +186,41 @@ def post_query(permit_id: PermitId, body: QueryBody, request: Request,
                ) -> dict[str, Any]:
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
         raise InvalidInput("Idempotency-Key must be 1 to 128 characters.")
-    terms = _checked(request, principal, permit_id, "dp.query", authorise)
-    state = get_state(request)
-    caller = Caller(actor=principal.actor, role=principal.primary_role(),
-                    request_id=getattr(request.state, "request_id", None))
-    req = QueryRequest(sql=body.sql, epsilon=body.epsilon, delta=body.delta,
-                       dry_run=body.dry_run, dataset=body.dataset,
-                       max_rows_per_person=body.max_rows_per_person,
-                       max_groups_per_person=body.max_groups_per_person,
-                       idempotency_key=idempotency_key)
-    return run_query(state.db, state.settings, terms, caller, req, _opener(request))
+    limits, key = limits_of(request), _token_key(principal)
+    try:
+        limits.enter(key)
+    except RateLimited as err:
+        _audit_refusal(request, principal, permit_id, "dp.query", err.detail,
+                       {"dry_run": body.dry_run, **_sql_details(limits, permit_id, body.sql)})
+        raise
+    try:
+        terms = _checked(request, principal, permit_id, "dp.query", authorise)
+        state = get_state(request)
+        caller = Caller(actor=principal.actor, role=principal.primary_role(),
+                        request_id=getattr(request.state, "request_id", None))
+        req = QueryRequest(sql=body.sql, epsilon=body.epsilon, delta=body.delta,
+                           dry_run=body.dry_run, dataset=body.dataset,
+                           max_rows_per_person=body.max_rows_per_person,
+                           max_groups_per_person=body.max_groups_per_person,
+                           idempotency_key=idempotency_key)
+        return run_query(state.db, state.settings, terms, caller, req, _opener(request),
+                         limits)
+    finally:
+        limits.leave(key)
 
 
 @router.get("/v1/permits/{permit_id}/budget")
 def get_budget(permit_id: PermitId, request: Request,
                principal: Principal = Depends(get_principal)) -> dict[str, Any]:
-    terms = _checked(request, principal, permit_id, "dp.budget", authorise_budget_read)
-    actor = principal.actor if Role.RESEARCHER in principal.roles else None
-    return budget_status(get_state(request).db, terms, actor)
+    limits, key = limits_of(request), _token_key(principal)
+    try:
+        limits.enter(key)
+    except RateLimited as err:
+        _audit_refusal(request, principal, permit_id, "dp.budget", err.detail)
+        raise
+    try:
+        terms = _checked(request, principal, permit_id, "dp.budget", authorise_budget_read)
+        actor = principal.actor if Role.RESEARCHER in principal.roles else None
+        return budget_status(get_state(request).db, terms, actor)
+    finally:
+        limits.leave(key)

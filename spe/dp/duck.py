@@ -176,11 +176,39 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+class Deadline:
+    """The wall-clock end of one query: every statement and every step of post-processing in
+    Python checks it (:meth:`check`), and statements run with the time left as timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises QueryTimeout when none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise QueryTimeout("query deadline passed")
+        return left
+
+    def check(self) -> None:
+        self.remaining()
+
+
 def run(con: duckdb.DuckDBPyConnection, sql: str, timeout: float) -> list[tuple[Any, ...]]:
     """Execute ``sql`` and fetch all rows; interrupt and raise QueryTimeout after ``timeout``."""
+    rows: list[tuple[Any, ...]] = _guarded(con, sql, timeout, lambda r: r.fetchall())
+    return rows
+
+
+def run_df(con: duckdb.DuckDBPyConnection, sql: str, timeout: float) -> Any:
+    """As :func:`run`, fetching a pandas DataFrame."""
+    return _guarded(con, sql, timeout, lambda r: r.df())
+
+
+def _guarded(con: duckdb.DuckDBPyConnection, sql: str, timeout: float, fetch: Any) -> Any:
     ident, fired = _WATCHDOG.arm(con, timeout)
     try:
-        return con.execute(sql).fetchall()
+        return fetch(con.execute(sql))
     except duckdb.Error as err:
         if fired.is_set():
             raise QueryTimeout("query interrupted after the timeout") from err

@@ -58,7 +58,7 @@ import pandas as pd
 
 from spe.config import Settings
 from spe.dp import mechanisms as mech
-from spe.dp.duck import connect_memory, run
+from spe.dp.duck import Deadline, connect_memory, run, run_df
 from spe.dp.kinds import AggKind
 from spe.dp.mechanisms import Unit
 from spe.dp.plan import Aggregate, QueryPlan
@@ -147,7 +147,8 @@ def needs_row_count(plan: QueryPlan) -> bool:
                                        for a in plan.aggregates)
 
 
-def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
+def row_stats_sql(plan: QueryPlan, min_rows: int | None = None,
+                  limit: int | None = None) -> tuple[str, list[str]]:
     """SQL for the truncated integer statistics per group, and the statistic names.
 
     Statistics: ``rows`` (COUNT(*) of the truncated rows; only when the release reads it, see
@@ -170,8 +171,12 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
     the released shape are unchanged. A group left with no row is read as 0, exactly as a
     group with only NULL values was (COUNT = 0, SUM = NULL read as 0). Whether this form is
     used depends on the plan only, never on the data.
+
+    Thresholded plans (``min_rows``, ``limit``): only groups with at least ``min_rows``
+    truncated rows are returned (``HAVING COUNT(*) >= min_rows``), at most ``limit`` of them;
+    see :func:`threshold_floor` for why this keeps OpenDP's threshold analysis exact.
     """
-    want_rows = needs_row_count(plan)
+    want_rows = needs_row_count(plan) or min_rows is not None
     stats = ["COUNT(*)"] if want_rows else []
     names = ["rows"] if want_rows else []
     vals = [(i, agg) for i, agg in enumerate(plan.aggregates)
@@ -182,7 +187,8 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
     where = _base_where(plan, True, public_filter=not plan.public_keys)
     if not vals:
         cols = ", ".join([*_key_cols(plan), *stats])
-        return f"SELECT {cols} FROM {plan.join_sql} WHERE {where}{_group_by(plan)}", names
+        sql = f"SELECT {cols} FROM {plan.join_sql} WHERE {where}{_group_by(plan)}"
+        return sql + _bounded(min_rows, limit), names
     inputs = {agg.input_sql for _i, agg in vals}
     if not want_rows and len(inputs) == 1:
         (x_sql,) = inputs
@@ -204,7 +210,7 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
         outer = ", ".join([*gs, *stats])
         sql = (f"SELECT {outer} FROM (SELECT {inner} FROM {plan.join_sql} WHERE {where}) "
                f"AS _spe_rows WHERE x IS NOT NULL AND NOT isnan(x){_group_by(plan)}")
-        return sql, names
+        return sql + _bounded(min_rows, limit), names
     inputs_sql: list[str] = []
     clamped: list[str] = []
     for i, agg in vals:
@@ -225,7 +231,40 @@ def row_stats_sql(plan: QueryPlan) -> tuple[str, list[str]]:
     outer = ", ".join([*gs, *stats])
     sql = (f"SELECT {outer} FROM (SELECT {middle} FROM (SELECT {inner} FROM {plan.join_sql} "
            f"WHERE {where}) AS _spe_in) AS _spe_rows{_group_by(plan)}")
-    return sql, names
+    return sql + _bounded(min_rows, limit), names
+
+
+def _bounded(min_rows: int | None, limit: int | None) -> str:
+    out = f" HAVING COUNT(*) >= {int(min_rows)}" if min_rows is not None else ""
+    return out + (f" LIMIT {int(limit)}" if limit is not None else "")
+
+
+def threshold_floor(unit: Unit) -> int:
+    """Fewest truncated rows a group needs to be fetched for the threshold: F = ceil(T / 4).
+
+    Why OpenDP's analysis stays exact: the threshold measurement is run on the shifted counts
+    ``c - (F - 1)`` of the groups with ``c >= F`` (a group with fewer rows is absent, i.e.
+    shifted count 0), and ``F - 1`` is added back to each released count (post-processing).
+    The map ``c -> max(c - (F - 1), 0)`` is 1-Lipschitz per group, so one person still changes
+    at most k groups, by at most k each and by k in total: the measurement's input distance
+    (k, k, k) and hence its (epsilon, delta) hold unchanged. A group is now released when
+    ``c + noise > T + F - 1`` (a slightly higher effective threshold, shown in the accuracy),
+    and the fetch returns at most (truncated rows) / F groups, never more than
+    ``dp_max_threshold_groups`` (see :func:`execute`).
+    """
+    assert unit.threshold is not None
+    return max(1, -(-unit.threshold // 4))
+
+
+def _big_groups(plan: QueryPlan, min_rows: int) -> tuple[str, str]:
+    """Source rows restricted to groups with at least ``min_rows`` truncated rows (SEMI JOIN),
+    so a thresholded plan's distinct or quantile fetch is bounded like its row statistics."""
+    gs = [f"g{i}" for i in range(len(plan.keys))]
+    on = " AND ".join(f"_spe_a.{g} IS NOT DISTINCT FROM _spe_b.{g}" for g in gs)
+    big = (f"SELECT {', '.join(_key_cols(plan))} FROM {plan.join_sql} "
+           f"WHERE {_base_where(plan, True)} GROUP BY {', '.join(gs)} "
+           f"HAVING COUNT(*) >= {int(min_rows)}")
+    return on, big
 
 
 def _pid_sql(plan: QueryPlan) -> str:
@@ -233,7 +272,7 @@ def _pid_sql(plan: QueryPlan) -> str:
     return first.unit_sql  # person_id, or a linked table's hidden person column
 
 
-def distinct_sql(plan: QueryPlan, salt: int) -> str:
+def distinct_sql(plan: QueryPlan, salt: int, min_rows: int | None = None) -> str:
     """Exact per-group distinct persons; each person kept in at most m groups.
 
     Stability: with no truncation needed (no keys, or public keys and m >= the number of
@@ -252,6 +291,10 @@ def distinct_sql(plan: QueryPlan, salt: int) -> str:
     (every person keeps the row ranked 1); with a selective WHERE a person whose matching rows
     are all ranked above k is not counted (the documented WHERE/truncation trade-off). The
     stability argument (at most 1 per group, at most m groups) holds for any subset of rows.
+
+    ``min_rows`` (thresholded plans): only groups with at least that many truncated rows are
+    counted (the only ones that can be released, see :func:`threshold_floor`), so the fetch
+    is bounded. A group's count is unchanged; each person's m groups are chosen among these.
     """
     where = _base_where(plan, True)
     if not plan.keys:
@@ -264,6 +307,9 @@ def distinct_sql(plan: QueryPlan, salt: int) -> str:
                 f"WHERE {where} GROUP BY {gs}")
     source = (f"SELECT {keys}, {_pid_sql(plan)} AS {PID} FROM {plan.join_sql} "
               f"WHERE {where}")
+    if min_rows is not None:
+        on, big = _big_groups(plan, min_rows)
+        source = f"SELECT _spe_a.* FROM ({source}) AS _spe_a SEMI JOIN ({big}) AS _spe_b ON {on}"
     if len(plan.keys) == 1:
         key, unpack = "g0", "_spe_k AS g0"
     else:
@@ -295,7 +341,7 @@ def quantile_grid(agg: Aggregate) -> tuple[float, int]:
     return lo, round((hi - lo) / step) + 1
 
 
-def quantile_sql(plan: QueryPlan, agg: Aggregate) -> str:
+def quantile_sql(plan: QueryPlan, agg: Aggregate, min_rows: int | None = None) -> str:
     """Per-group histogram of the clamped values over the candidate bins (truncated rows).
 
     Rows whose value is NULL or NaN are dropped (their clamped value is NULL, which the
@@ -310,8 +356,11 @@ def quantile_sql(plan: QueryPlan, agg: Aggregate) -> str:
     gs = [f"g{i}" for i in range(len(plan.keys))]
     inner = ", ".join([*_key_cols(plan), f"{agg.input_sql} AS x"])
     cols = ", ".join([*gs, f"{bin_expr} AS b", "COUNT(*)"])
-    return (f"SELECT {cols} FROM (SELECT {inner} FROM {plan.join_sql} "
-            f"WHERE {_base_where(plan, True)}) AS _spe_rows WHERE x IS NOT NULL AND NOT "
+    rows = f"SELECT {inner} FROM {plan.join_sql} WHERE {_base_where(plan, True)}"
+    if min_rows is not None:  # thresholded: only groups that can be released (bounded fetch)
+        on, big = _big_groups(plan, min_rows)
+        rows = f"SELECT _spe_a.* FROM ({rows}) AS _spe_a SEMI JOIN ({big}) AS _spe_b ON {on}"
+    return (f"SELECT {cols} FROM ({rows}) AS _spe_rows WHERE x IS NOT NULL AND NOT "
             f"isnan(x) GROUP BY {', '.join([*gs, 'b'])}")
 
 
@@ -327,39 +376,66 @@ def _keystr(key: tuple[Any, ...]) -> str:
     return json.dumps([_norm(v) for v in key], default=str)
 
 
+class TooManyGroups(Exception):
+    """A thresholded plan would fetch more than ``dp_max_threshold_groups`` groups."""
+
+
 def execute(plan: QueryPlan, units: tuple[Unit, ...], con: duckdb.DuckDBPyConnection,
-            settings: Settings) -> Release:
-    """Run ``plan`` and release its noisy table (see module docstring)."""
+            settings: Settings, deadline: Deadline | None = None) -> Release:
+    """Run ``plan`` and release its noisy table (see module docstring).
+
+    Every statement runs with the time left before ``deadline`` (default: the query timeout
+    from now) and every Python step after a fetch checks it: past it, QueryTimeout.
+    Thresholded plans fetch at most ``dp_max_threshold_groups`` groups (:func:`threshold_floor`
+    bounds them; past the bound, TooManyGroups): the caller turns either into its generic,
+    charged failure.
+    """
     mech.assert_safe_features()
-    timeout = settings.query_timeout_seconds
+    deadline = deadline or Deadline(settings.query_timeout_seconds)
     nk = len(plan.keys)
-    sql, names = row_stats_sql(plan)
+    by_role = {(u.role, u.agg): u for u in units}
+    select_unit = by_role.get(("select", None))
+    floor: int | None = None
+    cap = settings.dp_max_threshold_groups
+    if not plan.public_keys:
+        assert select_unit is not None
+        floor = threshold_floor(select_unit)
+    sql, names = row_stats_sql(plan, floor, cap + 1 if floor is not None else None)
     stats: dict[str, dict[str, int]] = {}
     raw_keys: dict[str, tuple[Any, ...]] = {}
-    for row in (run(con, sql, timeout) if needs_row_stats(plan) else ()):
+    fetched = run(con, sql, deadline.remaining()) if needs_row_stats(plan) else []
+    if floor is not None and len(fetched) > cap:
+        raise TooManyGroups
+    for n_row, row in enumerate(fetched):
+        if n_row % 4096 == 0:
+            deadline.check()
         key = tuple(row[:nk])
         ks = _keystr(key)
         raw_keys[ks] = key
         stats[ks] = {n: int(v or 0) for n, v in zip(names, row[nk:], strict=True)}
+    del fetched
 
-    by_role = {(u.role, u.agg): u for u in units}
-    select_unit = by_role.get(("select", None))
     selected_counts: dict[str, int] = {}
     if plan.public_keys:
         key_list = [tuple(p) for p in itertools.product(
             *[k.public_values or () for k in plan.keys])]
         key_strs = [_keystr(k) for k in key_list]
     else:
-        assert select_unit is not None
-        selected_counts = mech.threshold_release(
-            {ks: s["rows"] for ks, s in stats.items()}, select_unit)
+        assert select_unit is not None and floor is not None
+        shift = floor - 1  # see threshold_floor: OpenDP runs on the shifted counts
+        shifted = mech.threshold_release({ks: s["rows"] - shift for ks, s in stats.items()},
+                                         select_unit)
+        selected_counts = {ks: v + shift for ks, v in shifted.items()}
         key_strs = sorted(selected_counts)
         key_list = [raw_keys[ks] for ks in key_strs]
+    deadline.check()
 
     distinct: dict[str, int] = {}
-    if any(a.kind == "count_distinct" for a in plan.aggregates):
-        for row in run(con, distinct_sql(plan, secrets.randbits(62)), timeout):
+    if any(a.kind == "count_distinct" for a in plan.aggregates) and (key_strs or not nk):
+        for row in run(con, distinct_sql(plan, secrets.randbits(62), floor),
+                       deadline.remaining()):
             distinct[_keystr(tuple(row[:nk]))] = int(row[nk] or 0)
+    deadline.check()
 
     def stat(name: str) -> list[int]:
         return [stats.get(ks, {}).get(name, 0) for ks in key_strs]
@@ -370,10 +446,11 @@ def execute(plan: QueryPlan, units: tuple[Unit, ...], con: duckdb.DuckDBPyConnec
     cell_ci: dict[str, list[tuple[float | None, float | None]]] = {}
     for i, agg in enumerate(plan.aggregates):
         vals, acc, cis = _release_aggregate(plan, i, agg, by_role, key_strs, stat, distinct,
-                                            selected_counts, con, timeout)
+                                            selected_counts, con, deadline, floor)
         columns[agg.name] = vals
         accuracy[agg.name] = acc
         cell_ci[agg.name] = cis
+        deadline.check()
     table = pd.DataFrame({name: columns[name] for name in _all_columns(plan)})
     cells = []
     for r in range(len(table)):
@@ -381,7 +458,9 @@ def execute(plan: QueryPlan, units: tuple[Unit, ...], con: duckdb.DuckDBPyConnec
                              "scale": accuracy[name]["scale"],
                              "ci95": list(cell_ci[name][r])}
                       for name in accuracy})
-    table, cells = _post(plan, table, cells, settings)
+    deadline.check()
+    table, cells = _post(plan, table, cells, settings, deadline)
+    deadline.check()
     return Release(table=table, accuracy=accuracy, cells=cells)
 
 
@@ -403,7 +482,8 @@ _Released = tuple[list[Any], dict[str, Any], list[tuple[Any, Any]]]
 def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
                        by_role: dict[Any, Unit], key_strs: list[str],
                        stat: Any, distinct: dict[str, int], selected: dict[str, int],
-                       con: duckdb.DuckDBPyConnection, timeout: float) -> _Released:
+                       con: duckdb.DuckDBPyConnection, deadline: Deadline,
+                       floor: int | None) -> _Released:
     """The noisy values, accuracy and CIs of aggregate ``i``: one branch per kind (the
     ``match`` is exhaustive over :class:`~spe.dp.kinds.AggKind`; mypy rejects a missing one)."""
     match agg.kind:
@@ -412,8 +492,11 @@ def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
                 own = by_role.get(("count", i))
                 if own is None:  # the first COUNT(*) of a thresholded query: threshold counts
                     unit = by_role[("select", None)]
-                    return _with_ci([selected[ks] for ks in key_strs], unit,
-                                    "laplace threshold")
+                    vals, acc, cis = _with_ci([selected[ks] for ks in key_strs], unit,
+                                              "laplace threshold")
+                    if floor is not None:  # the effective threshold (see threshold_floor)
+                        acc["threshold"] = int(unit.threshold or 0) + floor - 1
+                    return vals, acc, cis
                 return _with_ci(mech.laplace_release(stat("rows"), own), own,
                                 "discrete laplace")
             unit = by_role[("nvals", i)]
@@ -432,7 +515,7 @@ def _release_aggregate(plan: QueryPlan, i: int, agg: Aggregate,
         case AggKind.VARIANCE | AggKind.STDDEV:
             return _release_spread(i, agg, by_role, stat)
         case AggKind.QUANTILE:
-            return _release_quantile(plan, i, agg, by_role, key_strs, con, timeout)
+            return _release_quantile(plan, i, agg, by_role, key_strs, con, deadline, floor)
         case _:
             assert_never(agg.kind)
 
@@ -488,20 +571,24 @@ def _release_spread(i: int, agg: Aggregate, by_role: dict[Any, Unit], stat: Any
 
 def _release_quantile(plan: QueryPlan, i: int, agg: Aggregate, by_role: dict[Any, Unit],
                       key_strs: list[str], con: duckdb.DuckDBPyConnection,
-                      timeout: float) -> _Released:
+                      deadline: Deadline, floor: int | None) -> _Released:
     """One report-noisy-max per group over the candidate grid."""
     n = len(key_strs)
     unit = by_role[("quantile", i)]
     lo, ncand = quantile_grid(agg)
     hists: dict[str, list[int]] = {ks: [0] * ncand for ks in key_strs}
     nk = len(plan.keys)
-    for row in run(con, quantile_sql(plan, agg), timeout):
+    rows = run(con, quantile_sql(plan, agg, floor), deadline.remaining()) if key_strs else []
+    for n_row, row in enumerate(rows):
+        if n_row % 4096 == 0:
+            deadline.check()
         ks = _keystr(tuple(row[:nk]))
         if ks in hists:
             hists[ks][int(row[nk])] += int(row[nk + 1])
     out = []
     a = mech.alpha_num(agg)
     for ks in key_strs:
+        deadline.check()
         j = mech.noisy_argmin(mech.quantile_scores(hists[ks], a), unit)
         out.append(lo + j * agg.grid)
     acc = {
@@ -520,7 +607,7 @@ def _with_ci(vals: list[Any], unit: Unit, mechanism: str
 
 
 def _post(plan: QueryPlan, table: pd.DataFrame, cells: list[dict[str, Any]],
-          settings: Settings) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+          settings: Settings, deadline: Deadline) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Apply HAVING / ORDER BY / LIMIT to the noisy table (post-processing only)."""
     post = plan.post
     if not (post.having_sql or post.order_sql or post.limit is not None):
@@ -537,7 +624,7 @@ def _post(plan: QueryPlan, table: pd.DataFrame, cells: list[dict[str, Any]],
             sql += f" ORDER BY {post.order_sql}"
         if post.limit is not None:
             sql += f" LIMIT {post.limit}"
-        out = con.execute(sql).df()
+        out = run_df(con, sql, deadline.remaining())
     finally:
         con.close()
     order = [int(r) for r in out["_spe_row"]]

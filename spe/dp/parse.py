@@ -23,6 +23,10 @@ from sqlglot.errors import ParseError, TokenError
 from spe.errors import QueryRefused
 
 MAX_SQL_CHARS = 20_000
+#: Deepest nesting of parentheses and of expression trees accepted. Deeper trees are refused
+#: before any recursive step (sqlglot's parser and generator, the planner) could hit Python's
+#: recursion limit; the checks are iterative and linear in the query's length.
+MAX_DEPTH = 64
 DIALECT = "duckdb"
 
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
@@ -102,9 +106,39 @@ def _tokenize_with_dialect(sql: str) -> None:
     for token in tokens:
         if token.comments:
             raise refuse("SQL comments", "remove comments from the query text")
+    depth = 0
+    for token in tokens:
+        if token.token_type in (sqlglot.TokenType.L_PAREN, sqlglot.TokenType.L_BRACKET,
+                                sqlglot.TokenType.L_BRACE):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _too_deep()
+        elif token.token_type in (sqlglot.TokenType.R_PAREN, sqlglot.TokenType.R_BRACKET,
+                                  sqlglot.TokenType.R_BRACE):
+            depth -= 1
     semis = [i for i, t in enumerate(tokens) if t.token_type == sqlglot.TokenType.SEMICOLON]
     if len(semis) > 1 or (semis and semis[0] != len(tokens) - 1):
         raise refuse("more than one statement", "send exactly one SELECT statement")
+
+
+def _too_deep() -> QueryRefused:
+    return refuse(f"expressions nested more than {MAX_DEPTH} levels deep",
+                  "split the expression or the query into simpler ones")
+
+
+def _check_depth(tree: exp.Expr) -> None:
+    """Refuse trees deeper than MAX_DEPTH (iterative: no recursion on the tree itself).
+
+    Long chains of binary operators (``a + a + ... + a``, ``x = 1 OR x = 2 OR ...``) parse
+    into trees as deep as the chain is long even without parentheses.
+    """
+    stack: list[tuple[exp.Expr, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep()
+        for child in node.iter_expressions():
+            stack.append((child, depth + 1))
 
 
 def parse(sql: str) -> exp.Select:
@@ -121,6 +155,10 @@ def parse(sql: str) -> exp.Select:
     except (ParseError, TokenError) as err:
         raise refuse("text that is not valid DuckDB SQL",
                      "send one SELECT statement in the DuckDB dialect") from err
+    except RecursionError:
+        raise _too_deep() from None
+    for tree in trees:
+        _check_depth(tree)
     if len(trees) != 1:
         raise refuse("more than one statement", "send exactly one SELECT statement")
     tree = trees[0]

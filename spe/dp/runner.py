@@ -39,7 +39,9 @@ def prepare(sql: str, meta: DatasetMetadata, terms: PermitTerms, *, epsilon: flo
     return Prepared(sql=sql, plan=plan, cost=price(plan))
 
 
-def release(prepared: Prepared, path: Path, settings: Settings) -> Release:
-    """Run the prepared plan on the dataset file at ``path`` (read-only, locked down)."""
+def release(prepared: Prepared, path: Path, settings: Settings,
+            deadline: duck.Deadline | None = None) -> Release:
+    """Run the prepared plan on the dataset file at ``path`` (read-only, locked down), every
+    step under ``deadline`` (default: the query timeout from now)."""
     with duck.cursor(path, settings) as con:
-        return execute(prepared.plan, prepared.cost.units, con, settings)
+        return execute(prepared.plan, prepared.cost.units, con, settings, deadline)

@@ -2,18 +2,34 @@
 
 Contract of :func:`run_query` (the function the HTTP API and tests call):
 
-1. The permit must be active (else Forbidden). Parsing and planning use metadata only; a
-   refusal is audited (``dp.query``, outcome refused, with the SQL text) and raised as
-   QueryRefused. Nothing is charged.
-2. A dry run returns the cost and the remaining budget, is audited, and costs nothing.
-3. Otherwise the cost is reserved in the ledger in one transaction with its audit entry
-   (``dp.query.reserve``). BudgetExceeded is audited and raised; nothing is charged.
-4. The query runs on DuckDB. Any failure after this point keeps the charge and returns one
-   generic :class:`QueryFailed` (no data-dependent detail).
-5. The noisy answer, its receipt and the outcome are stored and audited in one transaction.
-   Re-sending the same idempotency key returns the stored answer without a new charge.
+1. The permit must be active (else Forbidden). An epsilon below ``dp_min_epsilon_per_query``
+   is refused (no probe is free). A query that touches data (not a dry run) must pass the
+   permit's rate limit (:mod:`spe.dp.limits`, when the caller passes ``limits``; the API
+   always does): refused with RateLimited (429), audited.
+2. Parsing and planning use metadata only; a refusal is audited (``dp.query``, outcome
+   refused) and raised as QueryRefused. Any other exception while planning (a RecursionError,
+   a bug) becomes the same generic, audited refusal: never a server error. Nothing is charged.
+   Refusals record the SQL text the first time it is seen under the permit and only its
+   SHA-256 on every retry (when ``limits`` is given; without it, always the text).
+3. A dry run returns the cost and the remaining budget, is audited, and costs nothing.
+4. Otherwise the cost is reserved in the ledger in one transaction with its audit entry
+   (``dp.query.reserve``, with the SQL text). BudgetExceeded is audited and raised; nothing
+   is charged.
+5. The query runs on DuckDB; every step after it (noise, post-processing, encoding, signing)
+   runs under the query deadline. Any exception from here on, whatever its type, keeps the
+   charge (a failure after data access is charged like a release) and returns one generic
+   :class:`QueryFailed`, audited (outcome failure).
+6. The outcome is audited in one transaction with the charge's new state (``dp.query``:
+   charge id, SQL hash, receipt hash). The answer is stored for replay only when the request
+   has an idempotency key: re-sending that key returns the stored answer without a new charge.
+7. Answer time: from the call until the answer (or the generic failure) is ready, the time is
+   padded to the next multiple of ``dp_answer_time_bucket_seconds``, so between neighbouring
+   datasets the answer time differs only by whole buckets, and only when the work itself
+   differs by about a bucket. Refusals before data access are not padded: they depend on the
+   SQL, the metadata, the permit and the budget only.
 
-Audit details hold the SQL text, the plan summary, the cost and ids; never data values.
+Audit details hold the SQL text (or its hash), the plan summary, the cost and ids; never data
+values.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ import base64
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +52,8 @@ from spe.datasets.metadata import DatasetMetadata
 from spe.db import Database
 from spe.db.base import utcnow
 from spe.dp import receipt as receipts
+from spe.dp.duck import Deadline
+from spe.dp.limits import Limits, RateLimited
 from spe.dp.runner import Prepared, prepare, release
 from spe.errors import BudgetExceeded, Conflict, Forbidden, QueryRefused, SPEError
 
@@ -49,6 +68,8 @@ class QueryFailed(SPEError):
 
 GENERIC_FAILURE = ("The query failed after the data were accessed. Its privacy cost has been "
                    "charged; no further detail can be given without revealing data.")
+GENERIC_REFUSAL = ("The query could not be planned. Simplify it (fewer nested expressions, "
+                   "fewer groups) and try again.")
 
 
 @dataclass(frozen=True)
@@ -100,34 +121,72 @@ def _pick_dataset(terms: PermitTerms, requested: str | None) -> str:
     names = [g.dataset for g in terms.datasets]
     if requested is not None:
         if requested not in names:
-            raise QueryRefused(f"The permit does not grant the dataset {requested!r}.")
+            raise QueryRefused("The permit does not grant the dataset named in 'dataset'.")
         return requested
     if len(names) != 1:
         raise QueryRefused("The permit grants several datasets: name one in 'dataset'.")
     return names[0]
 
 
+def pad_answer_time(started: float, bucket: float) -> None:
+    """Sleep until the next multiple of ``bucket`` seconds after ``started`` (monotonic)."""
+    if bucket <= 0:
+        return
+    elapsed = time.monotonic() - started
+    target = max(1, math.ceil(elapsed / bucket)) * bucket
+    if target > elapsed:
+        time.sleep(target - elapsed)
+
+
+def _refusal_details(base: dict[str, Any], permit_id: str, limits: Limits | None
+                     ) -> dict[str, Any]:
+    """``base`` with the SQL text only the first time this SQL is refused under the permit."""
+    if limits is None or limits.first_sighting(permit_id, base["sql_sha256"]):
+        return base
+    return {k: v for k, v in base.items() if k != "sql"}
+
+
 def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Caller,
-              req: QueryRequest, open_dataset: DatasetOpener) -> dict[str, Any]:
+              req: QueryRequest, open_dataset: DatasetOpener,
+              limits: Limits | None = None) -> dict[str, Any]:
     """Answer ``req`` under ``terms`` for ``caller`` (see module docstring)."""
+    started = time.monotonic()
     base = {"sql": req.sql[:20_000], "sql_sha256": _sha(req.sql), "dry_run": req.dry_run}
     if not terms.usable:
-        _audit(db, caller, terms, Outcome.REFUSED, base, f"permit is {terms.status.value}")
+        _audit(db, caller, terms, Outcome.REFUSED, _refusal_details(base, terms.permit_id,
+                                                                    limits),
+               f"permit is {terms.status.value}")
         raise Forbidden(f"The permit is {terms.status.value}; queries need an active permit.")
     epsilon = DEFAULT_EPSILON if req.epsilon is None else float(req.epsilon)
     if req.epsilon is None:
         epsilon = min(epsilon, terms.budget.max_epsilon_per_query)
     delta = default_delta(terms) if req.delta is None else float(req.delta)
     try:
+        if not epsilon >= settings.dp_min_epsilon_per_query:
+            raise QueryRefused(
+                f"Every query spends at least epsilon {settings.dp_min_epsilon_per_query:g}; "
+                "ask for more (within the permit's per-query maximum).")
+        if limits is not None and not req.dry_run:
+            limits.permit_query(terms.permit_id)
         dataset = _pick_dataset(terms, req.dataset)
         base["dataset"] = dataset
         meta, path = open_dataset(dataset)
         prepared = prepare(req.sql, meta, terms, epsilon=epsilon, delta=delta,
                            max_rows_per_person=req.max_rows_per_person,
                            max_groups_per_person=req.max_groups_per_person)
-    except QueryRefused as err:
-        _audit(db, caller, terms, Outcome.REFUSED, base, err.detail)
+    except (QueryRefused, RateLimited) as err:
+        _audit(db, caller, terms, Outcome.REFUSED,
+               _refusal_details(base, terms.permit_id, limits), err.detail)
         raise
+    except SPEError:
+        raise  # e.g. the dataset's store file is missing (503): not about this query
+    except Exception as err:  # noqa: BLE001 - RecursionError, a planner bug: never a 500
+        logger.warning("dp query could not be planned",
+                       extra={"fields": {"error": type(err).__name__}})
+        _audit(db, caller, terms, Outcome.REFUSED,
+               _refusal_details(base, terms.permit_id, limits),
+               f"planning failed ({type(err).__name__})")
+        raise QueryRefused(GENERIC_REFUSAL) from None
     cost = prepared.cost
     details = {**base, "plan": prepared.plan.summary(),
                "cost": {"epsilon": cost.epsilon, "delta": cost.delta}}
@@ -143,25 +202,41 @@ def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Call
         if replay is not None:
             return replay
     charge_id = _reserve(db, caller, terms, req, prepared, details)
+    outcome = {k: v for k, v in details.items() if k != "sql"}  # the reserve entry has it
     try:
-        rel = release(prepared, path, settings)
+        deadline = Deadline(settings.query_timeout_seconds)
+        rel = release(prepared, path, settings, deadline)
         answer = _answer(settings, terms, prepared, rel, charge_id, dataset)
+        deadline.check()
+        with db.write() as session:
+            ledger.finish(session, charge_id, released=True,
+                          result=answer if req.idempotency_key else None)
+            snap = ledger.snapshot(session, terms, caller.actor)
+            record(session, _event(caller, terms, Outcome.SUCCESS,
+                                   {**outcome, "charge_id": charge_id,
+                                    "receipt_sha256_csv": answer["receipt"]["sha256_csv"]}))
     except Exception as err:  # noqa: BLE001 - every failure after data access is generic
         logger.warning("dp query failed after reserve",
                        extra={"fields": {"charge_id": charge_id, "error": type(err).__name__}})
+        _fail(db, caller, terms, charge_id, outcome, err)
+        pad_answer_time(started, settings.dp_answer_time_bucket_seconds)
+        raise QueryFailed(GENERIC_FAILURE) from None
+    pad_answer_time(started, settings.dp_answer_time_bucket_seconds)
+    return {**answer, "budget": snap.as_dict(), "replayed": False}
+
+
+def _fail(db: Database, caller: Caller, terms: PermitTerms, charge_id: str,
+          details: dict[str, Any], err: BaseException) -> None:
+    """Mark the charge failed (it stays charged) and audit the generic failure."""
+    try:
         with db.write() as session:
             ledger.finish(session, charge_id, released=False, error=type(err).__name__)
             record(session, _event(caller, terms, Outcome.FAILURE,
                                    {**details, "charge_id": charge_id},
                                    reason="failed after data access (charged)"))
-        raise QueryFailed(GENERIC_FAILURE) from None
-    with db.write() as session:
-        ledger.finish(session, charge_id, released=True, result=answer)
-        snap = ledger.snapshot(session, terms, caller.actor)
-        record(session, _event(caller, terms, Outcome.SUCCESS,
-                               {**details, "charge_id": charge_id,
-                                "receipt_sha256_csv": answer["receipt"]["sha256_csv"]}))
-    return {**answer, "budget": snap.as_dict(), "replayed": False}
+    except Exception:  # the charge is committed already: log and go on
+        logger.exception("could not record a failed dp query",
+                         extra={"fields": {"charge_id": charge_id}})
 
 
 def _replay(db: Database, caller: Caller, terms: PermitTerms, req: QueryRequest,

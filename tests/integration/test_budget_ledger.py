@@ -165,9 +165,17 @@ def test_dry_run_idempotency_receipt_and_audit(db: Database, db_url: str, ds, tm
         assert ("dp.query.dry_run", "success") in actions
         assert ("dp.query.replay", "success") in actions
         assert ("dp.query", "failure") in actions
+        texts = {e.details["sql_sha256"]: e.details["sql"] for e in entries
+                 if "sql" in e.details}
         for e in entries:  # SQL text and cost are audited; released values never are
             assert "rows" not in e.details and "csv" not in e.details
-            assert e.details.get("sql", "").startswith("SELECT")
+            # The outcome of a charged query names its SQL by hash: the reserve entry holds
+            # the text once.
+            assert texts[e.details["sql_sha256"]].startswith("SELECT")
+        reserved = {e.details["charge_id"] for e in entries
+                    if e.action == "dp.query.reserve" and e.details.get("sql")}
+        assert all(e.details["charge_id"] in reserved for e in entries
+                   if e.action == "dp.query" and "charge_id" in e.details)
 
 
 def test_refusals_audited_and_free(db: Database, db_url: str, ds, tmp_path: Path

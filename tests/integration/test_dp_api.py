@@ -55,6 +55,12 @@ def dataset(db: Database, api_settings: Settings, omop_source: Path) -> str:
     return DATASET
 
 
+@pytest.fixture
+def api_settings(api_settings: Settings) -> Settings:
+    """The shared API settings with a small answer-time bucket (padding stays on, cheaply)."""
+    return api_settings.model_copy(update={"dp_answer_time_bucket_seconds": 0.02})
+
+
 class Permits:
     """Issues permits over HTTP as hdab-alpha and revokes the survivors afterwards."""
 
@@ -304,3 +310,47 @@ def test_query_input_bounds(api_client: TestClient, user_headers: Headers) -> No
                             "content-type": "application/json"},
                             content=f'{{"sql": "SELECT COUNT(*) FROM person", "epsilon": {bad}}}')
         assert r.status_code == 422, (bad, r.text)
+
+
+def test_token_rate_limit_over_http(db: Database, api_settings: Settings, dataset: str,
+                                    client_headers: Headers) -> None:
+    """Queries, dry runs and budget reads of one workspace token share its rate limit; a
+    refusal is 429 with Retry-After, audited, and records the SQL text once; another token of
+    the same permit is not affected."""
+    from spe.api.app import create_app
+
+    settings = api_settings.model_copy(update={"api_token_burst": 3,
+                                               "api_token_requests_per_minute": 1.0})
+    with TestClient(create_app(settings, db)) as client:
+        permits = Permits(client.post, client_headers("hdab-alpha"))
+        try:
+            pid = permits.issue("DP/0005/2026/FI")
+            ws = _workspace_token(db, settings, pid)
+            url = f"/v1/permits/{pid}/queries"
+            assert client.post(url, json={"sql": SQL, "epsilon": 0.1},
+                               headers=ws).status_code == 200
+            assert client.post(url, json={"sql": SQL, "dry_run": True},
+                               headers=ws).status_code == 200
+            assert client.get(f"/v1/permits/{pid}/budget", headers=ws).status_code == 200
+            for _ in range(3):
+                r = client.post(url, json={"sql": SQL, "epsilon": 0.1}, headers=ws)
+                assert r.status_code == 429, r.text
+                assert r.json()["type"].endswith("too-many-requests")
+            assert client.get(f"/v1/permits/{pid}/budget", headers=ws).status_code == 429
+            other = _workspace_token(db, settings, pid, "ws-second")
+            assert client.post(url, json={"sql": SQL, "dry_run": True},
+                               headers=other).status_code == 200
+            with db.read() as s:
+                refused = list(s.execute(
+                    select(AuditEntry).where(AuditEntry.outcome == "refused",
+                                             AuditEntry.action.in_(["dp.query", "dp.budget"]))
+                    .order_by(AuditEntry.seq)).scalars())
+            assert len(refused) == 4
+            queries = [e for e in refused if e.action == "dp.query"]
+            assert [("sql" in e.details) for e in queries] == [True, False, False]
+            assert len({e.details["sql_sha256"] for e in queries}) == 1
+            budget = client.get(f"/v1/permits/{pid}/budget",
+                                headers=client_headers("hdab-alpha")).json()
+            assert budget["epsilon_spent"] == pytest.approx(0.1)  # refusals are free
+        finally:
+            permits.cleanup()
