@@ -15,6 +15,16 @@ project's, so it runs in a separate virtual environment created under
 ``var/bench/opendp-polars`` (same OpenDP version as the project; reused while the version
 matches), one subprocess per query on the same Parquet data. If that environment cannot be
 installed the column says why and the rest of the table is still printed.
+
+``dp ms`` and ``dp/raw`` are the engine without answer-time padding; ``padded ms`` is the same
+run padded as the service pads answers (``dp_answer_time_bucket_seconds``, its own column).
+
+End to end over HTTP (``--http-persons``, default 20,000; ``--no-http`` skips it): a generated
+OMOP dataset goes through the real ingest into a temporary SPE (SQLite control database), a
+permit is issued, a real workspace token is minted, and the API runs under uvicorn in its own
+process. One keep-alive client sends the queries one after another; p50 and p99 of the answer
+and of the dry run are printed next to raw DuckDB running the same SQL on the same store file,
+without padding (the limits are raised so they do not interfere) and with the default padding.
 """
 
 from __future__ import annotations
@@ -24,9 +34,11 @@ import importlib.metadata
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +48,7 @@ from spe.datasets.metadata import ROW_RANK_COLUMN, DatasetMetadata
 from spe.dp import duck
 from spe.dp.engine import execute
 from spe.dp.runner import prepare
+from spe.dp.service import pad_answer_time
 from spe.dp.testing import make_dataset, make_terms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,7 +279,18 @@ def main() -> None:
     ap.add_argument("--polars-timeout", type=float, default=600.0)
     ap.add_argument("--no-polars", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bucket", type=float,
+                    default=Settings.model_fields["dp_answer_time_bucket_seconds"].default,
+                    help="answer-time padding bucket in seconds (the padded column)")
+    ap.add_argument("--no-http", action="store_true", help="skip the end-to-end HTTP part")
+    ap.add_argument("--http-persons", type=int, default=20_000)
+    ap.add_argument("--http-requests", type=int, default=200,
+                    help="requests per measurement over HTTP (padded runs: a fifth)")
+    ap.add_argument("--http-only", action="store_true", help="only the HTTP part")
     args = ap.parse_args()
+    if args.http_only:
+        http_bench(args.http_persons, args.http_requests, args.bucket)
+        return
     path, meta, parquet = dataset(args.persons, args.rows_per_person)
     print(f"dataset: {args.persons} persons, {meta.tables['measurement'].row_count} "
           f"measurement rows")
@@ -287,29 +311,196 @@ def main() -> None:
             execute(prep.plan, prep.cost.units, dpcon, settings)
 
         dp_t = _median_time(dp_run, args.runs)
+
+        def padded_run(prep=prep) -> None:  # type: ignore[no-untyped-def]
+            started = time.monotonic()
+            execute(prep.plan, prep.cost.units, dpcon, settings)
+            pad_answer_time(started, args.bucket)
+
+        pad_t = _median_time(padded_run, args.runs)
         plan_t = _median_time(lambda sql=sql: prepare(sql, meta, terms, epsilon=1.0,
                                                       delta=1e-6), args.runs)
         pl_t, pl_peak, note = (None, None, polars_note)
         if py is not None:
             pl_t, pl_peak, note = polars_time(py, parquet, index, args.polars_runs, k, meta,
                                               args.polars_timeout)
-        rows.append((name, raw_t, dp_t, plan_t, pl_t, pl_peak, note, _peak_mb()))
+        rows.append((name, raw_t, dp_t, pad_t, plan_t, pl_t, pl_peak, note, _peak_mb()))
     header = (f"{'query':34} {'raw ms':>8} {'dp ms':>8} {'plan ms':>7} {'dp/raw':>6} "
-              f"{'polars ms':>9} {'pl/raw':>7} {'peak MB':>7} {'pl MB':>6}  note")
+              f"{'padded ms':>9} {'polars ms':>9} {'pl/raw':>7} {'peak MB':>7} {'pl MB':>6}"
+              "  note")
     print(header)
     print("-" * len(header))
-    for name, raw_t, dp_t, plan_t, pl_t, pl_peak, note, peak in rows:
+    for name, raw_t, dp_t, pad_t, plan_t, pl_t, pl_peak, note, peak in rows:
         pl_ms = f"{pl_t * 1e3:9.1f}" if pl_t is not None else f"{'-':>9}"
         pl_ratio = f"{pl_t / raw_t:7.1f}" if pl_t is not None else f"{'-':>7}"
         pl_mb = f"{pl_peak:6.0f}" if pl_peak is not None else f"{'-':>6}"
         print(f"{name:34} {raw_t * 1e3:8.1f} {dp_t * 1e3:8.1f} {plan_t * 1e3:7.1f} "
-              f"{dp_t / raw_t:6.2f} {pl_ms} {pl_ratio} {peak:7.0f} {pl_mb}  {note}")
+              f"{dp_t / raw_t:6.2f} {pad_t * 1e3:9.1f} {pl_ms} {pl_ratio} {peak:7.0f} "
+              f"{pl_mb}  {note}")
     print(f"threads={args.threads}, runs={args.runs} (median; polars runs="
           f"{args.polars_runs}), peak = max RSS (this process / polars worker), "
           f"polars: {polars_note}")
     print("distinct persons by year: exact per-person year sets, each person kept in m="
           f"{meta.max_groups_per_person} year(s) (the raw query counts a person in every "
-          "year: not like for like)")
+          f"year: not like for like); padded: answer time padded to {args.bucket:g} s buckets")
+    if not args.no_http:
+        http_bench(args.http_persons, args.http_requests, args.bucket)
+
+
+# End to end over HTTP -------------------------------------------------------------------------
+
+HTTP_QUERIES = [
+    ("COUNT(*) person", "SELECT COUNT(*) FROM person"),
+    ("count by gender", "SELECT gender_concept_id, COUNT(*) FROM person GROUP BY 1"),
+]
+HOST = "127.0.0.1"
+NO_LIMITS = {"SPE_API_TOKEN_REQUESTS_PER_MINUTE": "1e9", "SPE_API_TOKEN_BURST": "1000000000",
+             "SPE_DP_PERMIT_QUERIES_PER_MINUTE": "1e9",
+             "SPE_DP_PERMIT_QUERY_BURST": "1000000000"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _http_setup(data_dir: Path, persons: int) -> tuple[str, str, Path]:
+    """A temporary SPE with one ingested dataset, one permit and a workspace token:
+    (permit id, token, store file)."""
+    from datetime import UTC, datetime, timedelta
+
+    from permits.schemas import PermitCreate
+    from permits.service import PermitService
+    from spe.auth.principal import SYSTEM, Principal, Role
+    from spe.auth.workspace_tokens import mint_workspace_token
+    from spe.datasets import generator
+    from spe.datasets.ingest import ingest
+    from spe.datasets.registry import open_dataset
+    from spe.db import Database
+
+    settings = Settings(data_dir=data_dir / "var")
+    db = Database(settings.resolved_database_url)
+    db.upgrade()
+    _progress(f"generating and ingesting {persons} persons for the HTTP benchmark ...")
+    generator.generate(data_dir / "src", persons, seed=1)
+    ingest(db, settings, "bench", data_dir / "src", SYSTEM)
+    now = datetime.now(UTC)
+    body = {
+        "reference": f"BENCH-DP-{int(now.timestamp())}", "title": "DP query benchmark",
+        "holder": {"organisation": "Bench Institute", "principal_investigator": "Dr Bench"},
+        "purposes": ["scientific_research"], "purpose_justification": "benchmark",
+        "datasets": [{"dataset": "bench",
+                      "tables": {"person": ["person_id", "gender_concept_id",
+                                            "year_of_birth"]}}],
+        "persons": ["alice"], "valid_from": (now - timedelta(days=1)).isoformat(),
+        "valid_until": (now + timedelta(days=30)).isoformat(),
+        "privacy_budget": {"epsilon": 100, "delta": 1e-6, "max_epsilon_per_query": 1},
+    }
+    body_ab = Principal(subject="bench", username="hdab-alpha", kind="service",
+                        roles=frozenset({Role.ACCESS_BODY}), access_body="hdab-alpha")
+    permit_id = PermitService(db).issue(body_ab, PermitCreate.model_validate(body)).permit_id
+    with db.write() as session:
+        token = mint_workspace_token(session, settings, subject="alice-subject",
+                                     username="alice", permit_id=permit_id,
+                                     workspace_id="ws-bench").token
+    _meta, path = open_dataset(db, settings, "bench")
+    db.dispose()
+    return permit_id, token, path
+
+
+def _pcts(times: list[float]) -> tuple[float, float]:
+    times = sorted(times)
+    q = statistics.quantiles(times, n=100, method="inclusive")
+    return q[49] * 1e3, q[98] * 1e3
+
+
+def _serve(data_dir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "SPE_DATA_DIR": str(data_dir / "var"), "SPE_LOG_LEVEL": "WARNING",
+           **NO_LIMITS, **extra_env}
+    env.pop("SPE_DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "spe.api.app:create_app", "--factory", "--host",
+         HOST, "--port", str(port), "--workers", "1", "--log-level", "warning",
+         "--no-access-log"], env=env)
+    base = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the API server exited at start")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("the API server did not become ready")
+
+
+def _http_times(base: str, permit_id: str, token: str, sql: str, n: int, dry: bool
+                ) -> list[float]:
+    import httpx
+
+    url = f"/v1/permits/{permit_id}/queries"
+    payload = {"sql": sql, "epsilon": 0.01, "dry_run": dry}
+    out = []
+    with httpx.Client(base_url=base, timeout=60,
+                      headers={"Authorization": f"Bearer {token}"}) as client:
+        for i in range(n + 3):
+            t = time.perf_counter()
+            r = client.post(url, json=payload)
+            elapsed = time.perf_counter() - t
+            if r.status_code != 200:
+                raise SystemExit(f"HTTP benchmark: {r.status_code} {r.text[:200]}")
+            if i >= 3:  # warm-up
+                out.append(elapsed)
+    return out
+
+
+def http_bench(persons: int, requests: int, bucket: float) -> None:
+    """p50/p99 of a query and its dry run over HTTP against raw DuckDB (see module doc)."""
+    with tempfile.TemporaryDirectory(prefix="spe-bench-dp-") as tmp:
+        data_dir = Path(tmp)
+        permit_id, token, store = _http_setup(data_dir, persons)
+        import duckdb
+
+        raw = duckdb.connect(str(store), read_only=True)
+        results = []
+        for padded in (False, True):
+            env = {"SPE_DP_ANSWER_TIME_BUCKET_SECONDS": str(bucket if padded else 0)}
+            proc, base = _serve(data_dir, env)
+            n = max(10, requests // 5) if padded else requests
+            try:
+                for name, sql in HTTP_QUERIES:
+                    _progress(f"HTTP {'padded ' if padded else ''}{name}: {n} requests")
+                    raw_t = []
+                    for _ in range(n):
+                        t = time.perf_counter()
+                        raw.execute(sql).fetchall()
+                        raw_t.append(time.perf_counter() - t)
+                    ans = _http_times(base, permit_id, token, sql, n, dry=False)
+                    dry = _http_times(base, permit_id, token, sql, n, dry=True)
+                    results.append((name, padded, _pcts(raw_t), _pcts(ans), _pcts(dry)))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+        raw.close()
+    print()
+    print(f"end to end over HTTP: {persons} persons, workspace token, uvicorn 1 worker, "
+          f"SQLite control database, sequential requests ({requests}; padded: a fifth)")
+    header = (f"{'query':20} {'padding':>8} {'raw p50':>8} {'raw p99':>8} {'ans p50':>8} "
+              f"{'ans p99':>8} {'dry p50':>8} {'dry p99':>8} {'ans-raw p50':>11}")
+    print(header)
+    print("-" * len(header))
+    for name, padded, (r50, r99), (a50, a99), (d50, d99) in results:
+        pad = f"{bucket:g} s" if padded else "off"
+        print(f"{name:20} {pad:>8} {r50:8.2f} {r99:8.2f} {a50:8.2f} {a99:8.2f} {d50:8.2f} "
+              f"{d99:8.2f} {a50 - r50:11.2f}")
+    print("ms; raw = DuckDB on the same store file, same SQL, no truncation or noise")
 
 
 if __name__ == "__main__":
