@@ -23,13 +23,16 @@ first time that SQL is seen under the permit, not again on every retry.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from permits.api import PermitId
 from permits.terms import PermitTerms
@@ -39,7 +42,14 @@ from spe.auth.deps import get_principal, require_role
 from spe.auth.principal import Principal, Role
 from spe.datasets.metadata import DatasetMetadata
 from spe.dp.limits import Limits, RateLimited
-from spe.dp.service import Caller, QueryRequest, budget_status, run_query
+from spe.dp.service import (
+    Caller,
+    QueryFailed,
+    QueryRequest,
+    budget_status,
+    padding_left,
+    run_query,
+)
 from spe.errors import Forbidden, InvalidInput, NotFound
 
 router = APIRouter(tags=["dp-queries"])
@@ -180,10 +190,28 @@ def _opener(request: Request) -> Any:
 
 
 @router.post("/v1/permits/{permit_id}/queries")
-def post_query(permit_id: PermitId, body: QueryBody, request: Request,
-               idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
-               principal: Principal = Depends(require_role(Role.RESEARCHER))
-               ) -> dict[str, Any]:
+async def post_query(permit_id: PermitId, body: QueryBody, request: Request,
+                     idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+                     principal: Principal = Depends(require_role(Role.RESEARCHER))
+                     ) -> dict[str, Any]:
+    """Answer a DP query. The work runs in a worker thread; the answer-time padding (every
+    answer that touched data, and every failure after it) is awaited here, holding no thread.
+    """
+    started = time.monotonic()
+    bucket = get_state(request).settings.dp_answer_time_bucket_seconds
+    try:
+        result: dict[str, Any] = await run_in_threadpool(
+            _post_query, permit_id, body, request, idempotency_key, principal)
+    except QueryFailed:
+        await asyncio.sleep(padding_left(started, bucket))
+        raise
+    if not result.get("dry_run") and not result.get("replayed"):
+        await asyncio.sleep(padding_left(started, bucket))
+    return result
+
+
+def _post_query(permit_id: str, body: QueryBody, request: Request,
+                idempotency_key: str | None, principal: Principal) -> dict[str, Any]:
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
         raise InvalidInput("Idempotency-Key must be 1 to 128 characters.")
     limits, key = limits_of(request), _token_key(principal)
@@ -204,7 +232,7 @@ def post_query(permit_id: PermitId, body: QueryBody, request: Request,
                            max_groups_per_person=body.max_groups_per_person,
                            idempotency_key=idempotency_key)
         return run_query(state.db, state.settings, terms, caller, req, _opener(request),
-                         limits)
+                         limits, pad=False)
     finally:
         limits.leave(key)
 

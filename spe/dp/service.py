@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from permits.terms import PermitTerms
 from spe.audit import AuditEvent, Outcome, record
 from spe.budget import ledger
@@ -128,14 +130,19 @@ def _pick_dataset(terms: PermitTerms, requested: str | None) -> str:
     return names[0]
 
 
+def padding_left(started: float, bucket: float) -> float:
+    """Seconds from now to the next multiple of ``bucket`` after ``started`` (monotonic)."""
+    if bucket <= 0:
+        return 0.0
+    elapsed = time.monotonic() - started
+    return max(1, math.ceil(elapsed / bucket)) * bucket - elapsed
+
+
 def pad_answer_time(started: float, bucket: float) -> None:
     """Sleep until the next multiple of ``bucket`` seconds after ``started`` (monotonic)."""
-    if bucket <= 0:
-        return
-    elapsed = time.monotonic() - started
-    target = max(1, math.ceil(elapsed / bucket)) * bucket
-    if target > elapsed:
-        time.sleep(target - elapsed)
+    left = padding_left(started, bucket)
+    if left > 0:
+        time.sleep(left)
 
 
 def _refusal_details(base: dict[str, Any], permit_id: str, limits: Limits | None
@@ -148,8 +155,12 @@ def _refusal_details(base: dict[str, Any], permit_id: str, limits: Limits | None
 
 def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Caller,
               req: QueryRequest, open_dataset: DatasetOpener,
-              limits: Limits | None = None) -> dict[str, Any]:
-    """Answer ``req`` under ``terms`` for ``caller`` (see module docstring)."""
+              limits: Limits | None = None, pad: bool = True) -> dict[str, Any]:
+    """Answer ``req`` under ``terms`` for ``caller`` (see module docstring).
+
+    ``pad=False``: the caller pads the answer time itself (the API does, without holding a
+    thread): every answer that is not a dry run or a replay, and every QueryFailed.
+    """
     started = time.monotonic()
     base = {"sql": req.sql[:20_000], "sql_sha256": _sha(req.sql), "dry_run": req.dry_run}
     if not terms.usable:
@@ -219,9 +230,11 @@ def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Call
         logger.warning("dp query failed after reserve",
                        extra={"fields": {"charge_id": charge_id, "error": type(err).__name__}})
         _fail(db, caller, terms, charge_id, outcome, err)
-        pad_answer_time(started, settings.dp_answer_time_bucket_seconds)
+        if pad:
+            pad_answer_time(started, settings.dp_answer_time_bucket_seconds)
         raise QueryFailed(GENERIC_FAILURE) from None
-    pad_answer_time(started, settings.dp_answer_time_bucket_seconds)
+    if pad:
+        pad_answer_time(started, settings.dp_answer_time_bucket_seconds)
     return {**answer, "budget": snap.as_dict(), "replayed": False}
 
 
@@ -295,7 +308,19 @@ def _clean(value: Any) -> Any:
         return None
     if hasattr(value, "item"):
         return _clean(value.item())
+    if value is pd.NA or value is pd.NaT:
+        return None
     return value
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None and numpy scalars as Python values, so
+    encoding the response can never fail after the data were touched."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return _clean(value)
 
 
 def _answer(settings: Settings, terms: PermitTerms, prepared: Prepared, rel: Any,
@@ -313,8 +338,8 @@ def _answer(settings: Settings, terms: PermitTerms, prepared: Prepared, rel: Any
         "charge_id": charge_id,
         "columns": [str(c) for c in table.columns],
         "rows": rows,
-        "accuracy": rel.accuracy,
-        "cells": rel.cells,
+        "accuracy": _json_safe(rel.accuracy),
+        "cells": _json_safe(rel.cells),
         "cost": {"epsilon": prepared.cost.epsilon, "delta": prepared.cost.delta},
         "plan": prepared.plan.summary(),
         "receipt": receipt,

@@ -316,19 +316,22 @@ def test_token_rate_limit_over_http(db: Database, api_settings: Settings, datase
                                     client_headers: Headers) -> None:
     """Queries, dry runs and budget reads of one workspace token share its rate limit; a
     refusal is 429 with Retry-After, audited, and records the SQL text once; another token of
-    the same permit is not affected."""
+    the same permit is not affected. The answer is padded to the bucket over HTTP too."""
     from spe.api.app import create_app
 
     settings = api_settings.model_copy(update={"api_token_burst": 3,
-                                               "api_token_requests_per_minute": 1.0})
+                                               "api_token_requests_per_minute": 1.0,
+                                               "dp_answer_time_bucket_seconds": 0.3})
     with TestClient(create_app(settings, db)) as client:
         permits = Permits(client.post, client_headers("hdab-alpha"))
         try:
             pid = permits.issue("DP/0005/2026/FI")
             ws = _workspace_token(db, settings, pid)
             url = f"/v1/permits/{pid}/queries"
+            started = time.monotonic()
             assert client.post(url, json={"sql": SQL, "epsilon": 0.1},
                                headers=ws).status_code == 200
+            assert time.monotonic() - started >= 0.3  # the answer time is padded
             assert client.post(url, json={"sql": SQL, "dry_run": True},
                                headers=ws).status_code == 200
             assert client.get(f"/v1/permits/{pid}/budget", headers=ws).status_code == 200
