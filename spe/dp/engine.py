@@ -257,8 +257,9 @@ def threshold_floor(unit: Unit) -> int:
 
 
 def _big_groups(plan: QueryPlan, min_rows: int) -> tuple[str, str]:
-    """Source rows restricted to groups with at least ``min_rows`` truncated rows (SEMI JOIN),
-    so a thresholded plan's distinct or quantile fetch is bounded like its row statistics."""
+    """(ON condition, subquery) of the groups with at least ``min_rows`` truncated rows, to
+    SEMI JOIN a thresholded plan's distinct or quantile rows on, so their fetch is bounded like
+    the row statistics."""
     gs = [f"g{i}" for i in range(len(plan.keys))]
     on = " AND ".join(f"_spe_a.{g} IS NOT DISTINCT FROM _spe_b.{g}" for g in gs)
     big = (f"SELECT {', '.join(_key_cols(plan))} FROM {plan.join_sql} "
@@ -293,8 +294,11 @@ def distinct_sql(plan: QueryPlan, salt: int, min_rows: int | None = None) -> str
     stability argument (at most 1 per group, at most m groups) holds for any subset of rows.
 
     ``min_rows`` (thresholded plans): only groups with at least that many truncated rows are
-    counted (the only ones that can be released, see :func:`threshold_floor`), so the fetch
-    is bounded. A group's count is unchanged; each person's m groups are chosen among these.
+    returned (the only ones that can be released, see :func:`threshold_floor`), so the fetch
+    is bounded. The filter applies *after* each person's m groups are chosen among all their
+    groups: were the choice made among big groups only, one person making a group big could
+    move many other persons' choices, and the counts of other groups would change. So every
+    returned count is exactly the unfiltered one.
     """
     where = _base_where(plan, True)
     if not plan.keys:
@@ -307,9 +311,6 @@ def distinct_sql(plan: QueryPlan, salt: int, min_rows: int | None = None) -> str
                 f"WHERE {where} GROUP BY {gs}")
     source = (f"SELECT {keys}, {_pid_sql(plan)} AS {PID} FROM {plan.join_sql} "
               f"WHERE {where}")
-    if min_rows is not None:
-        on, big = _big_groups(plan, min_rows)
-        source = f"SELECT _spe_a.* FROM ({source}) AS _spe_a SEMI JOIN ({big}) AS _spe_b ON {on}"
     if len(plan.keys) == 1:
         key, unpack = "g0", "_spe_k AS g0"
     else:
@@ -322,8 +323,11 @@ def distinct_sql(plan: QueryPlan, salt: int, min_rows: int | None = None) -> str
     else:
         chosen = (f"SELECT unnest(min_by({key}, {h}, {m})) AS _spe_k FROM (SELECT DISTINCT * "
                   f"FROM ({source}) AS _spe_rows) AS _spe_pairs GROUP BY {PID}")
-    return (f"SELECT {gs}, COUNT(*) FROM (SELECT {unpack} FROM ({chosen}) AS _spe_chosen) "
-            f"AS _spe_kept GROUP BY {gs}")
+    kept = f"SELECT {unpack} FROM ({chosen}) AS _spe_chosen"
+    if min_rows is not None:
+        on, big = _big_groups(plan, min_rows)
+        kept = f"SELECT _spe_a.* FROM ({kept}) AS _spe_a SEMI JOIN ({big}) AS _spe_b ON {on}"
+    return f"SELECT {gs}, COUNT(*) FROM ({kept}) AS _spe_kept GROUP BY {gs}"
 
 
 def _cells(plan: QueryPlan) -> int:
@@ -347,6 +351,10 @@ def quantile_sql(plan: QueryPlan, agg: Aggregate, min_rows: int | None = None) -
     Rows whose value is NULL or NaN are dropped (their clamped value is NULL, which the
     histogram never counted); every other row is clamped to [lower, upper] and put in exactly
     one bin, as before: one row still moves one bin count by 1.
+
+    ``min_rows`` (thresholded plans): only the histograms of groups with at least that many
+    truncated rows are returned (bounded fetch). A group's histogram is made of its own rows
+    only, so every returned histogram is exactly the unfiltered one.
     """
     assert agg.input_sql is not None
     lo, n = quantile_grid(agg)

@@ -80,21 +80,30 @@ def _spent(db: Database, terms: Any) -> float:
 
 # Answer time -------------------------------------------------------------------------------
 
-def _times(db: Database, settings: Settings, meta: Any, path: Path, n: int) -> list[float]:
+def _times(db: Database, settings: Settings, meta: Any, path: Path, n: int, sql: str = SQL
+           ) -> list[float]:
     terms = make_terms(meta, epsilon=1e6, max_epsilon_per_query=10)
     out = []
     for _ in range(n):
         t = time.monotonic()
         service.run_query(db, settings, terms, Caller(actor="alice"),
-                          QueryRequest(sql=SQL, epsilon=0.1), lambda _n: (meta, path))
+                          QueryRequest(sql=sql, epsilon=0.1), lambda _n: (meta, path))
         out.append(time.monotonic() - t)
     return out
 
 
-def test_answer_time_padded_to_the_bucket_on_neighbours(sqlite_db: Database, pair) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("sql", [
+    SQL,
+    "SELECT COUNT(DISTINCT person_id) FROM measurement",  # every path is truncated
+    "SELECT year(measurement_date) AS y, COUNT(DISTINCT person_id) FROM measurement "
+    "GROUP BY 1",
+])
+def test_answer_time_padded_to_the_bucket_on_neighbours(sqlite_db: Database, pair, sql: str
+                                                        ) -> None:  # type: ignore[no-untyped-def]
     meta, with_path, without_path, base = pair
     settings = _settings(base, sqlite_db.url, dp_answer_time_bucket_seconds=BUCKET)
-    times = {p.name: _times(sqlite_db, settings, meta, p, 6) for p in (with_path, without_path)}
+    times = {p.name: _times(sqlite_db, settings, meta, p, 6, sql)
+             for p in (with_path, without_path)}
     buckets = {}
     for name, ts in times.items():
         for t in ts:
@@ -346,3 +355,32 @@ def test_threshold_fetch_is_bounded(db: Database, db_url: str, pair) -> None:  #
                           QueryRequest(sql=THRESHOLDED, epsilon=1.0),
                           lambda _n: (meta, with_path))
     assert _spent(db, terms) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_bounded_distinct_and_quantile_fetch_equal_the_unbounded_ones(pair, m: int) -> None:  # type: ignore[no-untyped-def]
+    """Restricting a thresholded plan's distinct and quantile fetches to big groups returns,
+    for each big group, exactly the statistic computed without the restriction (the person's
+    m groups are chosen among all their groups, not among the big ones)."""
+    meta, with_path, _without, base = pair
+    terms = make_terms(meta)
+    plan = service.prepare(
+        "SELECT c.condition_concept_id, COUNT(DISTINCT c.person_id), MEDIAN(p.year_of_birth) "
+        "FROM condition_occurrence c JOIN person p ON c.person_id = p.person_id GROUP BY 1",
+        meta, terms, epsilon=1.0, delta=1e-6, max_groups_per_person=m).plan
+    assert not plan.public_keys
+    with duck.cursor(with_path, Settings(data_dir=base / "var")) as con:
+        sql, names = engine.row_stats_sql(plan)
+        rows = {r[0]: dict(zip(names, r[1:], strict=True))["rows"]
+                for r in con.execute(sql).fetchall()}
+        floor = sorted(rows.values())[len(rows) // 2]  # about half the groups are big
+        big = {k for k, n in rows.items() if n >= floor}
+        assert 0 < len(big) < len(rows)
+        salt = 987654321
+        full = dict(con.execute(engine.distinct_sql(plan, salt)).fetchall())
+        bounded = dict(con.execute(engine.distinct_sql(plan, salt, floor)).fetchall())
+        assert bounded == {k: v for k, v in full.items() if k in big}
+        agg = plan.aggregates[1]
+        full_q = sorted(con.execute(engine.quantile_sql(plan, agg)).fetchall())
+        bounded_q = sorted(con.execute(engine.quantile_sql(plan, agg, floor)).fetchall())
+        assert bounded_q == [r for r in full_q if r[0] in big]
