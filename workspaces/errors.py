@@ -21,3 +21,7 @@ class WorkspaceStartFailed(ServiceUnavailable):
 
 class UnsupportedArchitecture(WorkspaceStartFailed):
     code, title = "unsupported-architecture", "No sandbox system call filter for this machine"
+
+
+class StaleRuntime(WorkspaceStartFailed):
+    code, title = "stale-runtime", "The workspace runtime must be rebuilt"

@@ -7,11 +7,19 @@ package list and a hash of the project's client sources, so a changed ``spe.clie
 reinstalled) and makes the tree world-readable. The SPE's own code is installed without its
 dependencies so ``spe.client`` is importable; its secrets never are (they are not code).
 
+Rebuilt whenever code that runs inside the sandbox changes: the stamp's code part hashes
+every file the project install puts into the runtime (the ``spe``, ``permits`` and
+``workspaces`` packages, e.g. the client and the Ray helper :mod:`workspaces.ray_head`, and
+``pyproject.toml``), so any change there reinstalls the project (only the project: a changed
+package list reinstalls the packages). :func:`check_current` lets a starter refuse a stale
+runtime instead of running old code in the sandbox.
+
 Usage: ``python -m workspaces.runtime build [DIR]`` (default ``var/runtime``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import subprocess
 import sys
@@ -25,11 +33,26 @@ PACKAGES = (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: The project's packages that ``pip install`` copies into the runtime (pyproject.toml).
+INSTALLED_PACKAGES = ("spe", "permits", "workspaces")
+_SKIP_DIRS = {"__pycache__"}
+
+
+def code_files(project: Path = ROOT) -> list[Path]:
+    """Every file of the project that the install puts into the runtime (code and data)."""
+    files = [project / "pyproject.toml"]
+    for package in INSTALLED_PACKAGES:
+        files += sorted(p for p in (project / package).rglob("*")
+                        if p.is_file() and not _SKIP_DIRS & set(p.relative_to(project).parts)
+                        and p.suffix not in (".pyc", ".pyo"))
+    return files
+
+
 def _client_digest(project: Path = ROOT) -> str:
-    """Hash of the project code installed into the runtime (spe.client and what it imports),
-    so a changed client is reinstalled."""
+    """Hash of the project code installed into the runtime (all of it: whatever runs inside
+    the sandbox, the client, the Ray helper...), so any change is reinstalled."""
     digest = hashlib.sha256()
-    for path in [*sorted((project / "spe" / "client").rglob("*.py")), project / "pyproject.toml"]:
+    for path in code_files(project):
         if path.is_file():
             digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -40,9 +63,48 @@ def _stamp(packages: tuple[str, ...], project: Path = ROOT) -> str:
     return f"{packages_hash}-{_client_digest(project)}"
 
 
-def is_built(path: Path, project: Path = ROOT) -> bool:
+def _read_stamp(path: Path) -> str:
     stamp = path / ".spe-runtime"
-    return stamp.is_file() and stamp.read_text().strip() == _stamp(PACKAGES, project)
+    return stamp.read_text().strip() if stamp.is_file() else ""
+
+
+def is_built(path: Path, project: Path = ROOT) -> bool:
+    return _read_stamp(path) == _stamp(PACKAGES, project)
+
+
+def check_current(path: Path, project: Path = ROOT) -> None:
+    """Raise :class:`~workspaces.errors.StaleRuntime` unless the runtime at ``path`` holds the
+    project's current code and packages."""
+    from workspaces.errors import StaleRuntime
+
+    if not is_built(path, project):
+        raise StaleRuntime(
+            "The workspace runtime is older than the code that runs inside the sandbox; the "
+            f"operator rebuilds it with: python -m workspaces.runtime build {path}")
+
+
+def ensure_current(path: Path, project: Path = ROOT) -> bool:
+    """Bring the runtime at ``path`` up to the project's code before a sandbox starts.
+
+    Returns True when the project's code was reinstalled (it had changed), False when it was
+    current. A changed package list is not installed here (it needs the package index and
+    minutes): that raises :class:`~workspaces.errors.StaleRuntime` for the operator. Two
+    starters never reinstall at once (a lock file beside the runtime)."""
+    from workspaces.errors import StaleRuntime
+
+    path = path.resolve()
+    if is_built(path, project):
+        return False
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_built(path, project):
+            return False
+        if _read_stamp(path).split("-")[0] != _stamp(PACKAGES, project).split("-")[0]:
+            raise StaleRuntime(
+                "The workspace runtime's packages differ from the project's; the operator "
+                f"rebuilds it with: python -m workspaces.runtime build {path}")
+        build(path, project=project)
+        return True
 
 
 def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) -> Path:
@@ -52,6 +114,11 @@ def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) 
         return path
     if not (path / "bin" / "python").exists():
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(path)], check=True)
+    packages_part = _stamp(PACKAGES, project).split("-")[0]
+    if _read_stamp(path).split("-")[0] == packages_part:
+        _install_project(path, project)  # only the project's code changed
+        (path / ".spe-runtime").write_text(_stamp(PACKAGES, project) + "\n")
+        return path
     pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q"]
     # The runtime is built from the system Python, whose version may differ from the SPE's
     # own interpreter, so it has its own pins (frozen from a runtime built on Debian's Python).
@@ -60,11 +127,15 @@ def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) 
     if constraints is not None:
         pip += ["-c", str(constraints)]
     subprocess.run([*pip, *PACKAGES], check=True)
+    _install_project(path, project)
+    (path / ".spe-runtime").write_text(_stamp(PACKAGES, project) + "\n")
+    return path
+
+
+def _install_project(path: Path, project: Path) -> None:
     subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
                     "--force-reinstall", str(project)], check=True)
     subprocess.run(["chmod", "-R", "a+rX,go-w", str(path)], check=True)
-    (path / ".spe-runtime").write_text(_stamp(PACKAGES, project) + "\n")
-    return path
 
 
 if __name__ == "__main__":

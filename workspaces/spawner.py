@@ -9,9 +9,12 @@ The server name *is* the permit id. State machine of one server (every edge audi
                                   | server process exited | culled by the hub
 
 * ``start``: checks the permit (``permits.service.get_terms``: active, names the user), allocates
-  the quota's GPUs (:mod:`workspaces.gpu`), provisions the sandbox (:mod:`workspaces.sandbox`:
-  account, home, cgroup from the quota, network namespace admitting only the hub API and SPE API
-  ports), mints a workspace token bound to (person, permit, workspace) and starts
+  the quota's GPUs (:mod:`workspaces.gpu`), brings the runtime up to the code that runs inside
+  the sandbox (:func:`workspaces.runtime.ensure_current`, audited), provisions the sandbox
+  through its backend (:mod:`workspaces.backend`, ``backend_class``; bubblewrap:
+  :mod:`workspaces.sandbox`: account, home, cgroup from the quota, network namespace admitting
+  only the hub API and SPE API ports), mints a workspace token bound to (person, permit,
+  workspace) and starts
   ``jupyterhub-singleuser`` inside the sandbox, listening on the namespace's address. The
   Keycloak token never enters the workspace; ``SPE_API_URL``, ``SPE_TOKEN`` and
   ``SPE_PERMIT_ID`` let ``spe.client.connect()`` work without arguments; ``SPE_RAY_*`` let
@@ -36,17 +39,23 @@ from typing import Any
 
 from jupyterhub.spawner import Spawner
 from tornado import web
-from traitlets import Integer, Unicode
+from traitlets import Integer, Type, Unicode
 
 from permits.terms import PermitTerms
 from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.errors import NotFound
-from workspaces import accounts, gpu, lifecycle
-from workspaces.errors import GpuUnavailable, NotNamedInPermit, PermitNotUsable
+from workspaces import accounts, gpu, lifecycle, runtime
+from workspaces.backend import BubblewrapBackend, SandboxBackend, SandboxRequest, check_backend
+from workspaces.errors import (
+    GpuUnavailable,
+    NotNamedInPermit,
+    PermitNotUsable,
+    StaleRuntime,
+    UnsupportedArchitecture,
+)
 from workspaces.ray_head import ray_env, write_token
-from workspaces.sandbox import Workspace
 from workspaces.settings import WorkspaceSettings, get_workspace_settings
 
 _DBS: dict[str, Database] = {}
@@ -87,11 +96,16 @@ class SandboxSpawner(Spawner):
     port = Integer(8888, config=True, help="Port of the server inside its namespace.")
     server_command = Unicode("jupyterhub-singleuser", config=True,
                              help="Command (in the runtime's bin) of the single-user server.")
+    backend_class = Type(BubblewrapBackend, klass=object, config=True,
+                         help="The sandbox backend (workspaces.backend.SandboxBackend contract), "
+                         "built as backend_class(workspace_settings, workspaces_dir). Enforced: "
+                         "a class without every method of the contract is refused at start.")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.poll_interval = 2
-        self._ws: Workspace | None = None
+        self._ws: Any = None  # the backend's handle (workspaces.backend.SandboxHandle)
+        self._backend: SandboxBackend[Any] | None = None
         self._proc: Any = None
         self._started_at = 0.0
         self._stale_ws: str | None = None
@@ -106,6 +120,13 @@ class SandboxSpawner(Spawner):
     @property
     def ws_settings(self) -> WorkspaceSettings:
         return get_workspace_settings()
+
+    @property
+    def backend(self) -> SandboxBackend[Any]:
+        if self._backend is None:
+            self._backend = check_backend(self.backend_class(
+                self.ws_settings, self.spe_settings.data_dir / "workspaces"))
+        return self._backend
 
     @property
     def permit_id(self) -> str:
@@ -184,6 +205,12 @@ class SandboxSpawner(Spawner):
                     self._stale_ws, self.ws_settings.cgroup_parent,
                     self.spe_settings.data_dir / "workspaces" / self._stale_ws)
             self._stale_ws = None
+        rebuilt = False
+        try:  # code that runs inside the sandbox is never older than the hub's (issue 10)
+            rebuilt = self.ws_settings.runtime_dir.is_dir() and runtime.ensure_current(
+                self.ws_settings.runtime_dir)
+        except (StaleRuntime, UnsupportedArchitecture) as exc:
+            raise self._refuse(db, exc) from exc
         lifecycle.record_state(db, person=self.person, permit_id=self.permit_id,
                                state="starting")
         try:
@@ -194,22 +221,26 @@ class SandboxSpawner(Spawner):
             raise self._refuse(db, exc) from exc
         extract = self.spe_settings.data_dir / "extracts" / self.permit_id.replace("-", "_")
         try:
-            self._ws = Workspace.provision(
-                workspaces_dir=self.spe_settings.data_dir / "workspaces", person=self.person,
-                permit_id=self.permit_id, quota=terms.compute, settings=self.ws_settings,
-                extract=extract if extract.is_dir() else None, devices=gpu.device_nodes(gpus))
-            write_token(self._ws.spec.home, self._ws.account.uid, self._ws.account.gid)
+            self._ws = self.backend.provision(SandboxRequest(
+                ws_id=self.ws_id, person=self.person, permit_id=self.permit_id,
+                quota=terms.compute, extract=extract if extract.is_dir() else None,
+                devices=gpu.device_nodes(gpus)))
+            write_token(self._ws.home_on_host, self._ws.uid, self._ws.gid)
             self._extra_env = {**ray_env(terms.compute, gpus), **self._token_env(db, self._ws)}
+        except UnsupportedArchitecture as exc:
+            self._teardown(db, reason="start failed")
+            raise self._refuse(db, exc) from exc
         except BaseException:
             self._teardown(db, reason="start failed")
             raise
         _audit(db, "workspace.spawn", self.person, self.permit_id, self.ws_id,
                gpus=list(gpus), cpus=terms.compute.cpus, memory_mb=terms.compute.memory_mb,
-               disk_mb=self._ws.disk.size_mb if self._ws.disk else None,
-               disk_mb_requested=terms.compute.disk_mb)
+               disk_mb=disk.size_mb if (disk := getattr(self._ws, "disk", None)) else None,
+               disk_mb_requested=terms.compute.disk_mb, backend=self.backend.name,
+               runtime_rebuilt=rebuilt)
         return terms
 
-    def _token_env(self, db: Database, ws: Workspace) -> dict[str, str]:
+    def _token_env(self, db: Database, ws: Any) -> dict[str, str]:
         from spe.auth.workspace_tokens import mint_workspace_token
 
         with db.write() as session:
@@ -222,7 +253,7 @@ class SandboxSpawner(Spawner):
         ws, self._ws, self._proc = self._ws, None, None
         if ws is not None:
             with contextlib.suppress(Exception):
-                ws.destroy()
+                self.backend.destroy(ws)
         gpu.release(db, self.ws_id, actor=self.person)
         from spe.auth.workspace_tokens import revoke_workspace_tokens
 
@@ -237,29 +268,29 @@ class SandboxSpawner(Spawner):
     # -- Spawner API -----------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         await asyncio.to_thread(self._prepare_sync)
-        ws = self._ws
-        assert ws is not None and ws.network is not None and ws.spec.runtime is not None
-        # Everything of the hub the server needs, addressed through the workspace's veth: the
-        # hub API (DNAT'ed to the hub's loopback port) and the SPE API. Nothing else.
-        self.ip, self.port = ws.network.ns_ip, self.port
-        self.hub_connect_url = ws.network.url(self.ws_settings.allowed_host_ports[0])
+        ws, backend = self._ws, self.backend
+        assert ws is not None and ws.runtime is not None
+        # Everything of the hub the server needs, addressed through the backend: the hub API
+        # and the SPE API (backend.host_url). Nothing else.
+        self.ip, self.port = backend.address(ws, self.port)
+        self.hub_connect_url = backend.host_url(ws, self.ws_settings.allowed_host_ports[0])
         env = {**self.get_env(), **self._extra_env,
-               "SPE_API_URL": ws.network.url(self.spe_settings.api_port),
+               "SPE_API_URL": backend.host_url(ws, self.spe_settings.api_port),
                "SPE_PERMIT_ID": self.permit_id}
-        cmd = [str(ws.spec.runtime.resolve() / "bin" / self.server_command),
-               f"--ip={ws.network.ns_ip}", f"--port={self.port}",
-               "--ServerApp.root_dir=" + ws.spec.home_in_sandbox, *self.args]
+        cmd = [str(ws.runtime / "bin" / self.server_command),
+               f"--ip={self.ip}", f"--port={self.port}",
+               "--ServerApp.root_dir=" + ws.home_in_sandbox, *self.args]
         # Started from the event-loop thread: bwrap's --die-with-parent follows the thread
         # that forked it, and this one lives as long as the hub.
         try:
-            self._proc = ws.popen_logged(cmd, env=env, log=ws.root / "server.log")
+            self._proc = backend.start(ws, cmd, env=env, log=ws.root / "server.log")
             self._started_at = time.monotonic()
         except BaseException:
             await asyncio.to_thread(self._teardown, _db(self.spe_settings), "start failed")
             raise
         await asyncio.to_thread(lifecycle.record_state, _db(self.spe_settings),
                                 person=self.person, permit_id=self.permit_id, state="running")
-        return ws.network.ns_ip, self.port
+        return self.ip, self.port
 
     async def poll(self) -> int | None:
         if self._proc is None:

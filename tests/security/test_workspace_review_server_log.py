@@ -75,6 +75,9 @@ def _wait_for_end(log: Path) -> None:
 def test_spawner_starts_the_server_through_the_bounded_log() -> None:
     import inspect
 
+    from workspaces.backend import BubblewrapBackend
     from workspaces.spawner import SandboxSpawner
     source = inspect.getsource(SandboxSpawner.start)
-    assert "popen_logged(" in source and "stdout=log" not in source
+    assert "backend.start(" in source and "stdout=log" not in source
+    backend_start = inspect.getsource(BubblewrapBackend.start)
+    assert "popen_logged(" in backend_start and "stdout=log" not in backend_start
