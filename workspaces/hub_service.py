@@ -9,7 +9,8 @@ API URL and token) with the SPE settings of the hub. One loop does three things:
   through the hub API (the spawner then kills the workspace cgroup, Ray included, releases GPUs
   and revokes the workspace tokens; the permit service already revoked the permit's tokens in
   its own transaction). ``revoked`` and ``expired`` also schedule the deletion of the
-  workspaces' data after the retention period (:func:`workspaces.lifecycle.schedule_deletion`).
+  workspaces' data after the permit's own ``retention_days``
+  (:func:`workspaces.lifecycle.schedule_deletion`).
   The spawner's own ``poll`` checks the permit every 2 s as well, so either path suffices.
 * **Amendments** (same poll): ``amended`` stops the permit's servers of every person the
   amendment removed (their permit and workspace tokens were already revoked by the permit
@@ -136,9 +137,11 @@ class HubService:
                 u for u, _n, p in unnamed if p == pid], extracts.get(pid, "none"))
         for event in events:
             if event.kind in ENDING:
+                days = await asyncio.to_thread(lifecycle.permit_retention_days, self.db,
+                                               event.permit_id)
                 await asyncio.to_thread(
                     lifecycle.schedule_deletion, self.db, event.permit_id, ended_at=event.time,
-                    retention_days=self.ws.retention_days, reason=f"permit {event.kind.value}")
+                    retention_days=days, reason=f"permit {event.kind.value}")
         self._save_cursor(events[-1].id)
         return len(events)
 
@@ -216,12 +219,12 @@ class HubService:
                 terms = get_terms(session, permit_id, now)
                 if terms.status in (PermitStatus.EXPIRED, PermitStatus.REVOKED):
                     at = terms.valid_until if terms.status is PermitStatus.EXPIRED else now
-                    ended.append((permit_id, min(at, now), terms.status.value))
+                    ended.append((permit_id, min(at, now), terms.status.value,
+                                  terms.retention_days))
         done = []
-        for permit_id, at, status in ended:
+        for permit_id, at, status, days in ended:
             done += lifecycle.schedule_deletion(self.db, permit_id, ended_at=at,
-                                                retention_days=self.ws.retention_days,
-                                                reason=f"permit {status}")
+                                                retention_days=days, reason=f"permit {status}")
         return done
 
     def retention_once(self, now: datetime | None = None) -> list[str]:

@@ -6,7 +6,8 @@ Contract:
   state (``starting``, ``running``, ``stopped``, ``refused``, ``failed``; ``deleted`` after
   :func:`purge_due`).
 * :func:`schedule_deletion` (the permit expired or was revoked) sets ``delete_after`` = the
-  event time + ``retention_days`` on every workspace of the permit that has no earlier
+  event time + ``retention_days`` (the permit's own, exactly: :func:`permit_retention_days`;
+  no setting rounds or caps it) on every workspace of the permit that has no earlier
   deadline, and audits ``workspace.data_delete_schedule``. Idempotent: a second call keeps the
   earliest deadline.
 * :func:`purge_due` (called by the hub service with the current time; tests pass a clock)
@@ -59,6 +60,14 @@ def record_state(db: Database, *, person: str, permit_id: str, state: str,
             row.started_at = now
         elif state in ("stopped", "failed"):
             row.stopped_at = now
+
+
+def permit_retention_days(db: Database, permit_id: str) -> int:
+    """The retention period the permit states (its newest version)."""
+    from permits.service import get_terms
+
+    with db.read() as session:
+        return get_terms(session, permit_id).retention_days
 
 
 def schedule_deletion(db: Database, permit_id: str, *, ended_at: datetime,

@@ -64,14 +64,6 @@ class WorkspaceSettings(BaseSettings):
         "write transaction.",
     )
 
-    retention_days: int = Field(
-        180,
-        ge=0,
-        le=183,
-        description="Days a workspace's data (home, extract) is kept after its permit expired or "
-        "was revoked; then the hub service deletes it and audits the deletion "
-        "(workspace.data_delete). EHDS: within 6 months. Enforced by workspaces.lifecycle.",
-    )
     cull_idle_seconds: int = Field(
         3600,
         ge=60,

@@ -79,14 +79,14 @@ def test_retention_deletes_after_the_period_with_an_audited_record(
 
 def test_hub_service_schedules_from_events_and_spares_active_permits(
         svc: PermitService, db: Database, settings: Settings) -> None:
-    ended_pid = issue(svc, persons=["alice"], reference="R-ended")
+    ended_pid = issue(svc, persons=["alice"], reference="R-ended", retention_days=30)
     live_pid = issue(svc, persons=["alice"], reference="R-live")
     _workspace(settings, db, ended_pid)
     live_home = _workspace(settings, db, live_pid)
     svc.transition(ALPHA, ended_pid, Action.SUSPEND, reason="check")
     svc.transition(ALPHA, ended_pid, Action.REVOKE, reason="misuse")
     (settings.data_dir / "hub").mkdir(parents=True)
-    service = HubService(settings, WorkspaceSettings(retention_days=30), db,
+    service = HubService(settings, WorkspaceSettings(), db,
                          "http://127.0.0.1:9/hub/api", "unused")
 
     async def no_servers() -> list[tuple[str, str, dict[str, Any]]]:
@@ -105,13 +105,42 @@ def test_hub_service_schedules_from_events_and_spares_active_permits(
 
 def test_schedule_ended_catches_expiry_without_an_event(
         svc: PermitService, db: Database, settings: Settings) -> None:
-    pid = issue(svc, persons=["alice"])
+    pid = issue(svc, persons=["alice"], retention_days=10)
     _workspace(settings, db, pid)
-    service = HubService(settings, WorkspaceSettings(retention_days=10), db,
+    service = HubService(settings, WorkspaceSettings(), db,
                          "http://127.0.0.1:9/hub/api", "unused")
     assert service.schedule_ended(utcnow()) == []
     after_expiry = utcnow() + timedelta(days=366)  # body() permits run for 365 days
     assert service.schedule_ended(after_expiry) == [accounts.workspace_id("alice", pid)]
+
+
+@pytest.mark.parametrize("days", [183, 1, 0])
+def test_retention_is_the_permits_own_to_the_day(
+        svc: PermitService, db: Database, settings: Settings, days: int) -> None:
+    # A permit stating 183 days was scheduled as 180 (a setting overrode it): no more.
+    pid = issue(svc, persons=["alice"], retention_days=days)
+    home = _workspace(settings, db, pid)
+    svc.transition(ALPHA, pid, Action.REVOKE, reason="end of project")
+    service = HubService(settings, WorkspaceSettings(), db, "http://127.0.0.1:9/hub/api",
+                         "unused")
+
+    async def no_servers() -> list[tuple[str, str, dict[str, Any]]]:
+        return []
+
+    service.servers = no_servers  # type: ignore[method-assign]
+    (settings.data_dir / "hub").mkdir(parents=True, exist_ok=True)
+    asyncio.run(service.handle_events())
+    ws_id = accounts.workspace_id("alice", pid)
+    with db.read() as s:
+        row = s.get(WorkspaceRow, ws_id)
+        assert row is not None and row.delete_after is not None
+        revoked_at = row.delete_after - timedelta(days=days)
+    assert _audits(db, "workspace.data_delete_schedule")[-1].details["retention_days"] == days
+    # the day before the deadline: kept; the deadline: deleted.
+    assert service.retention_once(revoked_at + timedelta(days=days) - timedelta(seconds=1)) == []
+    assert home.exists()
+    assert service.retention_once(revoked_at + timedelta(days=days)) == [ws_id]
+    assert not home.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups")
