@@ -26,6 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "infra" / "jupyterhub" / "jupyterhub_config.py"
 
 
+def user_subdomain(name: str, domain: str, kind: str, *, user_domain: str) -> str:
+    """JupyterHub ``subdomain_hook``: users' (and services') domains under ``user_domain``
+    instead of under the hub's own host, so no workspace shares a site with the hub.
+    The browser gate then gives each named server its own host below it."""
+    from jupyterhub.utils import subdomain_hook_idna
+
+    return str(subdomain_hook_idna(name, user_domain, kind))
+
+
 @dataclass
 class HubProcess:
     proc: subprocess.Popen[bytes]

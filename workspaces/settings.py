@@ -73,6 +73,22 @@ class WorkspaceSettings(BaseSettings):
     cull_every_seconds: int = Field(
         60, ge=1, description="How often the hub service looks for idle servers."
     )
+    browser_budget_bytes: int = Field(
+        200 * 1024 * 1024,
+        ge=1,
+        description="Bytes one workspace may send to browsers per UTC day (response bodies and "
+        "websocket messages: pages, notebooks, outputs). Generous for working, far below an "
+        "extract. Enforced outside the sandbox by workspaces.browser_gate: the response that "
+        "crosses it is cut, the server is paused (stopped) and an alert is audited; the "
+        "workspace's browser traffic stays refused for the rest of the day.",
+    )
+    upload_max_bytes: int = Field(
+        50 * 1024 * 1024,
+        ge=1024,
+        description="Largest upload into a workspace through the browser (one request, or the "
+        "chunks of one chunked upload together). Enforced by workspaces.browser_gate: larger "
+        "uploads are refused (413); every upload is audited.",
+    )
     events_poll_seconds: float = Field(
         1.0,
         gt=0,

@@ -6,6 +6,12 @@ Read from the environment (``spe up`` and :mod:`workspaces.hub` set them):
                                 unset: a random key is kept in <data_dir>/hub/crypt_key (0600)
   SPE_HUB_PUBLIC_URL            where users reach the hub (default http://127.0.0.1:8000)
   SPE_HUB_PROXY_API_PORT        the proxy's REST API port on loopback (default 8001)
+  SPE_HUB_PROXY_PORT            the proxy's public side, on loopback behind the browser gate
+                                (default 8002)
+  SPE_HUB_USER_DOMAIN           domain whose subdomains serve the workspaces, one origin per
+                                (researcher, permit): <server>--<user>.<domain> (default
+                                localhost; production: a wildcard DNS record and a wildcard
+                                certificate, given as SPE_GATE_SSL_CERT / SPE_GATE_SSL_KEY)
 Everything else comes from spe.config (SPE_*) and workspaces.settings (SPE_WS_*).
 
 What lives where: the hub state DB, cookie secret, crypt key, proxy pid file and the
@@ -15,9 +21,12 @@ permit-event cursor are in <data_dir>/hub (0700, root); sandboxes never bind the
 import os
 import secrets
 import sys
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 from spe.config import get_settings
+from workspaces.hub import user_subdomain
 from workspaces.hub_auth import SPEKeycloakAuthenticator
 from workspaces.settings import get_workspace_settings
 from workspaces.spawner import SandboxSpawner
@@ -44,8 +53,21 @@ if not key:
     key = key_file.read_text().strip()
 os.environ["JUPYTERHUB_CRYPT_KEY"] = key
 
+# One origin per workspace (DESIGN §6): the browser gate (workspaces.browser_gate, a managed
+# service below) is the public listener; the proxy listens on loopback behind it, in
+# JupyterHub's subdomain mode with user domains under SPE_HUB_USER_DOMAIN, a different site from
+# the hub's host. The gate serves each named server on its own host and is where the browser
+# stops being an export path (no download routes, a byte budget, upload limits).
+parsed_public = urlparse(public)
+user_domain = os.environ.get("SPE_HUB_USER_DOMAIN", "localhost").lower()
+proxy_port = int(os.environ.get("SPE_HUB_PROXY_PORT", "8002"))
+port_part = f":{parsed_public.port}" if parsed_public.port else ""
+c.JupyterHub.public_url = public + "/"
+c.JupyterHub.subdomain_host = f"{parsed_public.scheme}://{user_domain}{port_part}"
+c.JupyterHub.subdomain_hook = partial(user_subdomain, user_domain=user_domain)
+
 # Hub, proxy, state: loopback only; secrets in the 0700 hub dir, never in a workspace.
-c.JupyterHub.bind_url = public
+c.JupyterHub.bind_url = f"http://127.0.0.1:{proxy_port}"
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = ws.allowed_host_ports[0]
 c.JupyterHub.cookie_secret_file = str(hub_dir / "jupyterhub_cookie_secret")
@@ -99,8 +121,8 @@ c.Spawner.args = [
 # Cookie hardening (DESIGN §11): hub and user-server cookies are HttpOnly, SameSite=Strict
 # (the browser never sends them on cross-site requests), Secure under https; JupyterHub passes
 # these options to every user server (JUPYTERHUB_COOKIE_OPTIONS). Cookie-authenticated API
-# requests need the XSRF token (JupyterHub >= 4.1). Production: also serve user servers on
-# their own origin with c.JupyterHub.subdomain_host.
+# requests need the XSRF token (JupyterHub >= 4.1). User servers are on their own origins
+# (above), so a workspace page never sees the hub's cookies.
 cookie_options = {"SameSite": "Strict", "HttpOnly": True}
 if secure:
     cookie_options["Secure"] = True
@@ -110,12 +132,23 @@ c.JupyterHub.tornado_settings = {"cookie_options": cookie_options,
 c.JupyterHub.cookie_max_age_days = 0.5
 
 # Hub-side service: permit events -> stop servers, idle culling (Ray-aware), retention.
+service_env = {k: v for k, v in os.environ.items()
+               if k.startswith(("SPE_", "PYTHONPATH")) and k != "SPE_HUB_CRYPT_KEY"
+               and k != "SPE_HUB_OAUTH_CLIENT_SECRET"}
 c.JupyterHub.services = [{
     "name": "spe-workspaces",
     "command": [sys.executable, "-m", "workspaces.hub_service"],
-    "environment": {k: v for k, v in os.environ.items()
-                    if k.startswith(("SPE_", "PYTHONPATH")) and k != "SPE_HUB_CRYPT_KEY"
-                    and k != "SPE_HUB_OAUTH_CLIENT_SECRET"},
+    "environment": service_env,
+    "cwd": str(Path(__file__).resolve().parents[2]),
+}, {
+    # The public listener: hub on its host, each workspace on its own origin, download routes
+    # refused, responses counted against the browser byte budget (workspaces.browser_gate).
+    "name": "spe-browser-gate",
+    "command": [sys.executable, "-m", "workspaces.browser_gate"],
+    "environment": {**service_env, "SPE_GATE_LISTEN": public,
+                    "SPE_GATE_UPSTREAM": f"http://127.0.0.1:{proxy_port}",
+                    "SPE_GATE_HUB_HOST": parsed_public.hostname or "127.0.0.1",
+                    "SPE_GATE_USER_DOMAIN": user_domain},
     "cwd": str(Path(__file__).resolve().parents[2]),
 }]
 c.JupyterHub.load_roles = [{
@@ -123,4 +156,9 @@ c.JupyterHub.load_roles = [{
     "scopes": ["list:users", "read:users", "read:servers", "delete:servers",
                "read:users:activity"],
     "services": ["spe-workspaces"],
+}, {
+    # pauses a workspace whose browser byte budget is spent (stops its server)
+    "name": "spe-browser-gate",
+    "scopes": ["read:servers", "delete:servers"],
+    "services": ["spe-browser-gate"],
 }]

@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import html
 import re
+import socket
 from typing import Any
 from urllib.parse import urljoin
 
 import httpx
 
 LOOPBACK = ("127.0.0.1", "localhost", "localhost.local")
+
+_getaddrinfo = socket.getaddrinfo
+
+
+def _resolve_localhost(host: Any, *args: Any, **kwargs: Any) -> Any:
+    """``*.localhost`` is loopback (RFC 6761): browsers resolve it themselves, glibc does not.
+    Workspaces are served on such names (one origin each), so test clients resolve them too."""
+    if isinstance(host, str | bytes):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name.lower().rstrip(".").endswith(".localhost"):
+            host = "127.0.0.1"
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _resolve_localhost
 
 
 class Browser:
@@ -26,8 +42,16 @@ class Browser:
         self.http.close()
 
     def _loopback_secure_cookies(self) -> None:
-        for cookie in self.http.cookies.jar:
-            if cookie.domain in LOOPBACK:
+        jar = self.http.cookies.jar
+        for cookie in [c for c in jar if c.domain == ".127.0.0.1"]:
+            # JupyterHub (subdomain mode) sets its session id with Domain=<hub host>; for an IP
+            # host browsers keep it for that host, http.cookiejar never sends it back
+            jar.clear(cookie.domain, cookie.path, cookie.name)
+            cookie.domain, cookie.domain_specified, cookie.domain_initial_dot = (
+                "127.0.0.1", False, False)
+            jar.set_cookie(cookie)
+        for cookie in jar:
+            if cookie.domain in LOOPBACK or cookie.domain.endswith(".localhost"):
                 cookie.secure = False
 
     def request(self, method: str, url: str, *, max_redirects: int = 20,

@@ -43,6 +43,7 @@ class Stack:
     hub_port: int = field(default_factory=free_port)
     public_port: int = field(default_factory=free_port)
     proxy_api_port: int = field(default_factory=free_port)
+    proxy_port: int = field(default_factory=free_port)
     api: subprocess.Popen[bytes] | None = None
     hub: HubProcess | None = None
 
@@ -56,11 +57,19 @@ class Stack:
             "SPE_WS_CGROUP_PARENT": self.cgroup_parent,
             "SPE_HUB_OAUTH_CLIENT_SECRET": "jupyterhub-dev-secret",
             "SPE_HUB_PROXY_API_PORT": str(self.proxy_api_port),
+            "SPE_HUB_PROXY_PORT": str(self.proxy_port),
         }
 
     @property
     def hub_url(self) -> str:
         return f"http://127.0.0.1:{self.public_port}"
+
+    def workspace_url(self, user: str, server: str) -> str:
+        """The origin of (user, server)'s workspace and its server path (browser gate)."""
+        from workspaces.browser_gate import workspace_host
+
+        host = workspace_host(user, server, "localhost")
+        return f"http://{host}:{self.public_port}/user/{user}/{server}"
 
     @property
     def api_url(self) -> str:

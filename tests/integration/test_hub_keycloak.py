@@ -191,15 +191,16 @@ def test_spawn_run_code_and_escapes_fail(stack: Stack, state: dict[str, Any],
     state["spawn_s"] = time.monotonic() - t0
 
     # Open the server like a browser: the hub's OAuth for the user server, then its cookie.
-    base = f"{stack.hub_url}/user/alice/{name}"
-    page = alice.get(f"{base}/lab")
+    base = stack.workspace_url("alice", name)
+    page = alice.get(f"{stack.hub_url}/user/alice/{name}/lab")  # the hub sends it to its origin
     assert page.status_code == 200, (page.status_code, page.url)
+    assert str(page.url).startswith(base + "/"), page.url
     xsrf = _xsrf(alice, f"/user/alice/{name}/")
     t1 = time.monotonic()
     k = alice.post(f"{base}/api/kernels", headers=xsrf, json={"name": "python3"})
     assert k.status_code == 201, k.text
     kernel = k.json()["id"]
-    ws_url = f"ws://127.0.0.1:{stack.public_port}/user/alice/{name}/api/kernels/{kernel}/channels"
+    ws_url = base.replace("http://", "ws://", 1) + f"/api/kernels/{kernel}/channels"
     headers = {"Cookie": cookie_header(alice.http.cookies.jar, f"/user/alice/{name}/")}
     assert run_code(ws_url, headers, "print(6 * 7)").strip() == "42"
     state["kernel_s"] = time.monotonic() - t1
@@ -300,7 +301,7 @@ def test_spawn_run_code_and_escapes_fail(stack: Stack, state: dict[str, Any],
 def test_other_researchers_are_refused(stack: Stack, state: dict[str, Any]) -> None:
     pid, name = state["pid"], state["name"]
     bob = _login(stack, "bob")
-    base = f"{stack.hub_url}/user/alice/{name}"
+    base = stack.workspace_url("alice", name)
     page = bob.get(f"{base}/lab")
     assert page.status_code == 403 or f"/user/alice/{name}" not in str(page.url)
     api = bob.get(f"{base}/api/kernels")
