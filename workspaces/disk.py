@@ -2,13 +2,20 @@
 
 Contract:
 
-* :func:`attach` makes ``<workspace>/home.img`` (a sparse file of the permit's
-  ``ComputeQuota.disk_mb``, formatted ext4 with no reserved blocks) and mounts it on
+* :func:`attach` makes ``<workspace>/home.img`` (a file of the permit's
+  ``ComputeQuota.disk_mb``, *pre-allocated*, never sparse: every block is reserved on the
+  workspaces' own filesystem when the image is made or grown, so quotas can never add up to
+  more than the disk holds; formatted ext4 with no reserved blocks and without discards, which
+  would punch holes back into it) and mounts it on
   ``<workspace>/disk`` through a loop device with ``nosuid,nodev``. The filesystem's root is
   root's (0755), so the workspace cannot rename or replace what it holds: ``home/`` (the
   workspace's home, its account's, 0700) and ``tmp/`` (the sandbox's ``/tmp``, emptied on every
   attach). Both count against the one quota, enforced by the kernel: a write past it fails with
   ``ENOSPC`` inside the sandbox and outside alike, and nothing else on the host fills up.
+* Admission: before an image is made or grown, the blocks it still needs are compared with the
+  free space of the filesystem holding it (less :data:`RESERVE_MB` kept for the host);
+  when they do not fit, :class:`~workspaces.errors.DiskAdmissionRefused` says how much was
+  asked and how much is free, and nothing is created or changed.
 * The image outlives the mount: it *is* the home's persistent storage (kept for the retention
   period like a plain home, deleted with the workspace directory). A later :func:`attach`
   reuses it; when the permit's quota changed (amendment) the filesystem is grown or shrunk to the
@@ -40,6 +47,8 @@ IMAGE_NAME = "home.img"
 MOUNT_NAME = "disk"
 LEGACY_HOME = "home"
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime"
+#: Free space (MB) on the workspaces' filesystem that admission never hands to an image.
+RESERVE_MB = 256
 
 
 class DiskError(RuntimeError):
@@ -106,13 +115,46 @@ def _fs_blocks_fit(image: Path, size_mb: int) -> None:
     _run("resize2fs", str(image), f"{size_mb}M")
 
 
+def allocated_bytes(path: Path) -> int:
+    """Bytes the filesystem really holds for ``path`` (blocks, not the apparent size)."""
+    return path.stat().st_blocks * 512
+
+
+def admit(directory: Path, size_mb: int, *, image: Path | None = None,
+          reserve_mb: int = RESERVE_MB) -> None:
+    """Raise DiskAdmissionRefused unless an image of ``size_mb`` (``image`` if it exists
+    already: only its missing blocks count) fits the free space of ``directory``'s
+    filesystem, less ``reserve_mb``."""
+    from workspaces.errors import DiskAdmissionRefused
+
+    have = allocated_bytes(image) if image is not None and image.exists() else 0
+    need = max(0, size_mb * MIB - have)
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize - reserve_mb * MIB
+    if need > free:
+        raise DiskAdmissionRefused(
+            f"The workspace disk of {size_mb} MB does not fit: it needs {need // MIB} MB more "
+            f"and the workspaces' filesystem has {max(free, 0) // MIB} MB free (after "
+            f"{reserve_mb} MB kept for the host). Free space on the host or lower the "
+            "permit's disk quota.")
+
+
+def _preallocate(image: Path, size_mb: int) -> None:
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, size_mb * MIB)
+    finally:
+        os.close(fd)
+
+
 def _resize(image: Path, size_mb: int) -> int:
     """Bring the (unmounted) filesystem to ``size_mb``; return the size in force."""
     current = image.stat().st_size // MIB
     if current == size_mb:
+        _preallocate(image, size_mb)  # an image from before pre-allocation: fill it in
         return current
     if size_mb > current:
-        os.truncate(image, size_mb * MIB)
+        _preallocate(image, size_mb)
         _fs_blocks_fit(image, size_mb)
         return size_mb
     try:
@@ -125,10 +167,12 @@ def _resize(image: Path, size_mb: int) -> int:
 
 def _format(image: Path, size_mb: int) -> None:
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
-    os.truncate(image, size_mb * MIB)
-    _run("mkfs.ext4", "-q", "-F", "-m", "0", "-L", "spe-home",
-         "-E", "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1", str(image))
+    try:
+        os.posix_fallocate(fd, 0, size_mb * MIB)
+    finally:
+        os.close(fd)
+    _run("mkfs.ext4", "-q", "-F", "-m", "0", "-L", "spe-home", "-E",
+         "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard", str(image))
 
 
 def _hand_over(root: Path, uid: int, gid: int) -> None:
@@ -168,6 +212,7 @@ def attach(workspace_root: Path, *, size_mb: int, uid: int, gid: int) -> HomeDis
     mnt = workspace_root / MOUNT_NAME
     legacy = workspace_root / LEGACY_HOME
     detach(workspace_root)  # whatever a dead hub left mounted
+    admit(workspace_root, size_mb, image=image)
     created = False
     try:
         if not image.exists():
@@ -176,6 +221,7 @@ def attach(workspace_root: Path, *, size_mb: int, uid: int, gid: int) -> HomeDis
             in_force = size_mb
         else:
             in_force = _resize(image, size_mb)
+        _preallocate(image, in_force)  # mkfs and resize2fs punch holes when they zero blocks
         mnt.mkdir(mode=0o700, exist_ok=True)
         mnt.chmod(0o700)
         _run("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(mnt))

@@ -25,3 +25,7 @@ class UnsupportedArchitecture(WorkspaceStartFailed):
 
 class StaleRuntime(WorkspaceStartFailed):
     code, title = "stale-runtime", "The workspace runtime must be rebuilt"
+
+
+class DiskAdmissionRefused(WorkspaceStartFailed):
+    code, title = "disk-admission-refused", "Not enough free disk for the workspace"

@@ -218,6 +218,8 @@ class Workspace:
         workspaces_dir.mkdir(parents=True, exist_ok=True)
         workspaces_dir.chmod(0o700)
         root = workspaces_dir / ws_id
+        if settings.disk_quota:  # admission: refused before anything is created
+            disk.admit(workspaces_dir, quota.disk_mb, image=root / disk.IMAGE_NAME)
         root.mkdir(exist_ok=True)
         root.chmod(0o700)
         home = root / "home"

@@ -49,6 +49,7 @@ from spe.errors import NotFound
 from workspaces import accounts, gpu, lifecycle, runtime
 from workspaces.backend import BubblewrapBackend, SandboxBackend, SandboxRequest, check_backend
 from workspaces.errors import (
+    DiskAdmissionRefused,
     GpuUnavailable,
     NotNamedInPermit,
     PermitNotUsable,
@@ -188,7 +189,7 @@ class SandboxSpawner(Spawner):
             with contextlib.suppress(Exception):
                 lifecycle.record_state(db, person=self.person, permit_id=self.permit_id,
                                        state="refused", error=str(exc))
-        status = 409 if isinstance(exc, GpuUnavailable) else 403
+        status = 409 if isinstance(exc, GpuUnavailable | DiskAdmissionRefused) else 403
         return web.HTTPError(status, str(exc))
 
     def _prepare_sync(self) -> PermitTerms:
@@ -227,8 +228,8 @@ class SandboxSpawner(Spawner):
                 devices=gpu.device_nodes(gpus)))
             write_token(self._ws.home_on_host, self._ws.uid, self._ws.gid)
             self._extra_env = {**ray_env(terms.compute, gpus), **self._token_env(db, self._ws)}
-        except UnsupportedArchitecture as exc:
-            self._teardown(db, reason="start failed")
+        except (UnsupportedArchitecture, DiskAdmissionRefused) as exc:
+            self._teardown(db, reason="start refused")
             raise self._refuse(db, exc) from exc
         except BaseException:
             self._teardown(db, reason="start failed")
