@@ -44,6 +44,7 @@ class Stack:
     public_port: int = field(default_factory=free_port)
     proxy_api_port: int = field(default_factory=free_port)
     proxy_port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
     api: subprocess.Popen[bytes] | None = None
     hub: HubProcess | None = None
 
@@ -58,6 +59,7 @@ class Stack:
             "SPE_HUB_OAUTH_CLIENT_SECRET": "jupyterhub-dev-secret",
             "SPE_HUB_PROXY_API_PORT": str(self.proxy_api_port),
             "SPE_HUB_PROXY_PORT": str(self.proxy_port),
+            **self.extra_env,
         }
 
     @property
