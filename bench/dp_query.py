@@ -489,6 +489,7 @@ def http_bench(persons: int, requests: int, bucket: float) -> None:
                 proc.terminate()
                 proc.wait(30)
         raw.close()
+        stages = stage_breakdown(data_dir, permit_id, HTTP_QUERIES[0][1], requests)
     print()
     print(f"end to end over HTTP: {persons} persons, workspace token, uvicorn 1 worker, "
           f"SQLite control database, sequential requests ({requests}; padded: a fifth)")
@@ -501,6 +502,71 @@ def http_bench(persons: int, requests: int, bucket: float) -> None:
         print(f"{name:20} {pad:>8} {r50:8.2f} {r99:8.2f} {a50:8.2f} {a99:8.2f} {d50:8.2f} "
               f"{d99:8.2f} {a50 - r50:11.2f}")
     print("ms; raw = DuckDB on the same store file, same SQL, no truncation or noise")
+    print()
+    print(f"where the time of one answer goes (in process, {HTTP_QUERIES[0][0]}, median of "
+          f"{requests}; HTTP, token validation and the permit lookup come on top):")
+    for stage, ms in stages:
+        print(f"  {stage:58} {ms:7.3f} ms")
+
+
+def stage_breakdown(data_dir: Path, permit_id: str, sql: str, n: int
+                    ) -> list[tuple[str, float]]:
+    """Median time of each step of :func:`spe.dp.service.run_query` for ``sql``."""
+    from permits.service import get_terms
+    from spe.datasets.registry import open_dataset
+    from spe.db import Database
+    from spe.dp import service
+    from spe.dp.runner import release
+
+    settings = Settings(data_dir=data_dir / "var", dp_answer_time_bucket_seconds=0)
+    db = Database(settings.resolved_database_url)
+    with db.read() as session:
+        terms = get_terms(session, permit_id)
+    caller = service.Caller(actor="alice")
+    req = service.QueryRequest(sql=sql, epsilon=0.01)
+
+    def opener(name: str) -> tuple[DatasetMetadata, Path]:
+        return open_dataset(db, settings, name)
+
+    meta, path = opener("bench")
+    prep = prepare(sql, meta, terms, epsilon=0.01, delta=1e-7)
+    rel = release(prep, path, settings)
+    details = {"sql": sql, "sql_sha256": "0" * 64, "dataset": "bench"}
+
+    def final_txn() -> None:
+        charge = service._reserve(db, caller, terms, req, prep, details)
+        t = time.perf_counter()
+        with db.write() as session:
+            service.ledger.finish(session, charge, released=True)
+            service.ledger.snapshot(session, terms, caller.actor)
+            service.record(session, service._event(caller, terms, service.Outcome.SUCCESS,
+                                                   {**details, "charge_id": charge}))
+        final.append(time.perf_counter() - t)
+
+    final: list[float] = []
+    for _ in range(n):
+        final_txn()
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("whole service call (run_query, no padding)",
+         lambda: service.run_query(db, settings, terms, caller, req, opener)),
+        ("dataset lookup (registry read)", lambda: opener("bench")),
+        ("parse, plan, price (OpenDP maps)",
+         lambda: prepare(sql, meta, terms, epsilon=0.01, delta=1e-7)),
+        ("reserve: ledger + audit entry, one commit",
+         lambda: service._reserve(db, caller, terms, req, prep, details)),
+        ("run on DuckDB + OpenDP noise (release)", lambda: release(prep, path, settings)),
+        ("encode CSV + Parquet, sign the receipt",
+         lambda: service._answer(settings, terms, prep, rel, "0" * 32, "bench")),
+        ("dry run (plan + budget read + audit entry, one commit)",
+         lambda: service.run_query(db, settings, terms, caller,
+                                   service.QueryRequest(sql=sql, epsilon=0.01, dry_run=True),
+                                   opener)),
+    ]
+    out = [(name, _median_time(fn, n) * 1e3) for name, fn in steps]
+    out.insert(5, ("finish: charge released + audit entry, one commit",
+                   statistics.median(final) * 1e3))
+    db.dispose()
+    return out
 
 
 if __name__ == "__main__":
