@@ -15,6 +15,12 @@ Contract:
   cgroup *before* exec'ing the sandbox, so nothing of the workspace ever runs outside it.
 * :meth:`WorkspaceCgroup.destroy` kills every process left in the cgroup and removes it.
   Idempotent.
+* The parent cgroup that holds every workspace carries limits of its own
+  (:class:`ParentLimits`, written by every :func:`create`): memory (hard, no swap), pids, and
+  read/write bandwidth on the device holding the workspaces' files, so the hub, the API and
+  the database keep running when every workspace is at its quota. Its CPU weight is half the
+  default, so services win contended CPU. (I/O throttling covers the I/O the kernel charges
+  to the cgroup: all of it on v2; direct I/O only on v1.)
 * :meth:`WorkspaceCgroup.allow_devices` (v1 only) denies every character device but the
   standard ones and the GPUs given. On v2, device access is limited by visibility: the sandbox's
   ``/dev`` holds only the allocated device nodes (see :mod:`workspaces.sandbox`).
@@ -29,12 +35,98 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from permits.terms import ComputeQuota
 
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 CFS_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class ParentLimits:
+    """Limits of the cgroup holding all workspaces together (``None``: no limit)."""
+
+    memory_bytes: int | None = None
+    pids_max: int | None = None
+    io_bps: int | None = None  # read and write bytes/s each, on ``io_device``
+    io_device: tuple[int, int] | None = None  # (major, minor)
+
+
+#: oom_score_adj of the SPE's own services (the hub with its spawners, the hub service).
+SERVICE_OOM_SCORE_ADJ = -500
+
+
+def protect_service() -> bool:
+    """Make the calling service process a late choice of the OOM killer (root only; some
+    kernels refuse lowering it: then False, and the services keep 0, still far below the
+    workspaces' score)."""
+    try:
+        _write(Path("/proc/self/oom_score_adj"), str(SERVICE_OOM_SCORE_ADJ))
+    except OSError:
+        return False
+    return True
+
+
+def host_memory_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def block_device_of(path: Path) -> tuple[int, int] | None:
+    """(major, minor) of the whole disk holding ``path`` (partitions map to their disk)."""
+    dev = path.stat().st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    sys_dev = Path(f"/sys/dev/block/{major}:{minor}")
+    if not sys_dev.exists():
+        return None  # not a block device (tmpfs, overlay...)
+    parent = sys_dev.resolve().parent / "dev"
+    if (sys_dev.resolve() / "partition").exists() and parent.is_file():
+        major, minor = (int(x) for x in parent.read_text().split(":"))
+    return major, minor
+
+
+def _limit(path: Path, value: str, what: str) -> None:
+    try:
+        _write(path, value)
+    except OSError as exc:
+        raise RuntimeError(f"cannot set the workspaces' {what} limit ({path.name}={value}): "
+                           f"{exc.strerror}") from exc
+
+
+def _apply_parent(kind: Literal["v2", "memory", "cpu", "pids", "blkio"], top: Path,
+                  limits: ParentLimits) -> None:
+    mem = str(limits.memory_bytes) if limits.memory_bytes is not None else None
+    if kind == "v2":
+        _limit(top / "memory.max", mem or "max", "memory")
+        with contextlib.suppress(FileNotFoundError):
+            _write(top / "memory.swap.max", "0")
+        _limit(top / "pids.max", str(limits.pids_max or "max"), "pids")
+        with contextlib.suppress(OSError):
+            _write(top / "cpu.weight", "50")
+        if limits.io_device is not None and (top / "io.max").exists():
+            rate = str(limits.io_bps) if limits.io_bps else "max"
+            major, minor = limits.io_device
+            _limit(top / "io.max", f"{major}:{minor} rbps={rate} wbps={rate}", "I/O")
+    elif kind == "memory":
+        _limit(top / "memory.limit_in_bytes", mem or "-1", "memory")
+        memsw = top / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            _limit(memsw, mem or "-1", "memory+swap")
+    elif kind == "pids":
+        _limit(top / "pids.max", str(limits.pids_max or "max"), "pids")
+    elif kind == "cpu":
+        with contextlib.suppress(OSError):
+            _write(top / "cpu.shares", "512")
+    elif kind == "blkio" and limits.io_device is not None:
+        major, minor = limits.io_device
+        rate = str(limits.io_bps or 0)  # 0 removes the rule
+        for name in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
+            if (top / name).exists():
+                _limit(top / name, f"{major}:{minor} {rate}", "I/O")
 
 
 def is_v2(root: Path = ROOT) -> bool:
@@ -157,8 +249,11 @@ class WorkspaceCgroup:
 
 
 def create(name: str, quota: ComputeQuota, *, parent: str = "spe-workspaces",
-           pids_max: int = 512, root: Path = ROOT) -> WorkspaceCgroup:
-    """Create (or reuse) the cgroup ``parent/name`` with the limits of ``quota``."""
+           pids_max: int = 512, root: Path = ROOT,
+           parent_limits: ParentLimits | None = None) -> WorkspaceCgroup:
+    """Create (or reuse) the cgroup ``parent/name`` with the limits of ``quota``, and write
+    ``parent_limits`` (default: none) into ``parent``."""
+    limits = parent_limits or ParentLimits()
     memory = quota.memory_mb * 1024 * 1024
     cpu_quota = max(1000, int(quota.cpus * CFS_PERIOD_US))
     if is_v2(root):
@@ -167,6 +262,9 @@ def create(name: str, quota: ComputeQuota, *, parent: str = "spe-workspaces",
         for node in (root, top):
             with contextlib.suppress(OSError):
                 _write(node / "cgroup.subtree_control", "+memory +cpu +pids")
+            with contextlib.suppress(OSError):
+                _write(node / "cgroup.subtree_control", "+io")
+        _apply_parent("v2", top, limits)
         d = top / name
         d.mkdir(exist_ok=True)
         _write(d / "memory.max", str(memory))
@@ -179,6 +277,7 @@ def create(name: str, quota: ComputeQuota, *, parent: str = "spe-workspaces",
     for controller in V1_CONTROLLERS:
         top = _v1_mount(controller, root) / _own_v1_path(controller) / parent
         top.mkdir(parents=True, exist_ok=True)
+        _apply_parent(controller, top, limits)  # type: ignore[arg-type]
         d = top / name
         d.mkdir(exist_ok=True)
         dirs.append(d)
@@ -192,4 +291,11 @@ def create(name: str, quota: ComputeQuota, *, parent: str = "spe-workspaces",
             _write(d / "cpu.cfs_quota_us", str(cpu_quota))
         elif controller == "pids":
             _write(d / "pids.max", str(pids_max))
+    if limits.io_device is not None:
+        with contextlib.suppress(RuntimeError):  # no blkio hierarchy: nothing to throttle
+            top = _v1_mount("blkio", root) / _own_v1_path("blkio") / parent
+            top.mkdir(parents=True, exist_ok=True)
+            _apply_parent("blkio", top, limits)
+            (top / name).mkdir(exist_ok=True)  # the workspace joins it: its I/O is charged
+            dirs.append(top / name)
     return WorkspaceCgroup(name=name, version=1, dirs=tuple(dirs))

@@ -48,7 +48,7 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.db.base import utcnow
-from workspaces import accounts, lifecycle
+from workspaces import accounts, cgroups, lifecycle
 from workspaces.extracts import sync_extract
 from workspaces.models import WorkspaceRow
 from workspaces.settings import WorkspaceSettings, get_workspace_settings
@@ -249,6 +249,7 @@ class HubService:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cgroups.protect_service()
     settings = get_settings()
     service = HubService(settings, get_workspace_settings(), Database(
         settings.resolved_database_url), os.environ["JUPYTERHUB_API_URL"],

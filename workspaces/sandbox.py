@@ -63,6 +63,10 @@ EXTRACT_MOUNT = "/data/extract"
 LOG_MAX_BYTES = 8 * 1024 * 1024  # a sandboxed server's log on the host, at most
 HOST_ETC_BINDS = ("ld.so.cache", "alternatives", "localtime")
 SYSTEM_BINDS = ("/usr",)
+#: oom_score_adj of every workspace process (services run at or below 0).
+WORKSPACE_OOM_SCORE_ADJ = 800
+LIMITS_SH = ('ulimit -H -c 0 && ulimit -S -c 0 && echo {oom} > /proc/self/oom_score_adj '
+             '&& exec "$@"')
 SYMLINKS = {"/bin": "usr/bin", "/lib": "usr/lib", "/lib64": "usr/lib64", "/sbin": "usr/sbin"}
 
 
@@ -156,6 +160,10 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str],
     a += ["--", "setpriv", f"--reuid={spec.account.uid}", f"--regid={spec.account.gid}",
           "--init-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
           "--", *command]
+    # No core dumps (a hard limit the workspace cannot raise: a dump holds the process's
+    # memory, and a piped core_pattern would hand it to a host program), and the OOM killer
+    # picks workspace processes before the services (hub, API, database).
+    a = ["/bin/sh", "-c", LIMITS_SH.format(oom=WORKSPACE_OOM_SCORE_ADJ), "spe-limits", *a]
     if spec.network is not None:
         a = spec.network.enter_argv(a)
     if spec.cgroup is not None:
@@ -177,6 +185,18 @@ def sandbox_env(spec: SandboxSpec) -> dict[str, str]:
         env["SPE_EXTRACT_DIR"] = EXTRACT_MOUNT
     env.update(spec.env)
     return env
+
+
+def parent_limits(settings: WorkspaceSettings, workspaces_dir: Path) -> cgroups.ParentLimits:
+    """The limits of the cgroup holding every workspace, from the settings."""
+    memory_mb = settings.workspaces_memory_mb
+    memory = (memory_mb * 1024 * 1024 if memory_mb is not None
+              else cgroups.host_memory_bytes() * 3 // 4)
+    io = settings.workspaces_io_mbps
+    return cgroups.ParentLimits(
+        memory_bytes=memory, pids_max=settings.workspaces_pids_max,
+        io_bps=io * 1024 * 1024 if io else None,
+        io_device=cgroups.block_device_of(workspaces_dir) if io else None)
 
 
 def _drain(pipe: IO[bytes], path: Path, max_bytes: int) -> None:
@@ -244,7 +264,8 @@ class Workspace:
                 tmp.chmod(0o700)
             write_etc(root / "etc", account)
             cg = cgroups.create(ws_id, quota, parent=settings.cgroup_parent,
-                                pids_max=settings.pids_max)
+                                pids_max=settings.pids_max,
+                                parent_limits=parent_limits(settings, workspaces_dir))
             undo.append(cg.destroy)
             net = network.create(ws_id, settings.allowed_host_ports if with_network else (),
                                  pool=settings.subnet_pool)

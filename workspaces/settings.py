@@ -38,6 +38,25 @@ class WorkspaceSettings(BaseSettings):
     pids_max: int = Field(
         512, ge=16, description="Most processes/threads one workspace may run (pids cgroup)."
     )
+    workspaces_memory_mb: int | None = Field(
+        None,
+        ge=64,
+        description="Memory of all workspaces together (the parent cgroup's hard limit, no "
+        "swap), so the hub, API and database keep running when every workspace is full. "
+        "None: 75 % of the host's memory. Enforced by the kernel (OOM kill inside the "
+        "workspaces).",
+    )
+    workspaces_pids_max: int = Field(
+        8192, ge=16, description="Processes/threads of all workspaces together (parent pids "
+        "cgroup). Enforced by the kernel: fork fails with EAGAIN past it.",
+    )
+    workspaces_io_mbps: int | None = Field(
+        None,
+        ge=1,
+        description="Read and write bandwidth (MB/s each) of all workspaces together on the "
+        "disk holding the SPE data dir (parent cgroup). None: no limit. Enforced by the "
+        "kernel for the I/O charged to the cgroup (all of it on cgroup v2, direct I/O on v1).",
+    )
     allowed_host_ports: tuple[int, ...] = Field(
         (8081, 8600),
         description="Host loopback TCP ports a sandbox may reach through its veth (the hub "

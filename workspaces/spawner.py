@@ -46,7 +46,7 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.errors import NotFound
-from workspaces import accounts, gpu, lifecycle, runtime
+from workspaces import accounts, cgroups, gpu, lifecycle, runtime
 from workspaces.backend import BubblewrapBackend, SandboxBackend, SandboxRequest, check_backend
 from workspaces.errors import (
     DiskAdmissionRefused,
@@ -107,6 +107,7 @@ class SandboxSpawner(Spawner):
         self.poll_interval = 2
         self._ws: Any = None  # the backend's handle (workspaces.backend.SandboxHandle)
         self._backend: SandboxBackend[Any] | None = None
+        cgroups.protect_service()  # the hub process: the OOM killer takes workspaces first
         self._proc: Any = None
         self._started_at = 0.0
         self._stale_ws: str | None = None
