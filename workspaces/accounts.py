@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import pwd
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from workspaces import helpers
 
 PREFIX = "spew-"
 
@@ -55,11 +56,10 @@ def ensure_account(ws_id: str, home: Path, comment: str = "SPE workspace") -> Ac
     found = lookup(name)
     if found is not None:
         return found
-    proc = subprocess.run(
-        ["useradd", "--system", "--user-group", "--no-create-home",
-         "--home-dir", str(home), "--shell", "/usr/sbin/nologin",
-         "--comment", comment[:60].replace(":", " "), name],
-        capture_output=True, text=True, check=False,
+    proc = helpers.run(
+        "useradd", "--system", "--user-group", "--no-create-home",
+        "--home-dir", str(home), "--shell", "/usr/sbin/nologin",
+        "--comment", comment[:60].replace(":", " "), name,
     )
     found = lookup(name)
     if found is None:
@@ -73,6 +73,6 @@ def delete_account(name: str) -> None:
         raise ValueError("refusing to delete an account the SPE did not create")
     if lookup(name) is None:
         return
-    proc = subprocess.run(["userdel", name], capture_output=True, text=True, check=False)
+    proc = helpers.run("userdel", name)
     if lookup(name) is not None:
         raise RuntimeError(f"userdel {name} failed: {proc.stderr.strip()}")

@@ -38,9 +38,10 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from workspaces import helpers
 
 MIB = 1024 * 1024
 IMAGE_NAME = "home.img"
@@ -79,7 +80,7 @@ class HomeDisk:
 
 
 def _run(*argv: str) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    proc = helpers.run(*argv)
     if proc.returncode != 0:
         raise DiskError(f"{' '.join(argv[:3])} failed ({proc.returncode}): "
                         f"{(proc.stderr or proc.stdout).strip()[:500]}")
@@ -107,8 +108,7 @@ def loop_devices(image: Path) -> list[str]:
 
 
 def _fs_blocks_fit(image: Path, size_mb: int) -> None:
-    check = subprocess.run(["e2fsck", "-f", "-y", str(image)], capture_output=True, text=True,
-                           check=False)
+    check = helpers.run("e2fsck", "-f", "-y", str(image))
     if check.returncode not in (0, 1):  # 1: errors corrected
         raise DiskError(f"e2fsck {image.name} failed ({check.returncode}): "
                         f"{check.stdout.strip()[-500:]}")
@@ -257,17 +257,14 @@ def detach(workspace_root: Path) -> None:
     for _ in range(8):  # stacked mounts (never made by us, but undo them all)
         if not is_mounted(home):
             break
-        proc = subprocess.run(["umount", str(home)], capture_output=True, text=True,
-                              check=False)
+        proc = helpers.run("umount", str(home))
         if proc.returncode != 0:  # still busy (a process not yet reaped): detach it lazily
-            lazy = subprocess.run(["umount", "--lazy", str(home)], capture_output=True,
-                                  text=True, check=False)
+            lazy = helpers.run("umount", "--lazy", str(home))
             if lazy.returncode != 0:
                 errors.append(lazy.stderr.strip())
                 break
     for dev in loop_devices(image):
-        proc = subprocess.run(["losetup", "--detach", dev], capture_output=True, text=True,
-                              check=False)
+        proc = helpers.run("losetup", "--detach", dev)
         if proc.returncode != 0:
             errors.append(proc.stderr.strip())
     if errors:

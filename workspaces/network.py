@@ -29,16 +29,16 @@ import fcntl
 import ipaddress
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from workspaces import helpers
 
 NETNS_DIR = Path("/run/netns")
 
 
 def _run(*argv: str, input_text: str | None = None) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, input=input_text,
-                          check=False)
+    proc = helpers.run(*argv, input_text=input_text)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} failed: {proc.stderr.strip()}")
     return proc.stdout
@@ -79,7 +79,7 @@ class WorkspaceNetwork:
         return f"http://{self.host_ip}:{port}"
 
     def enter_argv(self, argv: list[str]) -> list[str]:
-        return ["nsenter", f"--net={self.netns_path}", "--", *argv]
+        return [helpers.tool("nsenter"), f"--net={self.netns_path}", "--", *argv]
 
     def exists(self) -> bool:
         return self.netns_path.exists()

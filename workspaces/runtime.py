@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workspaces import helpers
+
 SYSTEM_PYTHON = "/usr/bin/python3"
 PACKAGES = (
     "jupyterhub>=5", "jupyterlab>=4", "jupyter_server>=2", "ipykernel>=6", "ray>=2.50",
@@ -135,7 +137,8 @@ def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) 
 def _install_project(path: Path, project: Path) -> None:
     subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
                     "--force-reinstall", str(project)], check=True)
-    subprocess.run(["chmod", "-R", "a+rX,go-w", str(path)], check=True)
+    subprocess.run(helpers.argv("chmod", "-R", "a+rX,go-w", str(path)), check=True,
+                   env=dict(helpers.HELPER_ENV))
 
 
 if __name__ == "__main__":

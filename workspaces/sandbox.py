@@ -52,7 +52,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from permits.terms import ComputeQuota
-from workspaces import accounts, cgroups, disk, network, seccomp
+from workspaces import accounts, cgroups, disk, helpers, network, seccomp
 from workspaces.accounts import Account
 from workspaces.cgroups import WorkspaceCgroup
 from workspaces.disk import HomeDisk
@@ -119,7 +119,7 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str],
                seccomp_fd: int | None = None) -> list[str]:
     """The full host command line that runs ``command`` inside the sandbox (``seccomp_fd``:
     a descriptor the command inherits holding :func:`workspaces.seccomp.program`)."""
-    a: list[str] = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session",
+    a: list[str] = [helpers.tool("bwrap"), "--die-with-parent", "--new-session",
                     "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                     "--hostname", "workspace"]
     if spec.network is None:
@@ -157,8 +157,9 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str],
     a += ["--chdir", spec.home_in_sandbox]
     if seccomp_fd is not None:
         a += ["--seccomp", str(seccomp_fd)]
-    a += ["--", "setpriv", f"--reuid={spec.account.uid}", f"--regid={spec.account.gid}",
-          "--init-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+    a += ["--", helpers.tool("setpriv"), f"--reuid={spec.account.uid}",
+          f"--regid={spec.account.gid}", "--init-groups", "--inh-caps=-all",
+          "--bounding-set=-all", "--no-new-privs",
           "--", *command]
     # No core dumps (a hard limit the workspace cannot raise: a dump holds the process's
     # memory, and a piped core_pattern would hand it to a host program), and the OOM killer

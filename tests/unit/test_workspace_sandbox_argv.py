@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from workspaces import helpers
 from workspaces.accounts import Account, account_name, workspace_id
 from workspaces.sandbox import SandboxSpec, bwrap_argv, sandbox_env
 
@@ -34,4 +35,4 @@ def test_argv_isolates_and_drops_privileges(tmp_path: Path) -> None:
     writable = [b for b in binds if b[0] == "--bind"]
     assert writable == [("--bind", str(tmp_path / "home"), "/home/spew-abc")]
     assert ("--ro-bind", str(tmp_path / "extract"), "/data/extract") in binds
-    assert argv.index("setpriv") > argv.index("--chdir")
+    assert argv.index(helpers.tool("setpriv")) > argv.index("--chdir")
