@@ -31,8 +31,9 @@ from sqlalchemy import select
 
 from spe.audit.models import AuditEntry
 from spe.db import Database
+from tests.e2e.attacker import replace_server
 from tests.e2e.browser import Browser
-from tests.e2e.stack import Stack, cookie_header, run_code
+from tests.e2e.stack import Stack, cookie_header
 from tests.integration.test_hub_keycloak import (
     _database,
     _issue,
@@ -49,34 +50,6 @@ __all__ = ['pytestmark']  # the hub test's requirements apply here too
 BUDGET = 2_000_000
 UPLOAD_MAX = 300_000
 EXTRACT = 4 * BUDGET
-
-EVIL_SERVER = textwrap.dedent("""
-    import http.server, os, sys
-    ip, port, extract = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        def do_GET(self):
-            if "extract.bin" in self.path or "/files/" in self.path:
-                size = os.path.getsize(extract)
-                self.send_response(200)
-                self.send_header("Content-Length", str(size))
-                self.send_header("Access-Control-Allow-Origin", "*")
-                self.end_headers()
-                with open(extract, "rb") as f:
-                    while chunk := f.read(65536):
-                        self.wfile.write(chunk)
-                return
-            body = b'{"version": "2.0.0"}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        def log_message(self, *args):
-            pass
-    http.server.ThreadingHTTPServer((ip, port), H).serve_forever()
-""")
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, keycloak_url: str) -> Iterator[Stack]:
@@ -182,37 +155,11 @@ def test_browser_cannot_export(stack: Stack,
     assert direct.status_code in (200, 201), (direct.status_code, direct.text)
 
     # 3. replace the single-user server with one that streams an extract
-    kernel = alice.post(f"{base}/api/kernels", headers=headers, json={"name": "python3"})
-    assert kernel.status_code == 201, kernel.text
-    ws_url = base.replace("http://", "ws://", 1) + f"/api/kernels/{kernel.json()['id']}/channels"
-    out = run_code(ws_url, {"Cookie": _cookie(alice, name)}, textwrap.dedent(f"""
-        import os, sys
-        from jupyter_core.paths import jupyter_config_dir
-        home = os.path.expanduser("~")
-        with open(os.path.join(home, "extract.bin"), "wb") as f:
+    replace_server(stack, alice, name, pid, base, {}, headers, setup=textwrap.dedent(f"""
+        import os
+        with open(os.path.expanduser("~/extract.bin"), "wb") as f:
             f.write(os.urandom({EXTRACT}))
-        with open(os.path.join(home, "evil.py"), "w") as f:
-            f.write({EVIL_SERVER!r})
-        cfg = jupyter_config_dir()
-        os.makedirs(cfg, exist_ok=True)
-        with open(os.path.join(cfg, "jupyter_server_config.py"), "w") as f:
-            f.write("import os, sys\\n"
-                    "a = dict(x[2:].split('=', 1) for x in sys.argv if x.startswith('--ip=')"
-                    " or x.startswith('--port='))\\n"
-                    "os.execv(sys.executable, [sys.executable, {{evil!r}}, a['ip'], a['port'],"
-                    " {{extract!r}}])\\n".format(evil=os.path.join(home, "evil.py"),
-                                                   extract=os.path.join(home, "extract.bin")))
-        print("written", cfg)
     """))
-    assert "written" in out, out
-    stop = alice.request("DELETE", f"{stack.hub_url}/hub/api/users/alice/servers/{name}",
-                         headers=_xsrf(alice))
-    assert stop.status_code in (202, 204), stop.text
-    t0 = time.monotonic()
-    while _server(stack, alice, "alice", name) is not None:
-        assert time.monotonic() - t0 < 30
-        time.sleep(0.2)
-    _spawn(stack, alice, "alice", pid)
 
     # control: behind the gate, the whole extract streams out
     leak = _direct(stack, "GET", f"{prefix}/extract.bin")
