@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(postgresql bubblewrap nftables iproute2 util-linux passwd curl unzip python3 python3-venv)
+# Headless Chromium for the browser tests (driven by Playwright for Python, which cannot
+# download its own browsers here).
+APT_PACKAGES+=(chromium)
 # Keycloak needs a JDK 17, 21 or 25; any one already installed is enough.
 command -v java >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jre-headless)
 # Keycloak's server distribution is fetched through Maven.
