@@ -18,7 +18,9 @@ Limits (:mod:`spe.dp.limits`, one set per app): every DP request of a token (que
 budget read) passes the token's rate and concurrency limits before anything else is done for
 it, and every query that touches data passes its permit's rate limit. A refusal is audited
 (``dp.query`` / ``dp.budget``, outcome refused) with the SQL's hash, and the SQL text only the
-first time that SQL is seen under the permit, not again on every retry.
+first time that SQL is seen under the permit, not again on every retry. A token's own refusals
+are folded (at most one entry per token per second, carrying the count of the others in
+``folded_refusals``), so a client retrying in a loop cannot flood the audit log.
 """
 
 from __future__ import annotations
@@ -156,6 +158,33 @@ def _token_key(principal: Principal) -> str:
     return f"{principal.kind}:{principal.subject}"
 
 
+def _admit(request: Request, principal: Principal, permit_id: str, action: str,
+           sql: str | None = None, dry_run: bool | None = None) -> tuple[Limits, str]:
+    """Pass the token's limits (or raise RateLimited, audited and folded, see module doc)."""
+    limits, key = limits_of(request), _token_key(principal)
+    try:
+        limits.enter(key)
+    except RateLimited as err:
+        folded = limits.fold_refusal(key)
+        if folded is not None:
+            extra: dict[str, Any] = {"folded_refusals": folded}
+            if dry_run is not None:
+                extra["dry_run"] = dry_run
+            _audit_refusal(request, principal, permit_id, action, err.detail,
+                           {**extra, **_sql_details(limits, permit_id, sql)})
+        raise
+    folded = limits.take_folded(key)
+    if folded:
+        try:
+            _audit_refusal(request, principal, permit_id, action,
+                           "earlier requests over the token's rate or concurrency limit",
+                           {"folded_refusals": folded})
+        except Exception:
+            limits.leave(key)
+            raise
+    return limits, key
+
+
 def _sql_details(limits: Limits, permit_id: str, sql: str | None) -> dict[str, Any]:
     if sql is None:
         return {}
@@ -214,13 +243,7 @@ def _post_query(permit_id: str, body: QueryBody, request: Request,
                 idempotency_key: str | None, principal: Principal) -> dict[str, Any]:
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 128:
         raise InvalidInput("Idempotency-Key must be 1 to 128 characters.")
-    limits, key = limits_of(request), _token_key(principal)
-    try:
-        limits.enter(key)
-    except RateLimited as err:
-        _audit_refusal(request, principal, permit_id, "dp.query", err.detail,
-                       {"dry_run": body.dry_run, **_sql_details(limits, permit_id, body.sql)})
-        raise
+    limits, key = _admit(request, principal, permit_id, "dp.query", body.sql, body.dry_run)
     try:
         terms = _checked(request, principal, permit_id, "dp.query", authorise)
         state = get_state(request)
@@ -240,12 +263,7 @@ def _post_query(permit_id: str, body: QueryBody, request: Request,
 @router.get("/v1/permits/{permit_id}/budget")
 def get_budget(permit_id: PermitId, request: Request,
                principal: Principal = Depends(get_principal)) -> dict[str, Any]:
-    limits, key = limits_of(request), _token_key(principal)
-    try:
-        limits.enter(key)
-    except RateLimited as err:
-        _audit_refusal(request, principal, permit_id, "dp.budget", err.detail)
-        raise
+    limits, key = _admit(request, principal, permit_id, "dp.budget")
     try:
         terms = _checked(request, principal, permit_id, "dp.budget", authorise_budget_read)
         actor = principal.actor if Role.RESEARCHER in principal.roles else None

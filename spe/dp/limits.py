@@ -16,6 +16,12 @@ Contract:
 * :meth:`Limits.first_sighting` says whether an SQL text (by its SHA-256) is seen for the
   first time under a permit, so refusals record the SQL text once and only its hash on every
   retry.
+* Refusals by a token's own limits are folded so a client retrying in a loop cannot flood the
+  audit log: :meth:`Limits.fold_refusal` lets one refusal per token per ``fold_seconds`` be
+  written and counts the others; the next written entry (the next refusal after the window,
+  or :meth:`Limits.take_folded` on the token's next admitted request) carries that count.
+  Every refusal is thus in the log, individually or in a count, except the last count of a
+  token that is never used again.
 * State lives in the process (one API process per SPE); a restart starts with full buckets.
   Keys are dropped least-recently-used beyond :data:`MAX_KEYS`, so memory stays bounded.
 """
@@ -34,6 +40,7 @@ from spe.config import Settings
 from spe.errors import SPEError
 
 MAX_KEYS = 10_000
+FOLD_SECONDS = 1.0
 
 
 class RateLimited(SPEError):
@@ -69,6 +76,12 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
+@dataclass
+class _Folded:
+    written_at: float = -math.inf
+    pending: int = 0
+
+
 class _Lru(OrderedDict[str, object]):
     def touch(self, key: str, factory: type | None = None, **kw: object) -> object:
         value = self.get(key)
@@ -84,8 +97,10 @@ class _Lru(OrderedDict[str, object]):
 class Limits:
     """The limits of one API process (see module docstring)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, fold_seconds: float = FOLD_SECONDS) -> None:
         self.settings = settings
+        self.fold_seconds = fold_seconds
+        self._folds = _Lru()
         self._lock = threading.Lock()
         self._permit_buckets = _Lru()
         self._token_buckets = _Lru()
@@ -140,6 +155,28 @@ class Limits:
             yield
         finally:
             self.leave(token_key)
+
+    def fold_refusal(self, token_key: str, now: float | None = None) -> int | None:
+        """None: count this refusal, write nothing now. Otherwise write an entry for it that
+        also stands for the returned number of earlier refusals folded into it."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            fold = self._folds.touch(token_key, _Folded)
+            assert isinstance(fold, _Folded)
+            if now - fold.written_at < self.fold_seconds:
+                fold.pending += 1
+                return None
+            folded, fold.pending, fold.written_at = fold.pending, 0, now
+            return folded
+
+    def take_folded(self, token_key: str) -> int:
+        """The token's folded refusals not yet written (reset to 0): the caller writes them."""
+        with self._lock:
+            fold = self._folds.get(token_key)
+            if not isinstance(fold, _Folded) or not fold.pending:
+                return 0
+            folded, fold.pending = fold.pending, 0
+            return folded
 
     def first_sighting(self, permit_id: str, sql_sha256: str) -> bool:
         """True the first time this SQL (by hash) is seen under ``permit_id`` here."""

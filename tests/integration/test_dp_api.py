@@ -315,14 +315,18 @@ def test_query_input_bounds(api_client: TestClient, user_headers: Headers) -> No
 def test_token_rate_limit_over_http(db: Database, api_settings: Settings, dataset: str,
                                     client_headers: Headers) -> None:
     """Queries, dry runs and budget reads of one workspace token share its rate limit; a
-    refusal is 429 with Retry-After, audited, and records the SQL text once; another token of
-    the same permit is not affected. The answer is padded to the bucket over HTTP too."""
+    refusal is 429 with Retry-After and audited with the SQL text, and the retries that follow
+    are folded into a count instead of one entry each; another token of the same permit is not
+    affected. The answer is padded to the bucket over HTTP too."""
     from spe.api.app import create_app
+    from spe.dp.limits import Limits
 
     settings = api_settings.model_copy(update={"api_token_burst": 3,
                                                "api_token_requests_per_minute": 1.0,
                                                "dp_answer_time_bucket_seconds": 0.3})
-    with TestClient(create_app(settings, db)) as client:
+    app = create_app(settings, db)
+    app.state.spe_dp_limits = Limits(settings, fold_seconds=3600)  # fold every retry here
+    with TestClient(app) as client:
         permits = Permits(client.post, client_headers("hdab-alpha"))
         try:
             pid = permits.issue("DP/0005/2026/FI")
@@ -348,10 +352,11 @@ def test_token_rate_limit_over_http(db: Database, api_settings: Settings, datase
                     select(AuditEntry).where(AuditEntry.outcome == "refused",
                                              AuditEntry.action.in_(["dp.query", "dp.budget"]))
                     .order_by(AuditEntry.seq)).scalars())
-            assert len(refused) == 4
-            queries = [e for e in refused if e.action == "dp.query"]
-            assert [("sql" in e.details) for e in queries] == [True, False, False]
-            assert len({e.details["sql_sha256"] for e in queries}) == 1
+            # Four refusals, one entry: the first, with the SQL; the three retries are folded
+            # (written as a count with the token's next entry).
+            assert len(refused) == 1
+            assert refused[0].action == "dp.query" and refused[0].details["sql"] == SQL
+            assert refused[0].details["folded_refusals"] == 0
             budget = client.get(f"/v1/permits/{pid}/budget",
                                 headers=client_headers("hdab-alpha")).json()
             assert budget["epsilon_spent"] == pytest.approx(0.1)  # refusals are free

@@ -207,6 +207,19 @@ def test_token_bucket_and_concurrency() -> None:
     limits.enter("t")
 
 
+def test_refusals_are_folded_not_lost() -> None:
+    """One audit entry per token per window; the others are counted into the next entry."""
+    limits = Limits(Settings(), fold_seconds=1.0)
+    assert limits.fold_refusal("t", now=10.0) == 0  # written
+    assert limits.fold_refusal("t", now=10.5) is None  # folded
+    assert limits.fold_refusal("t", now=10.9) is None
+    assert limits.fold_refusal("u", now=10.9) == 0  # another token: its own window
+    assert limits.fold_refusal("t", now=11.2) == 2  # written, standing for the two folded
+    assert limits.fold_refusal("t", now=11.3) is None
+    assert limits.take_folded("t") == 1  # the next admitted request writes the count
+    assert limits.take_folded("t") == 0
+
+
 # Bounded work ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sql", [
