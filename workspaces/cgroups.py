@@ -41,6 +41,8 @@ from permits.terms import ComputeQuota
 
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
+#: v1 hierarchies a workspace joins when they are mounted (CPU accounting, I/O throttling).
+V1_OPTIONAL = ("cpuacct", "blkio")
 CFS_PERIOD_US = 100_000
 
 
@@ -183,6 +185,19 @@ class WorkspaceCgroup:
                 found.update(int(x) for x in procs.read_text().split())
         return found
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time used by every process the workspace ever ran (the kernel's accounting of
+        the cgroup, which no process inside can forge); None where it is not available."""
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if self.version == 2:
+                stat = dict(line.split() for line in
+                            self.dirs[0].joinpath("cpu.stat").read_text().splitlines())
+                return int(stat["usage_usec"]) / 1e6
+            for d in self.dirs:  # cpuacct, alone or co-mounted with cpu
+                if (d / "cpuacct.usage").exists():
+                    return int((d / "cpuacct.usage").read_text()) / 1e9
+        return None
+
     def memory_limit_bytes(self) -> int:
         if self.version == 2:
             return int(self.dirs[0].joinpath("memory.max").read_text())
@@ -291,6 +306,13 @@ def create(name: str, quota: ComputeQuota, *, parent: str = "spe-workspaces",
             _write(d / "cpu.cfs_quota_us", str(cpu_quota))
         elif controller == "pids":
             _write(d / "pids.max", str(pids_max))
+    with contextlib.suppress(RuntimeError):  # no cpuacct hierarchy: no CPU accounting
+        mount = _v1_mount("cpuacct", root)
+        if mount.resolve() != _v1_mount("cpu", root).resolve():  # not co-mounted with cpu
+            top = mount / _own_v1_path("cpuacct") / parent
+            top.mkdir(parents=True, exist_ok=True)
+            (top / name).mkdir(exist_ok=True)
+            dirs.append(top / name)
     if limits.io_device is not None:
         with contextlib.suppress(RuntimeError):  # no blkio hierarchy: nothing to throttle
             top = _v1_mount("blkio", root) / _own_v1_path("blkio") / parent

@@ -21,8 +21,12 @@ API URL and token) with the SPE settings of the hub. One loop does three things:
   running one keeps the cgroup limits, GPUs and home size it started with; the researcher (or
   an operator) restarts it to pick up the new quota.
 * **Idle culling** (every ``cull_every_seconds``): a server whose last activity is older than
-  ``cull_idle_seconds`` is stopped, unless its Ray head is running tasks: then the cull is
-  refused. Both decisions are audited (``workspace.cull``).
+  ``cull_idle_seconds`` is stopped, unless its workspace used at least
+  ``cull_busy_cpu_percent`` of a core since the previous round, as the kernel accounts it in
+  the workspace's cgroup (Ray tasks, batch jobs: real work, not process names, which the
+  workspace controls); then the cull is refused. A server seen for the first time is measured
+  first. A server older than ``max_server_lifetime_seconds`` is stopped whatever it does.
+  Every decision is audited (``workspace.cull``).
 * **Retention** (same tick): workspaces whose permit ended without an event seen (e.g. expiry
   noticed only by reading) get a deadline, and :func:`workspaces.lifecycle.purge_due` deletes
   the data past its deadline, audited.
@@ -35,6 +39,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -75,6 +80,7 @@ class HubService:
         self.http = httpx.AsyncClient(headers={"Authorization": f"token {api_token}"},
                                       timeout=30)
         self.cursor_file = settings.data_dir / "hub" / "permit_events.cursor"
+        self._cpu: dict[str, tuple[float, float]] = {}  # ws_id -> (monotonic s, CPU s)
 
     # -- hub API ---------------------------------------------------------------------------
     async def servers(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -175,28 +181,58 @@ class HubService:
                 target=ws_id, outcome=outcome, reason=reason,
                 details={"person": user, **details}))
 
+    def cpu_busy(self, ws_id: str) -> tuple[bool | None, float]:
+        """Whether the workspace used at least ``cull_busy_cpu_percent`` of a core since the
+        previous call (None: first measurement), and the percentage it used."""
+        cg = lifecycle.find_cgroup(ws_id, self.ws.cgroup_parent)
+        used = cg.cpu_seconds() if cg is not None else None
+        at = time.monotonic()
+        previous = self._cpu.get(ws_id)
+        if used is None:
+            return False, 0.0
+        self._cpu[ws_id] = (at, used)
+        if previous is None or at <= previous[0]:
+            return None, 0.0
+        percent = 100.0 * (used - previous[1]) / (at - previous[0])
+        return percent >= self.ws.cull_busy_cpu_percent, round(percent, 2)
+
     async def cull_once(self, now: datetime | None = None) -> list[tuple[str, str]]:
-        """Stop idle servers (not those running Ray tasks); returns those stopped."""
+        """Stop idle servers (not those doing real CPU work) and servers past their maximum
+        lifetime; returns those stopped."""
         now = now or utcnow()
         limit = timedelta(seconds=self.ws.cull_idle_seconds)
+        lifetime = self.ws.max_server_lifetime_seconds
         culled = []
         for user, name, server in await self.servers():
             if not server.get("ready"):
                 continue
-            last = _parse_time(server.get("last_activity")) or _parse_time(server.get("started"))
-            if last is None or now - last < limit:
-                continue
             permit_id = await asyncio.to_thread(lifecycle.permit_for_server, self.db, user,
                                                 name)
             ws_id = accounts.workspace_id(user, permit_id) if permit_id else f"server:{name}"
-            busy = lifecycle.ray_tasks_running(
-                lifecycle.find_cgroup(ws_id, self.ws.cgroup_parent))
+            busy, percent = await asyncio.to_thread(self.cpu_busy, ws_id)
+            started = _parse_time(server.get("started"))
+            if lifetime is not None and started is not None and \
+                    (now - started).total_seconds() >= lifetime:
+                await self.stop_server(user, name)
+                self._cpu.pop(ws_id, None)
+                await asyncio.to_thread(
+                    self._audit_cull, user, permit_id, ws_id, Outcome.SUCCESS,
+                    "maximum lifetime", lifetime_seconds=lifetime,
+                    age_seconds=int((now - started).total_seconds()))
+                culled.append((user, name))
+                continue
+            last = _parse_time(server.get("last_activity")) or started
+            if last is None or now - last < limit:
+                continue
             idle_s = int((now - last).total_seconds())
+            if busy is None:  # first measurement: decide next round
+                continue
             if busy:
                 await asyncio.to_thread(self._audit_cull, user, permit_id, ws_id,
-                                        Outcome.REFUSED, "Ray tasks running",
-                                        idle_seconds=idle_s, ray_tasks=busy[:20])
+                                        Outcome.REFUSED, "busy (CPU)", idle_seconds=idle_s,
+                                        cpu_percent=percent)
                 continue
+            self._cpu.pop(ws_id, None)
             await self.stop_server(user, name)
             await asyncio.to_thread(self._audit_cull, user, permit_id, ws_id, Outcome.SUCCESS,
                                     "idle", idle_seconds=idle_s)

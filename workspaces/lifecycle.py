@@ -33,7 +33,15 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.db import Database
 from spe.db.base import utcnow
 from workspaces import accounts, disk
-from workspaces.cgroups import ROOT, V1_CONTROLLERS, WorkspaceCgroup, _own_v1_path, _v1_mount, is_v2
+from workspaces.cgroups import (
+    ROOT,
+    V1_CONTROLLERS,
+    V1_OPTIONAL,
+    WorkspaceCgroup,
+    _own_v1_path,
+    _v1_mount,
+    is_v2,
+)
 from workspaces.extracts import remove_extract
 from workspaces.models import WorkspaceRow
 
@@ -153,7 +161,7 @@ def find_cgroup(ws_id: str, parent: str, root: Path = ROOT) -> WorkspaceCgroup |
         d = root / parent / ws_id
         return WorkspaceCgroup(ws_id, 2, (d,)) if d.is_dir() else None
     dirs = []
-    for controller in V1_CONTROLLERS:
+    for controller in (*V1_CONTROLLERS, *V1_OPTIONAL):
         try:
             d = _v1_mount(controller, root) / _own_v1_path(controller) / parent / ws_id
         except RuntimeError:

@@ -87,7 +87,22 @@ class WorkspaceSettings(BaseSettings):
         3600,
         ge=60,
         description="A server without activity for this long is stopped by the hub service, "
-        "unless its Ray head is running tasks (then the cull is refused and audited).",
+        "unless its workspace is doing CPU work (cull_busy_cpu_percent; then the cull is "
+        "refused and audited).",
+    )
+    cull_busy_cpu_percent: float = Field(
+        5.0,
+        gt=0,
+        description="An idle server is not culled while its workspace used at least this "
+        "much of one core since the previous cull round, measured from the workspace "
+        "cgroup's CPU accounting (not process names). Enforced by the hub service.",
+    )
+    max_server_lifetime_seconds: int | None = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="A server older than this is stopped by the hub service whatever it is "
+        "doing (audited as workspace.cull, 'maximum lifetime'); the researcher starts it "
+        "again. None: no maximum.",
     )
     cull_every_seconds: int = Field(
         60, ge=1, description="How often the hub service looks for idle servers."

@@ -282,54 +282,100 @@ def test_amendments_stop_removed_persons_and_sync_the_extract(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups")
-def test_cull_stops_idle_servers_but_not_busy_ray_workers(
+def test_cull_measures_cpu_time_not_process_names(
         svc: PermitService, db: Database, settings: Settings) -> None:
     idle_pid = issue(svc, persons=["alice"], reference="R-idle")
     busy_pid = issue(svc, persons=["alice"], reference="R-busy")
+    forged_pid = issue(svc, persons=["alice"], reference="R-forged")
     fresh_pid = issue(svc, persons=["alice"], reference="R-fresh")
-    for pid in (idle_pid, busy_pid, fresh_pid):
+    pids = (idle_pid, busy_pid, forged_pid, fresh_pid)
+    for pid in pids:
         lifecycle.record_state(db, person="alice", permit_id=pid, state="running")
     now = utcnow()
     stale = (now - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
-    names = {pid: lifecycle.server_name(pid) for pid in (idle_pid, busy_pid, fresh_pid)}
-    models = {("alice", names[idle_pid]): {"ready": True, "last_activity": stale},
-              ("alice", names[busy_pid]): {"ready": True, "last_activity": stale},
-              ("alice", names[fresh_pid]): {"ready": True, "last_activity": now.isoformat()}}
+    names = {pid: lifecycle.server_name(pid) for pid in pids}
+    models = {("alice", names[pid]): {"ready": True, "last_activity": stale}
+              for pid in (idle_pid, busy_pid, forged_pid)}
+    models[("alice", names[fresh_pid])] = {"ready": True, "last_activity": now.isoformat()}
     hub = HubApi({"alice": list(names.values())}, models)
-    ws = WorkspaceSettings(cull_idle_seconds=3600,
+    ws = WorkspaceSettings(cull_idle_seconds=3600, cull_busy_cpu_percent=20,
                            cgroup_parent=f"spe-test-{uuid.uuid4().hex[:6]}")
     busy_ws = accounts.workspace_id("alice", busy_pid)
-    cg = cgroups.create(busy_ws, ComputeQuota(memory_mb=256), parent=ws.cgroup_parent)
+    forged_ws = accounts.workspace_id("alice", forged_pid)
+    busy_cg = cgroups.create(busy_ws, ComputeQuota(memory_mb=256), parent=ws.cgroup_parent)
+    forged_cg = cgroups.create(forged_ws, ComputeQuota(memory_mb=256), parent=ws.cgroup_parent)
+    if busy_cg.cpu_seconds() is None:
+        busy_cg.destroy()
+        forged_cg.destroy()
+        hub.close()
+        pytest.skip("no CPU accounting for cgroups on this machine")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        # the busy workspace's Ray head runs a task: an idle worker and a busy one, as Ray
-        # titles its worker processes
-        for title in ("ray::IDLE", "ray::train_model"):
-            procs.append(subprocess.Popen(cg.enter_argv(
-                [shutil.which("bash") or "bash", "-c", f"exec -a '{title}' sleep 60"])))
+        # real work in one workspace; in the other, a sleeping process titled as a busy Ray
+        # worker (the workspace controls its process names: the old rule spared it forever)
+        procs.append(subprocess.Popen(busy_cg.enter_argv(["/bin/sh", "-c", "while :; do :; done"])))
+        procs.append(subprocess.Popen(forged_cg.enter_argv(
+            [shutil.which("bash") or "bash", "-c", "exec -a 'ray::train_model' sleep 60"])))
         deadline = time.monotonic() + 5
-        while lifecycle.ray_tasks_running(cg) != ["ray::train_model"]:
+        while lifecycle.ray_tasks_running(forged_cg) != ["ray::train_model"]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         service = HubService(settings, ws, db, hub.url, "test-token")
+        # round 1: no cgroup (nothing runs) is idle; the others are measured first
         assert asyncio.run(service.cull_once(now)) == [("alice", names[idle_pid])]
-        assert hub.deleted == [("alice", names[idle_pid])]
-        # the task ends: the next round culls that server too
-        procs[1].kill()
-        procs[1].wait(5)
+        time.sleep(1.0)
+        # round 2: the forged title is culled, the CPU work is not
+        assert asyncio.run(service.cull_once(now)) == [("alice", names[forged_pid])]
+        procs[0].kill()
+        procs[0].wait(5)
+        time.sleep(1.0)
+        # round 3: the work ended: culled too
         assert asyncio.run(service.cull_once(now)) == [("alice", names[busy_pid])]
         assert hub.servers == {"alice": [names[fresh_pid]]}
     finally:
         hub.close()
-        cg.kill_all()
+        for cg in (busy_cg, forged_cg):
+            cg.kill_all()
         for p in procs:
             p.wait(5)
-        cg.destroy()
-    culls = [(e.target, e.outcome, e.reason, e.details.get("ray_tasks"))
-             for e in _audits(db, "workspace.cull")]
+        busy_cg.destroy()
+        forged_cg.destroy()
+    culls = [(e.target, e.outcome, e.reason) for e in _audits(db, "workspace.cull")]
     assert culls == [
-        (accounts.workspace_id("alice", idle_pid), "success", "idle", None),
-        (busy_ws, "refused", "Ray tasks running", ["ray::train_model"]),
-        (busy_ws, "success", "idle", None)]
+        (accounts.workspace_id("alice", idle_pid), "success", "idle"),
+        (busy_ws, "refused", "busy (CPU)"),
+        (forged_ws, "success", "idle"),
+        (busy_ws, "success", "idle")]
+    refused = next(e for e in _audits(db, "workspace.cull") if e.outcome == "refused")
+    assert refused.details["cpu_percent"] >= 20
     with db.read() as s:
         verify_chain(s)
+
+
+def test_servers_past_their_maximum_lifetime_are_stopped(
+        svc: PermitService, db: Database, settings: Settings) -> None:
+    old_pid = issue(svc, persons=["alice"], reference="R-old")
+    young_pid = issue(svc, persons=["alice"], reference="R-young")
+    for pid in (old_pid, young_pid):
+        lifecycle.record_state(db, person="alice", permit_id=pid, state="running")
+    now = utcnow()
+    names = {pid: lifecycle.server_name(pid) for pid in (old_pid, young_pid)}
+    active = now.isoformat()
+    models = {("alice", names[old_pid]): {"ready": True, "last_activity": active,
+                                          "started": (now - timedelta(days=8)).isoformat()},
+              ("alice", names[young_pid]): {"ready": True, "last_activity": active,
+                                            "started": (now - timedelta(days=6)).isoformat()}}
+    hub = HubApi({"alice": list(names.values())}, models)
+    try:
+        service = HubService(settings, WorkspaceSettings(), db, hub.url, "test-token")
+        assert WorkspaceSettings().max_server_lifetime_seconds == 7 * 24 * 3600
+        assert asyncio.run(service.cull_once(now)) == [("alice", names[old_pid])]
+        # control: with no maximum, an active server runs on
+        hub.servers["alice"].append(names[old_pid])
+        service = HubService(settings, WorkspaceSettings(max_server_lifetime_seconds=None), db,
+                             hub.url, "test-token")
+        assert asyncio.run(service.cull_once(now)) == []
+    finally:
+        hub.close()
+    entry = _audits(db, "workspace.cull")[0]
+    assert entry.reason == "maximum lifetime" and entry.details["age_seconds"] >= 8 * 86400
