@@ -362,3 +362,39 @@ def test_token_rate_limit_over_http(db: Database, api_settings: Settings, datase
             assert budget["epsilon_spent"] == pytest.approx(0.1)  # refusals are free
         finally:
             permits.cleanup()
+
+
+def test_deep_and_failing_queries_over_http(api_client: TestClient, db: Database,
+                                            dataset: str, client_headers: Headers,
+                                            user_headers: Headers,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deep expression is a 400 refusal (never a 500); an exception after planning is the
+    one generic 500 problem, audited and charged; neither echoes anything of the query."""
+    from spe.dp import service
+
+    permits = Permits(api_client.post, client_headers("hdab-alpha"))
+    try:
+        pid = permits.issue("DP/0006/2026/FI")
+        url, alice = f"/v1/permits/{pid}/queries", user_headers("alice")
+        deep = "SELECT COUNT(*) FROM person WHERE " + "(" * 3000 + "year_of_birth > 1" + \
+            ")" * 3000
+        r = api_client.post(url, json={"sql": deep, "epsilon": 0.1}, headers=alice)
+        assert r.status_code == 400 and r.json()["type"].endswith("query-refused")
+
+        def boom(*_a: Any, **_k: Any) -> Any:
+            raise RecursionError("year_of_birth 1987")
+
+        monkeypatch.setattr(service, "release", boom)
+        r = api_client.post(url, json={"sql": SQL, "epsilon": 0.1}, headers=alice)
+        assert r.status_code == 500 and r.json()["type"].endswith("query-failed")
+        assert r.json()["detail"] == service.GENERIC_FAILURE and "1987" not in r.text
+        budget = api_client.get(f"/v1/permits/{pid}/budget", headers=alice).json()
+        assert budget["epsilon_spent"] == pytest.approx(0.1)
+        with db.read() as s:
+            outcomes = [e.outcome for e in s.execute(
+                select(AuditEntry).where(AuditEntry.permit_id == pid,
+                                         AuditEntry.action == "dp.query")
+                .order_by(AuditEntry.seq)).scalars()]
+        assert outcomes == ["refused", "failure"]
+    finally:
+        permits.cleanup()
