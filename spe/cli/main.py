@@ -110,12 +110,14 @@ def openapi() -> None:
 def _register() -> None:
     from spe.auth import cli as auth_cli
     from spe.cli import datasets as datasets_cli
+    from spe.cli import doctor as doctor_cli
     from spe.cli import up as up_cli
 
     app.add_typer(auth_cli.app, name="auth")
     app.add_typer(datasets_cli.app, name="datasets")
     app.command("demo-data")(datasets_cli.demo_data)
     app.command("up")(up_cli.up)
+    app.command("doctor")(doctor_cli.doctor)
 
 
 _register()

@@ -1,0 +1,147 @@
+"""`spe doctor`: check a deployment against the production profile, control by control.
+
+Contract: :func:`run_checks` reads the settings and the machine (files, mounts, programs),
+never the data, changes nothing, and returns one :class:`Check` per control of the production
+profile: whether it is in place, what was found, and how to put it in place. A development
+install (``spe up`` on embedded defaults) fails most of them on purpose; the list is the
+operator's to-do list before patient data arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from spe.config import DEV_SECRET, Settings
+
+SANDBOX_PROGRAMS = ("bwrap", "nft", "setpriv", "ip", "losetup", "mkfs.ext4")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    found: str
+    fix: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _profile(s: Settings) -> Check:
+    return Check("production profile", s.profile == "prod", f"profile {s.profile!r}",
+                 "set SPE_PROFILE=prod (default secrets are then refused at start)")
+
+
+def _secrets(s: Settings) -> Check:
+    secret = s.secret_key.get_secret_value()
+    ok = secret != DEV_SECRET and len(secret) >= 32
+    return Check("server secret", ok,
+                 "a strong secret_key is set" if ok else "the development secret_key",
+                 "put a random secret_key of at least 32 characters in the settings file "
+                 "(SPE_CONFIG, readable by the service user only)")
+
+
+def _database(s: Settings) -> Check:
+    url = s.resolved_database_url
+    ok = url.startswith("postgresql")
+    kind = url.split(":", 1)[0]
+    return Check("control database on PostgreSQL", ok, f"{kind} database",
+                 "set database_url to a PostgreSQL database (SQLite is for one-user "
+                 "development)")
+
+
+def _tls_api(s: Settings) -> Check:
+    url = s.public_url or f"http://{s.api_host}:{s.api_port}"
+    return Check("TLS for the API", url.startswith("https://"), f"public_url {url}",
+                 "serve the API behind TLS (a reverse proxy with a certificate from files) "
+                 "and set public_url to its https:// address")
+
+
+def _keycloak(s: Settings) -> Check:
+    url = s.keycloak_url
+    ok = url is not None and url.startswith("https://")
+    found = f"keycloak_url {url}" if url else "the bundled development Keycloak"
+    return Check("Keycloak in production mode over TLS", ok, found,
+                 "run Keycloak in production mode with its own PostgreSQL (infra/k8s/"
+                 "keycloak.yaml shows one way) and set keycloak_url to its https:// address")
+
+
+def _store(s: Settings) -> Check:
+    store = s.store_dir
+    if not store.exists():
+        return Check("dataset store private to the service", False, "no dataset store yet",
+                     "ingest a dataset (the store is created with mode 0700)")
+    st = store.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    ok = mode & 0o077 == 0 and st.st_uid == os.geteuid()
+    return Check("dataset store private to the service", ok,
+                 f"{store} mode {mode:04o}, owner uid {st.st_uid}",
+                 "chmod 0700 the store and let only the service user own it")
+
+
+def _mount_source(path: Path) -> str | None:
+    """The device of the mount holding ``path`` (longest mount point prefix)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best: tuple[int, str] | None = None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > best[0]):
+            best = (len(point), parts[0])
+    return best[1] if best else None
+
+
+def is_encrypted(path: Path) -> bool:
+    """Whether ``path`` lies on a dm-crypt (LUKS) device."""
+    source = _mount_source(path)
+    if source is None or not source.startswith("/dev/"):
+        return False
+    try:
+        dev = Path(source).resolve().name  # /dev/mapper/x -> dm-N
+        uuid = (Path("/sys/block") / dev / "dm" / "uuid").read_text().strip()
+    except OSError:
+        return False
+    return uuid.startswith("CRYPT-")
+
+
+def _encryption(s: Settings) -> Check:
+    where = s.store_dir if s.store_dir.exists() else s.data_dir
+    ok = where.exists() and is_encrypted(where)
+    return Check("encryption at rest", ok,
+                 f"{where} is on {'an encrypted' if ok else 'an unencrypted'} device",
+                 "put the data directory (store, extracts, workspace disk images) on a "
+                 "dm-crypt/LUKS volume whose key is kept outside the data directory")
+
+
+def _sandbox() -> Check:
+    missing = [p for p in SANDBOX_PROGRAMS if shutil.which(p) is None]
+    cgroup2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    found = "missing: " + ", ".join(missing) if missing else "all sandbox programs present"
+    found += "; cgroup v2" if cgroup2 else "; cgroup v1"
+    from workspaces.errors import UnsupportedArchitecture
+    from workspaces.seccomp import program
+
+    try:
+        program()
+    except UnsupportedArchitecture as exc:  # the sandbox does not start without a filter
+        return Check("workspace sandbox", False, f"{found}; {exc}",
+                     "run the SPE on x86_64 or aarch64")
+    return Check("workspace sandbox", not missing, found,
+                 "install bubblewrap, nftables, util-linux, iproute2 and e2fsprogs")
+
+
+def run_checks(s: Settings) -> list[Check]:
+    return [_profile(s), _secrets(s), _database(s), _tls_api(s), _keycloak(s), _store(s),
+            _encryption(s), _sandbox()]
