@@ -1,4 +1,4 @@
-"""`spe doctor`: the deployment against the production profile (see :mod:`spe.cli.doctor_checks`)."""
+"""`spe doctor`: the deployment against the production profile (spe.cli.doctor_checks)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
     """Check this deployment against the production profile; exit 1 naming what is missing."""
-    from spe.cli.main import settings
     from spe.cli.doctor_checks import run_checks
+    from spe.cli.main import settings
 
     checks = run_checks(settings())
     if as_json:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from spe.cli.doctor_checks import is_encrypted, run_checks
 from spe.cli.main import app
 from spe.config import Settings, get_settings
-from spe.cli.doctor_checks import is_encrypted, run_checks
 
 
 def _prod(tmp_path: Path, **extra: object) -> Settings:
