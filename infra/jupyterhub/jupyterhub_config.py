@@ -18,6 +18,7 @@ What lives where: the hub state DB, cookie secret, crypt key, proxy pid file and
 permit-event cursor are in <data_dir>/hub (0700, root); sandboxes never bind the data dir.
 """
 
+import json
 import os
 import secrets
 import sys
@@ -109,12 +110,29 @@ c.Spawner.start_timeout = 60
 c.Spawner.http_timeout = 30
 c.Spawner.default_url = "/lab"
 c.Spawner.env_keep = []  # nothing of the hub's environment enters a workspace
+# JupyterLab plugins whose commands move files out through the browser: Download and Copy
+# Download Link (file browser, documents) and Export Notebook As (nbconvert). Hidden here, for
+# the researcher's sake only: the browser gate refuses their routes whatever the server says.
+HIDDEN_LAB_PLUGINS = ("@jupyterlab/docmanager-extension:download",
+                      "@jupyterlab/filebrowser-extension:download",
+                      "@jupyterlab/notebook-extension:export")
+server_tornado_settings = {
+    "headers": {"Content-Security-Policy":
+                "frame-ancestors 'self'; report-uri /api/security/csp-report",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"},
+}
+# JupyterLab reads disabled plugins from page_config.json in its config path, which includes
+# the runtime's etc/jupyter (the runtime is root-owned and read-only in every sandbox).
+labconfig = ws.runtime_dir.resolve() / "etc" / "jupyter" / "labconfig"
+if labconfig.parent.parent.parent.is_dir():
+    labconfig.mkdir(mode=0o755, parents=True, exist_ok=True)
+    (labconfig / "page_config.json").write_text(json.dumps(
+        {"disabledExtensions": dict.fromkeys(HIDDEN_LAB_PLUGINS, True)}, indent=1) + "\n")
+    (labconfig / "page_config.json").chmod(0o644)
 c.Spawner.args = [
     # no third-party frames, no extension installs from the browser, no terminals escaping
     # the kernel's view (they would run in the same sandbox anyway)
-    '--ServerApp.tornado_settings={"headers": {"Content-Security-Policy": '
-    '"frame-ancestors \'self\'; report-uri /api/security/csp-report", '
-    '"X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}}',
+    f"--ServerApp.tornado_settings={server_tornado_settings!r}",  # a Python literal
     "--LabApp.extension_manager=readonly",
 ]
 

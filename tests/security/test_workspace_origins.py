@@ -8,7 +8,8 @@ hub user) logs in through Keycloak in Chromium, opens her second workspace (so i
 exist), then opens the attacker's page. The page tries to read the hub's API and token page
 (fetch with credentials, a frame, a window), the second workspace's contents API and its lab
 page: every read fails. The same probe run on the hub's own origin and on the second workspace's
-own origin reads them (control: the probe works where the origin allows it).
+own origin reads them (control: the probe works where the origin allows it). JupyterLab's
+file menu offers no Download or Copy Download Link.
 
 Needs Chromium (Debian's ``chromium``) and Playwright for Python, plus what
 tests/integration/test_hub_keycloak.py needs.
@@ -153,6 +154,17 @@ def test_attacker_page_reads_neither_hub_nor_other_workspace(
             own = page.evaluate(PROBE, {"frame": {"contents": targets["frame"][
                 "other workspace"]}})
             assert _leaked(own["frame contents"], "row-level secret"), own
+            # JupyterLab offers no download commands: the file's context menu has none
+            item = page.locator(".jp-DirListing-item", has_text="secret.txt")
+            item.wait_for(timeout=90_000)
+            item.click(button="right")
+            menu = page.locator(".lm-Menu").first
+            menu.wait_for()
+            entries = menu.inner_text()
+            page.screenshot(path=str(tmp_path / "lab-menu.png"))
+            assert "Rename" in entries, entries  # the menu is the file's
+            assert "Download" not in entries and "Copy Download Link" not in entries, entries
+            page.keyboard.press("Escape")
             # control: on the hub's origin the probe reads the hub's API and token page
             page.goto(f"{stack.hub_url}/hub/home")
             hub_own = page.evaluate(PROBE, {"fetch": {k: v for k, v in targets["fetch"].items()
