@@ -28,11 +28,8 @@ def _vocab(src: Path, rows: list[str]) -> None:
 
 
 @pytest.fixture
-def db(tmp_path: Path):  # type: ignore[no-untyped-def]
-    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    database.upgrade()
-    yield database
-    database.dispose()
+def db(sqlite_db: Database) -> Database:
+    return sqlite_db
 
 
 def test_athena_style_concept_file_ingests_and_joins(tmp_path: Path, db: Database) -> None:

@@ -53,11 +53,8 @@ def _to_parquet(src: Path, table: str, column: str, value: dt.date | None) -> No
 
 
 @pytest.fixture
-def db(tmp_path: Path):  # type: ignore[no-untyped-def]
-    database = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    database.upgrade()
-    yield database
-    database.dispose()
+def db(sqlite_db: Database) -> Database:
+    return sqlite_db
 
 
 @pytest.mark.parametrize("year", [200000, -5])

@@ -234,7 +234,7 @@ def test_reference_join_cannot_reach_a_linked_table_by_its_key(pair: Pair) -> No
               "ON n.note_nlp_id = p.year_of_birth")
 
 
-def test_unresolved_linked_row_is_an_ingest_error(tmp_path: Path) -> None:
+def test_unresolved_linked_row_is_an_ingest_error(tmp_path: Path, sqlite_db: Database) -> None:
     src = write_export(tmp_path / "src", False)
     path = src / "note_nlp.csv"
     lines = path.read_text().splitlines()
@@ -242,23 +242,19 @@ def test_unresolved_linked_row_is_an_ingest_error(tmp_path: Path) -> None:
     fields[1] = "987654321"  # note_id of no note
     lines.insert(2, ",".join(["77777", *fields[1:]]))
     path.write_text("\n".join(lines) + "\n")
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    db.upgrade()
     with pytest.raises(IngestError) as info:
-        ingest(db, Settings(data_dir=tmp_path / "var"), "bad", src, OPERATOR)
+        ingest(sqlite_db, Settings(data_dir=tmp_path / "var"), "bad", src, OPERATOR)
     text = str(info.value)
     assert "note_nlp.csv line 3" in text and "note -> " not in text
     assert "note_id -> note.note_id" in text and "987654321" not in text
-    db.dispose()
 
 
-def test_declared_public_and_refused_kinds(tmp_path: Path) -> None:
+def test_declared_public_and_refused_kinds(tmp_path: Path, sqlite_db: Database) -> None:
     src = write_export(tmp_path / "src", False)
     (src / "spe-metadata.yaml").write_text(
         "version: 1\ntables:\n  location: {kind: public}\n  cost: {kind: refused}\n")
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    db.upgrade()
-    meta = ingest(db, Settings(data_dir=tmp_path / "var"), "decl", src, OPERATOR).metadata
+    meta = ingest(sqlite_db, Settings(data_dir=tmp_path / "var"), "decl", src,
+                  OPERATOR).metadata
     assert meta.tables["location"].kind == "public"
     assert meta.tables["cost"].kind == "refused"
     assert meta.tables["note_nlp"].kind == "linked"
@@ -266,7 +262,6 @@ def test_declared_public_and_refused_kinds(tmp_path: Path) -> None:
           "p.location_id")
     with pytest.raises(QueryRefused):
         _plan(meta, "SELECT COUNT(*) FROM cost")
-    db.dispose()
 
 
 @pytest.mark.parametrize("declaration", [
@@ -277,15 +272,13 @@ def test_declared_public_and_refused_kinds(tmp_path: Path) -> None:
     "location: {kind: linked}",
     "location: {link: [{column: location_id, table: person, parent_column: person_id}]}",
 ])
-def test_bad_kind_declarations_are_refused(tmp_path: Path, declaration: str) -> None:
+def test_bad_kind_declarations_are_refused(tmp_path: Path, sqlite_db: Database,
+                                          declaration: str) -> None:
     src = write_export(tmp_path / "src", False)
     (src / "spe-metadata.yaml").write_text(f"version: 1\ntables:\n  {declaration}\n")
-    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
-    db.upgrade()
     with pytest.raises(IngestError) as info:
-        ingest(db, Settings(data_dir=tmp_path / "var"), "decl", src, OPERATOR)
+        ingest(sqlite_db, Settings(data_dir=tmp_path / "var"), "decl", src, OPERATOR)
     assert "tables." in str(info.value) or "link" in str(info.value)
-    db.dispose()
 
 
 def test_old_metadata_with_public_values_spelled_twice_is_refused(pair: Pair) -> None:
