@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ import httpx
 import pandas as pd
 
 ENV_URL, ENV_TOKEN, ENV_PERMIT = "SPE_API_URL", "SPE_TOKEN", "SPE_PERMIT_ID"
+#: How often a request refused with 429 (a rate or concurrency limit) is retried.
+RETRY_429 = 3
 
 
 class SPEClientError(Exception):
@@ -111,10 +114,24 @@ class Client:
     def __repr__(self) -> str:
         return f"spe.client.Client(permit={self.permit_id!r})"
 
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request; a 429 (rate or concurrency limit) is retried after the server's
+        ``Retry-After`` (at most ``RETRY_429`` times, each wait at most 30 s)."""
+        for attempt in range(RETRY_429 + 1):
+            resp = self._http.request(method, url, **kwargs)
+            if resp.status_code != 429 or attempt == RETRY_429:
+                return resp
+            try:
+                wait = float(resp.headers.get("Retry-After", "1"))
+            except ValueError:
+                wait = 1.0
+            time.sleep(min(max(wait, 0.1), 30.0))
+        raise RuntimeError("unreachable")
+
     def _post(self, body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": key} if key else {}
-        resp = self._http.post(f"/v1/permits/{self.permit_id}/queries", json=body,
-                               headers=headers)
+        resp = self._send("POST", f"/v1/permits/{self.permit_id}/queries", json=body,
+                          headers=headers)
         if resp.status_code >= 400:
             raise SPEClientError(resp.status_code, _problem(resp))
         return resp.json()  # type: ignore[no-any-return]
@@ -141,7 +158,7 @@ class Client:
         return self._post({k: v for k, v in body.items() if v is not None})
 
     def budget(self, plot: bool = True) -> Budget:
-        resp = self._http.get(f"/v1/permits/{self.permit_id}/budget")
+        resp = self._send("GET", f"/v1/permits/{self.permit_id}/budget")
         if resp.status_code >= 400:
             raise SPEClientError(resp.status_code, _problem(resp))
         budget = Budget(resp.json())
