@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything the SPE needs on a fresh Debian machine: system packages, the project's
-# virtual environment at .venv (with the `spe` command), and Python dependencies pinned by
-# constraints.txt. Safe to run again: it only does what is missing.
+# virtual environment at .venv (with the `spe` command), and Python dependencies from the hashed
+# lock requirements/dev.txt (pip --require-hashes; regenerate with scripts/lock.sh), the npm
+# proxy from package-lock.json (npm ci, integrity checked), the workspace runtime from
+# requirements/runtime.txt, SBOMs under var/sbom and a vulnerability scan where its database is
+# reachable. Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,16 +36,43 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.spe-installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml requirements/dev.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+  # Every dependency, the installer and the build back-end included, from the hashed lock: pip
+  # refuses any file whose hash differs. Then the project itself, without dependencies and
+  # without fetching a build environment. The install report keeps the hash of each file.
+  mkdir -p .venv/.spe-install-reports
+  .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.txt \
+    --report ".venv/.spe-install-reports/$(date +%s).json"
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -m pip check >/dev/null || {
+    .venv/bin/python -m pip check >&2
+    echo "setup: requirements/dev.txt misses a dependency of pyproject.toml: run scripts/lock.sh" >&2
+    exit 1; }
   echo "$want" > "$stamp"
 fi
-# configurable-http-proxy for JupyterHub, into ./node_modules.
-if [ ! -x node_modules/.bin/configurable-http-proxy ]; then
-  npm install --prefix . --no-audit --no-fund --silent
+# configurable-http-proxy for JupyterHub, into ./node_modules, exactly as package-lock.json says
+# (npm ci checks every tarball against the lock's integrity hash); reinstalled when the installed
+# tree differs from the lock.
+if ! .venv/bin/python scripts/supply_chain.py npm-verify 2>/dev/null; then
+  npm ci --no-audit --no-fund --silent
+  .venv/bin/python scripts/supply_chain.py npm-verify
 fi
-# The workspace runtime: a venv from the system Python that sandboxed servers can read.
+# The workspace runtime: a venv from the system Python that sandboxed servers can read, its
+# packages from the hashed lock requirements/runtime.txt.
 .venv/bin/python -m workspaces.runtime build var/runtime >/dev/null
+# Build artefacts (git-ignored): CycloneDX SBOMs of the project's venv, the workspace runtime and
+# the npm packages, and the vulnerability scan of the locks where its database is reachable.
+mkdir -p var/sbom
+.venv/bin/python scripts/supply_chain.py sbom --env .venv --lock requirements/dev.txt \
+  --name spe-venv -o var/sbom/project-venv.cdx.json
+.venv/bin/python scripts/supply_chain.py sbom --env var/runtime --lock requirements/runtime.txt \
+  --name spe-workspace-runtime -o var/sbom/workspace-runtime.cdx.json
+.venv/bin/python scripts/supply_chain.py npm-sbom -o var/sbom/npm.cdx.json
+if [ "${SPE_SKIP_AUDIT:-0}" != "1" ]; then
+  .venv/bin/python scripts/supply_chain.py audit --lock requirements/dev.txt \
+    -o var/sbom/vulnerabilities-project.json --timeout 60
+  .venv/bin/python scripts/supply_chain.py audit --lock requirements/runtime.txt \
+    -o var/sbom/vulnerabilities-runtime.json --timeout 60
+fi
 echo "setup: ready (.venv/bin/spe)"

@@ -14,6 +14,13 @@ every file the project install puts into the runtime (the ``spe``, ``permits`` a
 package list reinstalls the packages). :func:`check_current` lets a starter refuse a stale
 runtime instead of running old code in the sandbox.
 
+Supply chain: every package comes from the hashed lock ``requirements/runtime.txt`` (written by
+``scripts/lock.sh`` from :data:`PACKAGES`) and pip installs it with ``--require-hashes``, so a
+wheel whose hash differs from the lock is refused (:func:`install_locked`). The project itself
+is built into a wheel by the SPE's own interpreter, without build isolation (its build back-end
+comes from the SPE's lock too), and installed without dependencies. Each install leaves pip's
+report (the hash of every file installed) in ``<runtime>/.spe-install-reports`` for the SBOM.
+
 Usage: ``python -m workspaces.runtime build [DIR]`` (default ``var/runtime``).
 """
 
@@ -23,6 +30,9 @@ import fcntl
 import hashlib
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from workspaces import helpers
@@ -33,6 +43,8 @@ PACKAGES = (
     "httpx>=0.27", "duckdb>=1.1", "pyarrow>=16", "polars>=1.0", "pandas>=2.2", "numpy>=1.26",
 )
 ROOT = Path(__file__).resolve().parents[1]
+#: The runtime's lock, relative to the project: every package with the hashes pip accepts.
+LOCK = Path("requirements") / "runtime.txt"
 
 
 #: The project's packages that ``pip install`` copies into the runtime (pyproject.toml).
@@ -61,7 +73,9 @@ def _client_digest(project: Path = ROOT) -> str:
 
 
 def _stamp(packages: tuple[str, ...], project: Path = ROOT) -> str:
-    packages_hash = hashlib.sha256("\n".join(packages).encode()).hexdigest()[:16]
+    lock = project / LOCK
+    lock_bytes = lock.read_bytes() if lock.is_file() else b""
+    packages_hash = hashlib.sha256("\n".join(packages).encode() + lock_bytes).hexdigest()[:16]
     return f"{packages_hash}-{_client_digest(project)}"
 
 
@@ -109,8 +123,21 @@ def ensure_current(path: Path, project: Path = ROOT) -> bool:
         return True
 
 
+def install_locked(python: Path | str, lock: Path, *, report_dir: Path | None = None,
+                   pip_args: Sequence[str] = ()) -> None:
+    """Install every requirement of the hashed ``lock`` with ``python``'s pip, refusing any
+    file whose hash the lock does not list (``--require-hashes``); ``pip_args`` adds options
+    (e.g. ``--no-index --find-links DIR``). Raises CalledProcessError on a refusal."""
+    argv = [str(python), "-m", "pip", "install", "-q", "--require-hashes", "-r", str(lock)]
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--report", str(report_dir / f"{time.time_ns()}.json")]
+    subprocess.run([*argv, *pip_args], check=True)
+
+
 def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) -> Path:
-    """Create or update the runtime at ``path``; returns ``path``."""
+    """Create or update the runtime at ``path``; returns ``path``. Packages come from the hashed
+    lock (``constraints`` names another lock, for tests)."""
     path = path.resolve()
     if is_built(path, project):
         return path
@@ -121,22 +148,24 @@ def build(path: Path, *, constraints: Path | None = None, project: Path = ROOT) 
         _install_project(path, project)  # only the project's code changed
         (path / ".spe-runtime").write_text(_stamp(PACKAGES, project) + "\n")
         return path
-    pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q"]
     # The runtime is built from the system Python, whose version may differ from the SPE's
-    # own interpreter, so it has its own pins (frozen from a runtime built on Debian's Python).
-    if constraints is None and (project / "workspaces" / "runtime-constraints.txt").is_file():
-        constraints = project / "workspaces" / "runtime-constraints.txt"
-    if constraints is not None:
-        pip += ["-c", str(constraints)]
-    subprocess.run([*pip, *PACKAGES], check=True)
+    # own interpreter, so it has its own lock (resolved for that Python by scripts/lock.sh).
+    lock = constraints if constraints is not None else project / LOCK
+    install_locked(path / "bin" / "python", lock, report_dir=path / ".spe-install-reports")
     _install_project(path, project)
     (path / ".spe-runtime").write_text(_stamp(PACKAGES, project) + "\n")
     return path
 
 
 def _install_project(path: Path, project: Path) -> None:
-    subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
-                    "--force-reinstall", str(project)], check=True)
+    # Built by this interpreter with its own (locked) setuptools: no build environment is
+    # fetched from the package index, whose files no lock would check.
+    with tempfile.TemporaryDirectory() as wheels:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", wheels, str(project)], check=True)
+        subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                        "--force-reinstall", *map(str, Path(wheels).glob("*.whl"))],
+                       check=True)
     subprocess.run(helpers.argv("chmod", "-R", "a+rX,go-w", str(path)), check=True,
                    env=dict(helpers.HELPER_ENV))
 
