@@ -1,20 +1,27 @@
-"""Audit tables: the entries and a single head row that serialises appends."""
+"""Audit tables: the entries and a single head row that serialises appends.
+
+``salt`` and ``permit_seq`` are NULL only on entries written before per-permit proofs existed
+(their hashes then cover neither, see ``spe.audit.canonical``)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from spe.audit.canonical import GENESIS_HASH
 from spe.db.base import Base, UTCDateTime
 
-GENESIS_HASH = "0" * 64
+__all__ = ["GENESIS_HASH", "AuditEntry", "AuditHead"]
 
 
 class AuditEntry(Base):
     __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_permit_seq", "permit_id", "permit_seq", unique=True),
+    )
 
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
                                      primary_key=True, autoincrement=False)
@@ -30,6 +37,8 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
     prev_hash: Mapped[str] = mapped_column(String(64))
     entry_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    salt: Mapped[str | None] = mapped_column(String(32))
+    permit_seq: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
 
 
 class AuditHead(Base):

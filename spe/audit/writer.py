@@ -3,27 +3,29 @@
 ``record(session, event)`` must be called inside the transaction that performs the act, so the
 act and its audit entry commit or roll back together. Appends are serialised by an UPDATE of the
 single ``audit_head`` row (a row lock on PostgreSQL, the database write lock on SQLite), so the
-chain has no forks even under concurrent writers.
+chain has no forks even under concurrent writers, and each permit's own sequence
+(``permit_seq``) has no gaps or repeats.
+
+``verify_chain(session)`` recomputes every entry's hash and link and names the first entry
+where the chain breaks: a changed entry, a missing one (a gap in the sequence) or missing last
+entries (the head row counts more). Whoever can also rewrite the head row and every later hash
+defeats the chain alone; a signed checkpoint held outside (``spe.audit.checkpoints``) does not.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from spe.audit.canonical import GENESIS_HASH, compute_entry_hash
 from spe.audit.events import AuditEvent
-from spe.audit.models import GENESIS_HASH, AuditEntry, AuditHead
-
-
-def _canonical(seq: int, prev_hash: str, fields: dict[str, Any]) -> bytes:
-    body = {"seq": seq, "prev_hash": prev_hash, **fields}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+from spe.audit.models import AuditEntry, AuditHead
 
 
 def _fields(event: AuditEvent) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def _fields(event: AuditEvent) -> dict[str, Any]:
         "actor": event.actor,
         "role": event.role,
         "permit_id": event.permit_id,
-        "action": event.action,
+        "action": str(event.action),
         "target": event.target,
         "outcome": event.outcome.value,
         "reason": event.reason,
@@ -42,7 +44,7 @@ def _fields(event: AuditEvent) -> dict[str, Any]:
 
 
 def entry_hash(seq: int, prev_hash: str, fields: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical(seq, prev_hash, fields)).hexdigest()
+    return compute_entry_hash(seq, prev_hash, fields)
 
 
 def record(session: Session, event: AuditEvent) -> AuditEntry:
@@ -59,6 +61,14 @@ def record(session: Session, event: AuditEvent) -> AuditEntry:
     if head is None:
         raise RuntimeError("audit chain head missing: run `spe db upgrade`")
     seq, prev = int(head[0]), str(head[1])
+    permit_seq = None
+    if event.permit_id is not None:
+        # Safe under concurrency: the head row update above holds the append lock.
+        last = session.execute(select(func.max(AuditEntry.permit_seq))
+                               .where(AuditEntry.permit_id == event.permit_id)).scalar()
+        permit_seq = int(last or 0) + 1
+    fields["salt"] = secrets.token_hex(16)
+    fields["permit_seq"] = permit_seq
     digest = entry_hash(seq, prev, fields)
     entry = AuditEntry(
         seq=seq,
@@ -66,7 +76,7 @@ def record(session: Session, event: AuditEvent) -> AuditEntry:
         actor=event.actor,
         role=event.role,
         permit_id=event.permit_id,
-        action=event.action,
+        action=str(event.action),
         target=event.target,
         outcome=event.outcome.value,
         reason=event.reason,
@@ -74,6 +84,8 @@ def record(session: Session, event: AuditEvent) -> AuditEntry:
         details=fields["details"],
         prev_hash=prev,
         entry_hash=digest,
+        salt=fields["salt"],
+        permit_seq=permit_seq,
     )
     session.add(entry)
     session.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=digest))
@@ -82,7 +94,8 @@ def record(session: Session, event: AuditEvent) -> AuditEntry:
 
 
 def entry_fields(entry: AuditEntry) -> dict[str, Any]:
-    return {
+    """The fields ``entry``'s hash covers (see ``spe.audit.canonical``)."""
+    fields: dict[str, Any] = {
         "time": entry.time.isoformat(timespec="microseconds"),
         "actor": entry.actor,
         "role": entry.role,
@@ -94,6 +107,10 @@ def entry_fields(entry: AuditEntry) -> dict[str, Any]:
         "request_id": entry.request_id,
         "details": entry.details,
     }
+    if entry.salt is not None:
+        fields["salt"] = entry.salt
+        fields["permit_seq"] = entry.permit_seq
+    return fields
 
 
 @dataclass(frozen=True)
@@ -104,19 +121,58 @@ class ChainReport:
     problem: str | None = None
 
 
-def _check(entries: Iterable[AuditEntry], head: AuditHead | None) -> ChainReport:
+#: Columns read by the verifier, in this order (plain rows are ~10x faster than ORM objects).
+_COLUMNS = (AuditEntry.seq, AuditEntry.time, AuditEntry.actor, AuditEntry.role,
+            AuditEntry.permit_id, AuditEntry.action, AuditEntry.target, AuditEntry.outcome,
+            AuditEntry.reason, AuditEntry.request_id, AuditEntry.details, AuditEntry.salt,
+            AuditEntry.permit_seq, AuditEntry.prev_hash, AuditEntry.entry_hash)
+
+
+def row_fields(row: Any) -> dict[str, Any]:
+    """The hashed fields of a row selected with ``_COLUMNS``."""
+    fields = {"time": row[1].isoformat(timespec="microseconds"), "actor": row[2],
+              "role": row[3], "permit_id": row[4], "action": row[5], "target": row[6],
+              "outcome": row[7], "reason": row[8], "request_id": row[9], "details": row[10]}
+    if row[11] is not None:
+        fields["salt"] = row[11]
+        fields["permit_seq"] = row[12]
+    return fields
+
+
+def iter_rows(session: Session, after: int = 0, upto: int | None = None,
+              batch: int = 5000) -> Iterator[Any]:
+    """Entries as plain rows in sequence order, read in batches (bounded memory)."""
+    last = after
+    while True:
+        query = select(*_COLUMNS).where(AuditEntry.seq > last).order_by(AuditEntry.seq)
+        if upto is not None:
+            query = query.where(AuditEntry.seq <= upto)
+        rows = session.execute(query.limit(batch)).all()
+        if not rows:
+            return
+        yield from rows
+        last = int(rows[-1][0])
+
+
+def _check(rows: Iterable[Any], head: AuditHead | None) -> ChainReport:
     prev = GENESIS_HASH
     expected_seq = 1
     count = 0
-    for entry in entries:
+    per_permit: dict[str, int] = {}
+    for row in rows:
+        seq, permit_id, permit_seq, prev_hash, digest = row[0], row[4], row[12], row[13], row[14]
         count += 1
-        if entry.seq != expected_seq:
+        if seq != expected_seq:
             return ChainReport(False, count, expected_seq, "entry missing from the sequence")
-        if entry.prev_hash != prev:
-            return ChainReport(False, count, entry.seq, "previous-hash link broken")
-        if entry_hash(entry.seq, entry.prev_hash, entry_fields(entry)) != entry.entry_hash:
-            return ChainReport(False, count, entry.seq, "entry content changed")
-        prev = entry.entry_hash
+        if prev_hash != prev:
+            return ChainReport(False, count, seq, "previous-hash link broken")
+        if compute_entry_hash(seq, prev_hash, row_fields(row)) != digest:
+            return ChainReport(False, count, seq, "entry content changed")
+        if permit_seq is not None and permit_id is not None:
+            if permit_seq != per_permit.get(permit_id, 0) + 1:
+                return ChainReport(False, count, seq, "permit sequence broken")
+            per_permit[permit_id] = permit_seq
+        prev = digest
         expected_seq += 1
     if head is not None and (head.seq != count or head.last_hash != prev):
         return ChainReport(False, count, count + 1, "entries removed from the end of the chain")
@@ -126,5 +182,4 @@ def _check(entries: Iterable[AuditEntry], head: AuditHead | None) -> ChainReport
 def verify_chain(session: Session) -> ChainReport:
     """Recompute every link; report the first entry where the chain breaks."""
     head = session.get(AuditHead, 1)
-    entries = session.execute(select(AuditEntry).order_by(AuditEntry.seq)).scalars()
-    return _check(entries, head)
+    return _check(iter_rows(session), head)
