@@ -8,8 +8,13 @@
 #   keycloak.sh stop               stop the server started from this checkout.
 #   keycloak.sh status             say whether it runs and where (exit 1 when not).
 #   keycloak.sh env                print `export ...` lines for the tests.
+#   keycloak.sh verify ZIP         check a distribution zip against keycloak-dist.sha256.
 #
-# Environment: SPE_CACHE_DIR (default ~/.cache/spe), SPE_KEYCLOAK_VERSION, SPE_KEYCLOAK_PORT,
+# Supply chain: the zip is checked against the SHA-256 recorded in keycloak-dist.sha256 (beside
+# this script) before it is unpacked, and again before each start while it is in the cache; a
+# zip whose hash differs, or a version with no recorded hash, is refused.
+#
+# Environment: SPE_KEYCLOAK_CHECKSUMS (default: keycloak-dist.sha256 beside this script), SPE_CACHE_DIR (default ~/.cache/spe), SPE_KEYCLOAK_VERSION, SPE_KEYCLOAK_PORT,
 # SPE_KEYCLOAK_START_TIMEOUT (seconds, default 300), KC_BOOTSTRAP_ADMIN_USERNAME/PASSWORD
 # (default admin/admin: dev only). State and logs live in <repo>/var/services/keycloak.
 # Dev mode (start-dev, H2 database in the state directory): never use this for production.
@@ -26,6 +31,7 @@ LOG=$STATE/keycloak.log
 PID_FILE=$STATE/keycloak.pid
 PORT_FILE=$STATE/port
 REALM_FILE=$HERE/realm-spe.json
+CHECKSUMS=${SPE_KEYCLOAK_CHECKSUMS:-$HERE/keycloak-dist.sha256}
 REALM=spe
 TIMEOUT=${SPE_KEYCLOAK_START_TIMEOUT:-300}
 
@@ -65,10 +71,31 @@ ensure_java() {
   fi
 }
 
+# verify_zip ZIP: refuse (exit 1) unless ZIP's SHA-256 is the one recorded for its file name.
+verify_zip() {
+  local zip=$1 name want have
+  name=$(basename "$zip")
+  want=$(awk -v n="$name" '$1 !~ /^#/ && $2 == n {print $1; exit}' "$CHECKSUMS" 2>/dev/null || true)
+  if [ -z "$want" ]; then
+    log "REFUSED: no SHA-256 recorded for $name in $CHECKSUMS; record it after checking it"
+    exit 1
+  fi
+  have=$(sha256sum "$zip" | cut -d' ' -f1)
+  if [ "$have" != "$want" ]; then
+    log "REFUSED: $zip has SHA-256 $have, but $CHECKSUMS records $want for $name"
+    log "the file was changed or is not the published distribution; delete it to fetch it again"
+    exit 1
+  fi
+}
+
 ensure_dist() {
-  if [ -x "$DIST/bin/kc.sh" ]; then return 0; fi
   mkdir -p "$CACHE"
   local zip=$CACHE/keycloak-quarkus-dist-$VERSION.zip
+  if [ -x "$DIST/bin/kc.sh" ] && [ -s "$DIST/.spe-verified" ]; then
+    # Unpacked from a verified zip; re-check the zip while the cache keeps it.
+    [ ! -e "$zip" ] || verify_zip "$zip"
+    return 0
+  fi
   if [ ! -s "$zip" ]; then
     command -v mvn >/dev/null || { log "Maven (mvn) is needed to fetch Keycloak"; exit 1; }
     log "fetching org.keycloak:keycloak-quarkus-dist:$VERSION through Maven"
@@ -76,11 +103,23 @@ ensure_dist() {
       "-Dartifact=org.keycloak:keycloak-quarkus-dist:$VERSION:zip" \
       "-DoutputDirectory=$CACHE" >&2)
   fi
-  local tmp
-  tmp=$(mktemp -d "$CACHE/unpack.XXXXXX")
-  unzip -q "$zip" -d "$tmp"
-  if [ ! -x "$DIST/bin/kc.sh" ]; then mv "$tmp/keycloak-$VERSION" "$DIST"; fi
-  rm -rf "$tmp"
+  verify_zip "$zip"
+  if [ -x "$DIST/bin/kc.sh" ]; then
+    # Unpacked before the check existed: keep it only if it is what the verified zip holds.
+    if ! (cd "$DIST" && unzip -Z1 "$zip" | sed -n "s#^keycloak-$VERSION/##p" | grep -v '/$' \
+          | while read -r f; do [ -e "$f" ] || exit 1; done); then
+      log "the unpacked $DIST does not match the verified zip; unpacking it again"
+      rm -rf "$DIST"
+    fi
+  fi
+  if [ ! -x "$DIST/bin/kc.sh" ]; then
+    local tmp
+    tmp=$(mktemp -d "$CACHE/unpack.XXXXXX")
+    unzip -q "$zip" -d "$tmp"
+    mv "$tmp/keycloak-$VERSION" "$DIST"
+    rm -rf "$tmp"
+  fi
+  sha256sum "$zip" | cut -d' ' -f1 > "$DIST/.spe-verified"
 }
 
 # A per-checkout Keycloak home: its own bin/conf/data (so the import directory, the H2 database
@@ -220,5 +259,7 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 start [--port P] | stop | status | env" >&2; exit 2 ;;
+  verify) [ $# -eq 2 ] || { echo "usage: $0 verify ZIP" >&2; exit 2; }
+          verify_zip "$2"; log "verified: $2" ;;
+  *) echo "usage: $0 start [--port P] | stop | status | env | verify ZIP" >&2; exit 2 ;;
 esac
