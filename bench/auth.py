@@ -68,7 +68,7 @@ def _bench_app(settings: Settings, db: Database) -> FastAPI:
         return {"ok": principal.username}
 
     app.include_router(router)
-    app.state.spe.extras[CHECKER_KEY] = lambda session, permit_id: True
+    app.state.spe.put(CHECKER_KEY, lambda session, permit_id: True)
     return app
 
 

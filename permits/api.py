@@ -2,32 +2,27 @@
 
 Contract
 --------
-* The service (``permits.service.PermitService``) and the expiry sweeper live in the app's
-  ``AppState.extras`` under ``SERVICE_KEY`` / ``SWEEPER_KEY`` (``get_service(state)``,
+* The service (``permits.service.PermitService``) and the expiry sweeper live in typed slots
+  of the app state (``spe.api.deps.PERMIT_SERVICE`` / ``PERMIT_SWEEPER``; ``get_service(state)``,
   ``get_sweeper(state)``). The sweeper starts and stops with the app (router lifespan); tests
   call ``get_sweeper(state).run_once()`` to expire on demand.
-* Every route is an :class:`AuditedRoute`: any refusal (an ``SPEError`` or a schema error)
-  is written to the audit log with the caller, the route's action, the permit id and the
-  reason, never the request body.
+* Every route is a :class:`spe.api.routing.AuditedRoute`: any refusal (an ``SPEError`` or a
+  schema error) is written to the audit log with the caller, the route's action (its name, an
+  ``AuditAction``), the permit id and the reason, never the request body.
 * Successful responses carry ``ETag`` where a single permit is returned; ``PATCH`` needs
   ``If-Match``; ``POST /v1/permits`` honours ``Idempotency-Key``.
 """
 
 
-import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Body, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from permits.expiry import ExpirySweeper
-from permits.groups import KeycloakPermitGroups
 from permits.schemas import (
     ExtendRequest,
     PermitCreate,
@@ -42,37 +37,32 @@ from permits.schemas import (
 from permits.service import PermitService
 from permits.states import Action
 from permits.terms import PermitStatus
+from spe.api.deps import (
+    PERMIT_SERVICE,
+    PERMIT_SWEEPER,
+    CurrentPrincipal,
+    PermitId,
+    ReadingPrincipal,
+    permit_service,
+    permit_sweeper,
+)
+from spe.api.problems import problem_responses
+from spe.api.routing import AuditedRoute
 from spe.api.state import AppState, get_state
-from spe.audit import AuditEvent, Outcome, record
-from spe.auth.deps import get_principal
-from spe.auth.principal import Principal
-from spe.errors import PayloadTooLarge, SPEError
 
-logger = logging.getLogger("permits.api")
+# The app's permit service and sweeper live in typed slots of the app state (spe.api.deps);
+# these names stay for callers and tests.
+SERVICE_KEY = PERMIT_SERVICE
+SWEEPER_KEY = PERMIT_SWEEPER
 
-SERVICE_KEY = "permits.service"
-SWEEPER_KEY = "permits.sweeper"
-
-
-# App wiring ---------------------------------------------------------------------------------
 
 def get_service(state: AppState) -> PermitService:
     """The app's permit service (created on first use, with Keycloak groups)."""
-    service = state.extras.get(SERVICE_KEY)
-    if service is None:
-        service = PermitService(state.db, groups=KeycloakPermitGroups(state.settings))
-        state.extras.setdefault(SERVICE_KEY, service)
-        service = state.extras[SERVICE_KEY]
-    return service  # type: ignore[no-any-return]
+    return permit_service(state)
 
 
 def get_sweeper(state: AppState) -> ExpirySweeper:
-    sweeper = state.extras.get(SWEEPER_KEY)
-    if sweeper is None:
-        sweeper = ExpirySweeper(get_service(state))
-        state.extras.setdefault(SWEEPER_KEY, sweeper)
-        sweeper = state.extras[SWEEPER_KEY]
-    return sweeper  # type: ignore[no-any-return]
+    return permit_sweeper(state)
 
 
 @asynccontextmanager
@@ -89,117 +79,13 @@ def _service(request: Request) -> PermitService:
     return get_service(get_state(request))
 
 
-# Refusal auditing ---------------------------------------------------------------------------
-
-def _audit_refusal(request: Request, action: str, exc: Exception) -> None:
-    principal = getattr(request.state, "spe_principal", None)
-    if isinstance(exc, SPEError):
-        status, reason, errors = exc.status, exc.detail, exc.errors
-    else:
-        assert isinstance(exc, RequestValidationError)
-        status, reason = 422, "The request does not match the schema."
-        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")}
-                  for e in exc.errors()]
-    permit_id = request.path_params.get("permit_id")
-    event = AuditEvent(
-        action=action,
-        actor=principal.actor if isinstance(principal, Principal) else "anonymous",
-        role=principal.primary_role() if isinstance(principal, Principal) else None,
-        permit_id=permit_id, target=permit_id or request.url.path,
-        outcome=Outcome.FAILURE if status >= 500 else Outcome.REFUSED,
-        reason=reason[:1000],
-        request_id=getattr(request.state, "request_id", None) or "none",
-        # Only where and why: never the offending values.
-        details={"status": status, "method": request.method,
-                 "errors": [{"loc": e.get("loc"), "msg": str(e.get("msg", ""))[:300]}
-                            for e in errors[:50]]},
-    )
-    try:
-        with get_state(request).db.write() as session:
-            record(session, event)
-    except Exception:
-        logger.exception("could not audit a refusal", extra={"fields": {"action": action}})
-
-
-async def _bounded_body(request: Request) -> None:
-    """Refuse bodies over ``max_request_bytes`` that arrive without a Content-Length (chunked):
-    the app middleware checks the header; this reads the stream with the same bound, before
-    any parsing, and keeps the bytes for FastAPI."""
-    if request.method not in ("POST", "PATCH", "PUT") or "content-length" in request.headers:
-        return
-    limit = get_state(request).settings.max_request_bytes
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request bodies are limited to {limit} bytes.")
-        chunks.append(chunk)
-    request._body = b"".join(chunks)
-
-
-class AuditedRoute(APIRoute):
-    """An APIRoute whose refusals are audited; the audit action is the route's ``name``."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        original = super().get_route_handler()
-        action = self.name
-
-        async def handler(request: Request) -> Response:
-            try:
-                await _bounded_body(request)
-                return await original(request)
-            except (SPEError, RequestValidationError) as exc:
-                await run_in_threadpool(_audit_refusal, request, action, exc)
-                raise
-
-        return handler
-
-
 router = APIRouter(route_class=AuditedRoute, tags=["permits"], lifespan=lifespan)
 
 
 # OpenAPI documentation helpers --------------------------------------------------------------
 
-class Problem(BaseModel):
-    """An RFC 9457 problem details object."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-    instance: str | None = None
-    request_id: str | None = None
-    errors: list[dict[str, Any]] | None = None
-
-
-_PROBLEMS: dict[int, tuple[str, str, str]] = {
-    401: ("not-authenticated", "Not authenticated", "No valid bearer token."),
-    403: ("forbidden", "Forbidden", "The caller's role may not do this."),
-    404: ("not-found", "Not found", "No such permit visible to the caller."),
-    409: ("conflict", "Conflict", "Illegal transition (e.g. resume a revoked permit)."),
-    412: ("precondition-failed", "Precondition failed", "If-Match is not the current ETag."),
-    413: ("payload-too-large", "Payload too large", "The body exceeds the size limit."),
-    422: ("invalid-input", "Invalid input", "A field is invalid; errors lists each one."),
-    428: ("precondition-required", "Precondition required", "If-Match header missing."),
-    503: ("service-unavailable", "Service unavailable", "Keycloak unreachable; nothing changed."),
-}
-
-
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    out: dict[int | str, dict[str, Any]] = {}
-    for code in codes:
-        slug, title, description = _PROBLEMS[code]
-        example: dict[str, Any] = {
-            "type": f"https://spe.example/problems/{slug}", "title": title, "status": code,
-            "detail": description, "instance": "/v1/permits/3f0c7f6e-3c5b-4c43-9d59-2b1f1cf0a3d2",
-        }
-        if code == 422:
-            example["errors"] = [{"loc": ["body", "privacy_budget", "epsilon"],
-                                  "msg": "Input should be greater than 0"}]
-        out[code] = {"model": Problem, "description": description,
-                     "content": {"application/problem+json": {"example": example}}}
-    return out
+    return problem_responses(*codes)
 
 
 def example(model: type[BaseModel]) -> Any:
@@ -222,22 +108,6 @@ def _example_permit() -> dict[str, Any]:
 
 _READ_ERRORS = (401, 403, 404, 422)
 _WRITE_ERRORS = (401, 403, 404, 409, 412, 413, 422, 503)
-
-PermitId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$",
-                               description="The permit's id.",
-                               examples=["3f0c7f6e-3c5b-4c43-9d59-2b1f1cf0a3d2"])]
-CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
-
-
-async def _reader(request: Request) -> Principal:
-    """``get_principal`` run on the event loop: read endpoints are short, CPU-bound calls
-    (token check, one indexed query), so skipping the thread-pool hops roughly doubles the
-    read throughput. Writes stay on the thread pool (they may wait on locks or Keycloak)."""
-    return get_principal(request)
-
-
-ReadingPrincipal = Annotated[Principal, Depends(_reader)]
-
 
 def _permit_response(permit: PermitPublic, status_code: int = 200) -> Response:
     return Response(permit.model_dump_json(), status_code=status_code,

@@ -2,7 +2,9 @@
 
 The size limit holds for every route, whether the client sends ``Content-Length`` or a chunked
 body: declared lengths over the limit are refused at once; chunked bodies are read up to the
-limit and refused if they go past it, before any route (or the database) sees them.
+limit and refused if they go past it, before any route (or the database) sees them. This is
+the one place the limit (``Settings.max_request_bytes``) is enforced; each refusal is audited
+(``api.request``, status 413, the path and method only).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import json
 import uuid
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spe.api.problems import PROBLEM_TYPE_BASE
+from spe.audit import AuditAction, record_refusal
 
 _HEADERS = [
     (b"cache-control", b"no-store"),
@@ -82,6 +86,7 @@ class RequestContextMiddleware:
         await self.app(scope, replay, send_with_headers)
 
     async def _too_large(self, scope: Scope, send: Send, request_id: str) -> None:
+        await self._audit_too_large(scope, request_id)
         problem: dict[str, Any] = {
             "type": PROBLEM_TYPE_BASE + "payload-too-large",
             "title": "Payload too large",
@@ -97,3 +102,15 @@ class RequestContextMiddleware:
             (b"connection", b"close"),
         ]})
         await send({"type": "http.response.body", "body": payload})
+
+    async def _audit_too_large(self, scope: Scope, request_id: str) -> None:
+        app = scope.get("app")
+        state = getattr(getattr(app, "state", None), "spe", None)
+        db = getattr(state, "db", None)
+        if db is None:
+            return
+        await run_in_threadpool(
+            record_refusal, db, AuditAction.API_REQUEST, actor=None, role=None,
+            reason=f"Request bodies are limited to {self.max_body} bytes.", status=413,
+            target=str(scope.get("path", ""))[:255], request_id=request_id,
+            details={"method": scope.get("method")})

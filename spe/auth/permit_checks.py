@@ -2,9 +2,9 @@
 
 Contract: a permit checker is ``fn(session, permit_id) -> bool``, True only while the permit
 is active (not suspended, revoked or expired). The permits package registers one at import
-with :func:`register_permit_checker`; an app may override it by putting a checker in
-``AppState.extras[CHECKER_KEY]``. When none is registered, workspace tokens are refused:
-safe by default.
+with :func:`register_permit_checker`; an app may override it by putting a checker in the
+app's state (``state.put(CHECKER_KEY, fn)``). When none is registered, workspace tokens are
+refused: safe by default.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from spe.api.state import StateKey
+
 PermitChecker = Callable[[Session, str], bool]
 
-CHECKER_KEY = "auth.permit_checker"
+CHECKER_KEY: StateKey[PermitChecker] = StateKey("auth.permit_checker")
 _registered: PermitChecker | None = None
 
 
@@ -27,9 +29,10 @@ def register_permit_checker(fn: PermitChecker | None) -> None:
 
 
 def get_permit_checker(extras: Mapping[str, Any] | None = None) -> PermitChecker | None:
-    """The app's checker if set in ``extras``, else the registered one, else None."""
+    """The app's checker if set in ``extras`` (the state's slots by name), else the
+    registered one, else None."""
     if extras is not None:
-        override = extras.get(CHECKER_KEY)
+        override = extras.get(CHECKER_KEY.name)
         if override is not None:
             return override  # type: ignore[no-any-return]
     return _registered

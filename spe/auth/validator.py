@@ -1,8 +1,9 @@
-"""The bearer-token validator an app uses, kept in ``AppState.extras``.
+"""The bearer-token validator an app uses, kept in a typed slot of ``AppState``.
 
 ``get_validator(state)`` returns the app's :class:`TokenValidator`, built once per app from
 ``state.settings`` and ``state.db`` (tests or deployments may put their own object with a
-``validate(token) -> Principal`` method under :data:`EXTRAS_KEY` first).
+``validate(token) -> Principal`` method under :data:`VALIDATOR_KEY` first, with
+``state.put(VALIDATOR_KEY, v)``).
 ``validate(token)`` returns a Principal or raises NotAuthenticated (401); it routes SPE
 workspace tokens to :class:`WorkspaceTokenValidator` and everything else to
 :class:`KeycloakTokenValidator`; each verifies the signature with its own keys only.
@@ -10,11 +11,10 @@ workspace tokens to :class:`WorkspaceTokenValidator` and everything else to
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from spe.api.state import AppState
+from spe.api.state import AppState, StateKey
 from spe.auth.keycloak_tokens import KeycloakTokenValidator
 from spe.auth.principal import Principal
 from spe.auth.workspace_tokens import WorkspaceTokenValidator, is_workspace_token
@@ -22,13 +22,14 @@ from spe.config import Settings
 from spe.db import Database
 from spe.errors import NotAuthenticated
 
-EXTRAS_KEY = "auth.validator"
 _MAX_TOKEN_BYTES = 16_384
-_build_lock = threading.Lock()
 
 
 class TokenValidator(Protocol):
     def validate(self, token: str) -> Principal: ...
+
+
+VALIDATOR_KEY: StateKey[TokenValidator] = StateKey("auth.validator")
 
 
 class SPETokenValidator:
@@ -49,11 +50,5 @@ class SPETokenValidator:
 
 def get_validator(state: AppState) -> TokenValidator:
     """The app's validator, built once per app."""
-    validator = state.extras.get(EXTRAS_KEY)
-    if validator is None:
-        with _build_lock:
-            validator = state.extras.get(EXTRAS_KEY)
-            if validator is None:
-                validator = SPETokenValidator(state.settings, state.db, state.extras)
-                state.extras[EXTRAS_KEY] = validator
-    return validator  # type: ignore[no-any-return]
+    return state.get_or_create(
+        VALIDATOR_KEY, lambda: SPETokenValidator(state.settings, state.db, state.slots))

@@ -36,8 +36,8 @@ from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from permits.api import PermitId
 from permits.terms import PermitTerms
+from spe.api.deps import PermitId
 from spe.api.state import get_state
 from spe.audit import AuditEvent, Outcome, record
 from spe.auth.deps import get_principal, require_role

@@ -15,7 +15,7 @@ from spe.db import Database
 
 
 def _event(i: int) -> AuditEvent:
-    return AuditEvent(action="test.act", actor=f"user{i}", role="operator", target=str(i),
+    return AuditEvent(action="audit.test", actor=f"user{i}", role="operator", target=str(i),
                       details={"i": i})
 
 
@@ -73,7 +73,7 @@ def test_concurrent_appends_never_fork(db: Database) -> None:
         try:
             for i in range(10):
                 with db.write() as s:
-                    record(s, AuditEvent(action="test.concurrent", actor=f"w{n}",
+                    record(s, AuditEvent(action="audit.test", actor=f"w{n}",
                                          outcome=Outcome.SUCCESS, details={"i": i}))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)

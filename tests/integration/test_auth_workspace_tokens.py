@@ -46,7 +46,7 @@ class PermitStatus:
 @pytest.fixture
 def permits(api_app: FastAPI) -> PermitStatus:
     status = PermitStatus("P-1", "P-2")
-    api_app.state.spe.extras[CHECKER_KEY] = status
+    api_app.state.spe.put(CHECKER_KEY, status)
     return status
 
 

@@ -23,7 +23,7 @@ def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Database:
     db.upgrade()
     for i in range(3):
         with db.write() as s:
-            record(s, AuditEvent(action="test.cli", actor="op", target=str(i)))
+            record(s, AuditEvent(action="audit.test", actor="op", target=str(i)))
     yield db
     db.dispose()
     get_settings.cache_clear()

@@ -323,8 +323,8 @@ def test_keycloak_outage_is_503_and_writes_nothing(client: TestClient, client_he
                                                    api_app: FastAPI, api_settings: Settings,
                                                    db: Database) -> None:
     dead = api_settings.model_copy(update={"keycloak_url": "http://127.0.0.1:9"})
-    api_app.state.spe.extras[SERVICE_KEY] = PermitService(
-        db, groups=KeycloakPermitGroups(dead))
+    api_app.state.spe.put(SERVICE_KEY, PermitService(
+        db, groups=KeycloakPermitGroups(dead)))
     r = client.post("/v1/permits", json=body(), headers=client_headers("hdab-alpha"))
     assert r.status_code == 503 and "Keycloak" in r.json()["detail"]
     with db.read() as s:
