@@ -9,13 +9,13 @@ import typer
 
 import spe
 from spe.auth.principal import Principal, operator_principal
+from spe.cli.audit import app as audit_app
 from spe.config import Settings, get_settings
 from spe.db import Database
 
 app = typer.Typer(help="Secure processing environment (EHDS) operator CLI.",
                   no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Control-plane database.", no_args_is_help=True)
-audit_app = typer.Typer(help="Audit log.", no_args_is_help=True)
 config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
@@ -59,43 +59,6 @@ def config_show() -> None:
     """Show every option, its value (secrets masked) and what it does."""
     for row in settings().describe():
         typer.echo(f"{row['name']} = {row['value']}\n    {row['help']}")
-
-
-@audit_app.command("verify")
-def audit_verify() -> None:
-    """Recompute the audit hash chain; exit 1 at the first broken link."""
-    from spe.audit import verify_chain
-
-    db = database()
-    with db.read() as session:
-        report = verify_chain(session)
-    if report.ok:
-        typer.echo(f"audit chain intact: {report.entries} entries")
-        return
-    typer.secho(f"audit chain BROKEN at entry {report.first_bad_seq}: {report.problem}",
-                fg="red", err=True)
-    raise typer.Exit(1)
-
-
-@audit_app.command("export")
-def audit_export(
-    after: int = typer.Option(0, help="Only entries with a sequence number above this."),
-) -> None:
-    """Write the audit log as JSON lines (one entry per line, with its hashes) to stdout."""
-    from sqlalchemy import select
-
-    from spe.audit.models import AuditEntry
-    from spe.audit.writer import entry_fields
-
-    db = database()
-    with db.read() as session:
-        rows = session.execute(
-            select(AuditEntry).where(AuditEntry.seq > after).order_by(AuditEntry.seq)
-        ).scalars()
-        for entry in rows:
-            line = {"seq": entry.seq, **entry_fields(entry), "prev_hash": entry.prev_hash,
-                    "entry_hash": entry.entry_hash}
-            typer.echo(json.dumps(line, sort_keys=True))
 
 
 @app.command()

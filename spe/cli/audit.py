@@ -1,0 +1,169 @@
+"""`spe audit verify|export|checkpoint|keys|rotate-key|verify-remote`.
+
+Read-only commands (verify, export, keys) never create state: without a control database they
+fail with a clear message (exit 2) instead of creating an empty one and reporting it intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from sqlalchemy import inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from spe.db import Database
+
+app = typer.Typer(help="Audit log: verify, export, checkpoints, keys, remote verification.",
+                  no_args_is_help=True)
+
+
+def _missing(message: str) -> typer.Exit:
+    typer.secho(message, fg="red", err=True)
+    return typer.Exit(2)
+
+
+def existing_database() -> Database:
+    """The control database as it is: never created, never migrated."""
+    from spe.cli.main import settings
+
+    url = settings().resolved_database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
+        if not path or path == ":memory:" or not Path(path).is_file():
+            raise _missing("no control database found (data_dir has none): nothing to verify. "
+                           "Check SPE_DATA_DIR / SPE_DATABASE_URL; `spe db upgrade` creates one.")
+    db = Database(url)
+    try:
+        with db.engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+    except SQLAlchemyError:
+        db.dispose()
+        raise _missing("the control database cannot be reached: check SPE_DATABASE_URL") from None
+    if not {"audit_log", "audit_head"} <= tables:
+        db.dispose()
+        raise _missing("the control database has no audit log (not initialised): "
+                       "`spe db upgrade` creates it.")
+    return db
+
+
+@app.command("verify")
+def verify() -> None:
+    """Recompute the hash chain and check the log against every signed checkpoint; exit 1 at
+    the first broken entry, 2 when there is no log to verify."""
+    from spe.audit import verify_chain
+    from spe.audit.checkpoints import CheckpointLog
+    from spe.audit.proofs import check_against_checkpoints
+    from spe.cli.main import settings
+
+    db = existing_database()
+    held = CheckpointLog(settings().data_dir).all()
+    try:
+        with db.read() as session:
+            report = verify_chain(session)
+            check = check_against_checkpoints(session, held)
+    finally:
+        db.dispose()
+    if not report.ok:
+        typer.secho(f"audit chain BROKEN at entry {report.first_bad_seq}: {report.problem}",
+                    fg="red", err=True)
+        raise typer.Exit(1)
+    if not check.ok:
+        typer.secho(f"audit log CONTRADICTS a signed checkpoint, first bad entry "
+                    f"{check.first_bad_seq}: {check.problem}", fg="red", err=True)
+        raise typer.Exit(1)
+    suffix = (f"; matches {check.checked} signed checkpoint(s), the latest of "
+              f"{held[-1].size} entries" if held else "; no checkpoint held yet")
+    typer.echo(f"audit chain intact: {report.entries} entries{suffix}")
+
+
+@app.command("export")
+def export(
+    after: int = typer.Option(0, help="Only entries with a sequence number above this."),
+    permit: str | None = typer.Option(None, help="Only this permit's entries."),
+) -> None:
+    """Write the audit log as JSON lines (one entry per line, with its hashes) to stdout, for
+    a SIEM or an auditor; each line verifies on its own with its salt and prev_hash."""
+    from spe.audit.proofs import entry_json
+    from spe.audit.writer import iter_rows
+
+    db = existing_database()
+    try:
+        with db.read() as session:
+            for row in iter_rows(session, after=after):
+                if permit is not None and row[4] != permit:
+                    continue
+                typer.echo(json.dumps(entry_json(row), sort_keys=True))
+    finally:
+        db.dispose()
+
+
+@app.command("checkpoint")
+def checkpoint() -> None:
+    """Sign a checkpoint of the log now and append it to the write-once checkpoint file
+    (refused, exit 1, when the log no longer extends the last checkpoint)."""
+    from spe.audit.checkpoints import CheckpointLog, KeyStore, LogTampered
+    from spe.audit.proofs import create_checkpoint
+    from spe.cli.main import settings
+
+    s = settings()
+    db = existing_database()
+    try:
+        with db.read() as session:
+            cp = create_checkpoint(session, KeyStore(s.data_dir), CheckpointLog(s.data_dir),
+                                   s.api_base_url)
+    except LogTampered as exc:
+        typer.secho(f"NOT SIGNED: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    typer.echo(f"checkpoint signed: {cp.size} entries, root {cp.root}, key {cp.key_id}")
+
+
+@app.command("keys")
+def keys() -> None:
+    """List the checkpoint signing keys (public part) with their validity."""
+    from spe.audit.checkpoints import KeyStore
+    from spe.cli.main import settings
+
+    found = KeyStore(settings().data_dir).public_keys()
+    if not found:
+        raise _missing("no checkpoint key yet: `spe audit checkpoint` creates one")
+    for key in found:
+        typer.echo(f"{key.key_id}  {key.algorithm}  from {key.valid_from}  until "
+                   f"{key.valid_until or '(current)'}  {key.public_key}")
+
+
+@app.command("rotate-key")
+def rotate_key() -> None:
+    """End the current checkpoint key's validity and create the next one."""
+    from spe.audit.checkpoints import KeyStore
+    from spe.cli.main import settings
+
+    key_id, _ = KeyStore(settings().data_dir).rotate()
+    typer.echo(f"new checkpoint key {key_id}; earlier keys stay published with their validity")
+
+
+@app.command("verify-remote")
+def verify_remote(
+    url: str = typer.Option(..., help="Base URL of the SPE API."),
+    permit: str = typer.Option(..., help="The permit whose entries to verify."),
+    token_env: str = typer.Option("SPE_TOKEN", help="Environment variable with the token."),
+    state: Path | None = typer.Option(None, help="File of the last verified checkpoint."),
+    keys_file: Path | None = typer.Option(None, "--keys", help="Pinned public keys (JSON)."),
+) -> None:
+    """Verify one permit's entries against the SPE's latest signed checkpoint, as an access
+    body does (same code as the standalone spe/audit/verify_remote.py)."""
+    from spe.audit import verify_remote as vr
+
+    argv = ["--url", url, "--permit", permit, "--token-env", token_env]
+    if state is not None:
+        argv += ["--state", str(state)]
+    if keys_file is not None:
+        argv += ["--keys", str(keys_file)]
+    code = vr.main(argv)
+    if code:
+        raise typer.Exit(code)
