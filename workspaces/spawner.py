@@ -14,7 +14,8 @@ The server name *is* the permit id. State machine of one server (every edge audi
   through its backend (:mod:`workspaces.backend`, ``backend_class``; bubblewrap:
   :mod:`workspaces.sandbox`: account, home, cgroup from the quota, network namespace admitting
   only the hub API and SPE API ports), mints a workspace token bound to (person, permit,
-  workspace) and starts
+  workspace) and to the workspace's network address (written to ``SPE_TOKEN_FILE`` too, and
+  replaced there by ``poll`` well before it expires: :mod:`workspaces.token_refresh`) and starts
   ``jupyterhub-singleuser`` inside the sandbox, listening on the namespace's address. The
   Keycloak token never enters the workspace; ``SPE_API_URL``, ``SPE_TOKEN`` and
   ``SPE_PERMIT_ID`` let ``spe.client.connect()`` work without arguments; ``SPE_RAY_*`` let
@@ -46,7 +47,7 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.errors import NotFound
-from workspaces import accounts, cgroups, gpu, lifecycle, runtime
+from workspaces import accounts, cgroups, gpu, lifecycle, runtime, token_refresh
 from workspaces.backend import BubblewrapBackend, SandboxBackend, SandboxRequest, check_backend
 from workspaces.errors import (
     DiskAdmissionRefused,
@@ -113,6 +114,8 @@ class SandboxSpawner(Spawner):
         self._stale_ws: str | None = None
         self._extra_env: dict[str, str] = {}
         self._permit_id = ""
+        self._token = ""
+        self._token_at = 0.0
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -243,13 +246,18 @@ class SandboxSpawner(Spawner):
         return terms
 
     def _token_env(self, db: Database, ws: Any) -> dict[str, str]:
-        from spe.auth.workspace_tokens import mint_workspace_token
+        """The first workspace token, bound to the workspace's address and also written to
+        the token file the client reads (refreshed by ``poll``: workspaces.token_refresh)."""
+        self._refresh_token(db, ws)
+        return {"SPE_TOKEN": self._token, "SPE_TOKEN_FILE": token_refresh.token_path(
+            ws.home_in_sandbox)}
 
-        with db.write() as session:
-            minted = mint_workspace_token(session, self.spe_settings, subject=self.person,
-                                          username=self.person, permit_id=self.permit_id,
-                                          workspace_id=ws.ws_id)
-        return {"SPE_TOKEN": minted.token}
+    def _refresh_token(self, db: Database, ws: Any) -> None:
+        minted = token_refresh.mint(
+            db, self.spe_settings, person=self.person, permit_id=self.permit_id,
+            ws_id=ws.ws_id, address=self.backend.address(ws, self.port)[0])
+        token_refresh.write_token_file(ws.home_on_host, ws.uid, ws.gid, minted.token)
+        self._token, self._token_at = minted.token, time.monotonic()
 
     def _teardown(self, db: Database, reason: str) -> None:
         ws, self._ws, self._proc = self._ws, None, None
@@ -317,6 +325,13 @@ class SandboxSpawner(Spawner):
         except (PermitNotUsable, NotNamedInPermit, NotFound) as exc:
             await asyncio.to_thread(self._teardown, _db(self.spe_settings), str(exc))
             return 1
+        ws = self._ws
+        if ws is not None and time.monotonic() - self._token_at >= (
+                token_refresh.refresh_interval(self.spe_settings)):
+            try:
+                await asyncio.to_thread(self._refresh_token, _db(self.spe_settings), ws)
+            except Exception:  # the next poll tries again; the old token is still valid
+                self.log.exception("Workspace %s: token refresh failed", self.ws_id)
         return None
 
     async def stop(self, now: bool = False) -> None:

@@ -7,6 +7,9 @@ Contract (other packages code against it):
   :class:`~spe.auth.principal.Principal`. A missing or invalid token raises
   :class:`spe.errors.NotAuthenticated` (401 problem) saying what is wrong, never echoing the
   token.
+* A workspace token bound to its workspace's network address (``Principal.address``) is
+  refused (401) when the request's client address is another one. The address is the TCP
+  peer's, never a forwarding header.
 * ``require_role(*roles)``: a dependency returning the Principal when it holds at least one of
   ``roles``; otherwise :class:`spe.errors.Forbidden` (403) naming the roles required.
 
@@ -19,6 +22,7 @@ Usage::
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 from fastapi import Request
@@ -55,8 +59,24 @@ def get_principal(request: Request) -> Principal:
     token = bearer_token(request)
     state = get_state(request)
     principal = get_validator(state).validate(token)
+    if principal.kind == "workspace" and principal.address is not None:
+        check_address(principal, request.client.host if request.client else None)
     request.state.spe_principal = principal
     return principal
+
+
+def check_address(principal: Principal, client: str | None) -> None:
+    """Refuse a workspace token used from an address other than its workspace's."""
+    try:
+        same = client is not None and principal.address is not None and (
+            ipaddress.ip_address(client) == ipaddress.ip_address(principal.address))
+    except ValueError:
+        same = False
+    if not same:
+        raise NotAuthenticated(
+            "This workspace token is bound to its workspace's network address and is refused "
+            "from anywhere else; use it from inside the workspace."
+        )
 
 
 def require_role(*roles: Role) -> Callable[[Request], Principal]:

@@ -25,7 +25,9 @@ class Principal:
       ``username`` the login name that permits list as authorised persons).
     * ``service``: an access body's client-credentials token; ``access_body`` names it.
     * ``workspace``: an SPE-minted workspace token bound to (``username``, ``permit_id``,
-      ``workspace_id``); it carries the researcher role only.
+      ``workspace_id``); it carries the researcher role only. ``address``, when the token is
+      bound to its workspace's network address, is the only client address it is accepted
+      from (checked by :func:`spe.auth.deps.get_principal`).
     * ``system``: the SPE itself (CLI, schedulers); never built from a request.
     """
 
@@ -37,6 +39,7 @@ class Principal:
     permit_id: str | None = None
     workspace_id: str | None = None
     token_id: str | None = None
+    address: str | None = None
 
     def has(self, role: Role) -> bool:
         return role in self.roles

@@ -8,7 +8,12 @@ Contract:
   active (via the registered permit checker, see :mod:`spe.auth.permit_checks`), signs an
   EdDSA JWT with the newest SPE key (``iss`` = :data:`WORKSPACE_ISSUER`, ``aud`` =
   ``settings.api_audience``, lifetime ``settings.workspace_token_ttl_seconds`` or less),
-  records a grant row and audits ``auth.workspace_token_mint``.
+  records a grant row and audits ``auth.workspace_token_mint``. Given an ``address`` (the
+  workspace's network address; the spawner always gives one), the signed claims carry it
+  (``addr``) and the API accepts the token only from that client address
+  (:func:`spe.auth.deps.get_principal`): a token copied out of the workspace is refused.
+  A running workspace gets a fresh token before the old one expires
+  (:mod:`workspaces.token_refresh`); the client reads the newest one on every request.
 * :class:`WorkspaceTokenValidator` accepts a token only when the signature verifies with an
   unretired SPE key, the standard claims hold (with ``token_leeway_seconds``), its lifetime does
   not exceed the configured TTL, its grant exists, is unrevoked and unexpired and matches the
@@ -22,6 +27,7 @@ Contract:
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -67,12 +73,19 @@ def mint_workspace_token(
     ttl_seconds: int | None = None,
     checker: PermitChecker | None = None,
     keyring: KeyRing | None = None,
+    address: str | None = None,
 ) -> MintedToken:
-    """Mint and record a workspace token (call inside ``db.write()``)."""
+    """Mint and record a workspace token (call inside ``db.write()``); bound to the client
+    ``address`` when one is given."""
     for name, value in (("subject", subject), ("username", username),
                         ("permit_id", permit_id), ("workspace_id", workspace_id)):
         if not value or len(value) > (64 if name == "permit_id" else 128):
             raise InvalidInput(f"A workspace token needs a non-empty {name} of sane length.")
+    if address is not None:
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError as exc:
+            raise InvalidInput("A workspace token's address must be an IP address.") from exc
     ttl = settings.workspace_token_ttl_seconds if ttl_seconds is None else ttl_seconds
     if not 1 <= ttl <= settings.workspace_token_ttl_seconds:
         raise InvalidInput(
@@ -104,6 +117,8 @@ def mint_workspace_token(
         "nbf": int(now.timestamp()),
         "exp": int(expires.timestamp()),
     }
+    if address is not None:
+        claims["addr"] = address
     token = jwt.encode(claims, private, algorithm=ALGORITHM,
                        headers={"kid": kid, "typ": TOKEN_TYPE})
     session.add(WorkspaceGrant(jti=jti, subject=subject, username=username, permit_id=permit_id,
@@ -112,7 +127,8 @@ def mint_workspace_token(
     record(session, AuditEvent(
         action="auth.workspace_token_mint", actor=actor.actor, role=actor.primary_role(),
         permit_id=permit_id, target=workspace_id,
-        details={"username": username, "jti": jti, "kid": kid, "ttl_seconds": ttl}))
+        details={"username": username, "jti": jti, "kid": kid, "ttl_seconds": ttl,
+                 "bound_address": address}))
     return MintedToken(token=token, jti=jti, expires_at=expires, kid=kid)
 
 
@@ -248,4 +264,5 @@ class WorkspaceTokenValidator:
             permit_id=grant.permit_id,
             workspace_id=grant.workspace_id,
             token_id=grant.jti,
+            address=str(claims["addr"]) if claims.get("addr") else None,
         )

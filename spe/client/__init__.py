@@ -10,7 +10,9 @@ Usage::
     spe.budget()                                   # spent / remaining, plot when possible
 
 Environment variables: ``SPE_API_URL`` (the SPE API base URL), ``SPE_TOKEN`` (the workspace
-token; never printed) and ``SPE_PERMIT_ID`` (the permit the workspace is bound to). Errors are
+token; never printed), ``SPE_TOKEN_FILE`` (where the hub keeps the newest token of a running
+workspace: read on every request, so tokens never expire under a working notebook) and
+``SPE_PERMIT_ID`` (the permit the workspace is bound to). Errors are
 raised as :class:`SPEClientError` carrying the server's problem details.
 """
 
@@ -28,6 +30,7 @@ import httpx
 import pandas as pd
 
 ENV_URL, ENV_TOKEN, ENV_PERMIT = "SPE_API_URL", "SPE_TOKEN", "SPE_PERMIT_ID"
+ENV_TOKEN_FILE = "SPE_TOKEN_FILE"  # noqa: S105 - a variable name
 #: How often a request refused with 429 (a rate or concurrency limit) is retried.
 RETRY_429 = 3
 
@@ -103,12 +106,37 @@ def save_release(df: pd.DataFrame, path: str | Path, kind: str = "csv") -> Path:
     return target
 
 
+class WorkspaceTokenAuth(httpx.Auth):
+    """Bearer auth with the newest workspace token: ``token_file`` is read on every request
+    (the hub replaces it with a fresh token while the workspace runs), ``token`` is the
+    fallback when the file is missing or empty."""
+
+    def __init__(self, token: str, token_file: str | Path | None = None) -> None:
+        self._token = token
+        self._file = Path(token_file) if token_file else None
+
+    def current(self) -> str:
+        if self._file is not None:
+            try:
+                fresh = self._file.read_text().strip()
+            except OSError:
+                fresh = ""
+            if fresh:
+                return fresh
+        return self._token
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        request.headers["Authorization"] = f"Bearer {self.current()}"
+        yield request
+
+
 class Client:
     def __init__(self, url: str, token: str, permit_id: str,
-                 transport: httpx.BaseTransport | None = None, timeout: float = 120.0) -> None:
+                 transport: httpx.BaseTransport | None = None, timeout: float = 120.0,
+                 token_file: str | Path | None = None) -> None:
         self.permit_id = permit_id
         self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}"},
+                                  auth=WorkspaceTokenAuth(token, token_file),
                                   transport=transport)
 
     def __repr__(self) -> str:
@@ -177,9 +205,12 @@ def _problem(resp: httpx.Response) -> dict[str, Any]:
 
 def connect(url: str | None = None, token: str | None = None, permit_id: str | None = None,
             **kwargs: Any) -> Client:
-    """A client from arguments or the SPE_API_URL / SPE_TOKEN / SPE_PERMIT_ID variables."""
+    """A client from arguments or the SPE_API_URL / SPE_TOKEN / SPE_PERMIT_ID variables; with
+    SPE_TOKEN_FILE (set in workspaces) it always sends the newest token from that file."""
     url = url or os.environ.get(ENV_URL)
-    token = token or os.environ.get(ENV_TOKEN)
+    token_file = kwargs.pop("token_file", None) or os.environ.get(ENV_TOKEN_FILE)
+    token = token or os.environ.get(ENV_TOKEN) or (
+        WorkspaceTokenAuth("", token_file).current() if token_file else None)
     permit_id = permit_id or os.environ.get(ENV_PERMIT)
     missing = [n for n, v in ((ENV_URL, url), (ENV_TOKEN, token), (ENV_PERMIT, permit_id))
                if not v]
@@ -187,7 +218,7 @@ def connect(url: str | None = None, token: str | None = None, permit_id: str | N
         raise SPEClientError(0, {"title": "Not configured",
                                  "detail": "set " + ", ".join(missing)})
     assert url and token and permit_id
-    return Client(url, token, permit_id, **kwargs)
+    return Client(url, token, permit_id, token_file=token_file, **kwargs)
 
 
 def ray(**init_kwargs: Any) -> Any:
