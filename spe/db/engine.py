@@ -1,6 +1,8 @@
 """Engine creation and the two kinds of transaction the SPE uses.
 
 * ``db.read()``: a plain transaction for reads.
+* Durability: SQLite runs in WAL mode with ``synchronous=FULL``; PostgreSQL with its durable
+  defaults (``fsync``, ``synchronous_commit``), which a test checks.
 * ``db.write()``: a transaction that holds the write lock from its first statement. On SQLite
   this is ``BEGIN IMMEDIATE`` (so read-then-write sequences such as budget reservation and the
   audit hash chain can never interleave); on PostgreSQL callers lock rows explicitly
@@ -44,7 +46,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit (an act and its audit entry) survives a power loss, not only a
+            # crash of the process (NORMAL in WAL mode may lose the last commits).
+            cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
         @event.listens_for(engine, "begin")
