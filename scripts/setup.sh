@@ -44,7 +44,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   mkdir -p .venv/.spe-install-reports
   .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.txt \
     --report ".venv/.spe-install-reports/$(date +%s).json"
-  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  # (setuptools warns about editable installs on stderr: shown only when the install fails)
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>.venv/.spe-install.err \
+    || { cat .venv/.spe-install.err >&2; exit 1; }
   .venv/bin/python -m pip check >/dev/null || {
     .venv/bin/python -m pip check >&2
     echo "setup: requirements/dev.txt misses a dependency of pyproject.toml: run scripts/lock.sh" >&2

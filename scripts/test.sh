@@ -12,7 +12,11 @@ fi
 .venv/bin/ruff check .
 .venv/bin/mypy spe permits workspaces
 set +e
-.venv/bin/python -m pytest "$@"
+# tests.suite_summary prints what ran by kind (unit, integration, security, stat, e2e, browser,
+# fuzz) just before pytest's own closing line; pytest's exit status is passed on unchanged,
+# so a run that collected no test (status 5) fails.
+.venv/bin/python -m pytest -p tests.suite_summary "$@"
 rc=$?
 set -e
+[ "$rc" -ne 5 ] || echo "test: no test ran (pytest exit status 5)" >&2
 exit $rc
