@@ -147,6 +147,14 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body the API accepts (enforced before parsing).",
     )
+    audit_checkpoint_interval_seconds: float = Field(
+        300.0, ge=0, le=86400,
+        description="How often the API signs a checkpoint of the audit log (Merkle root, "
+        "entry count, chain head; Ed25519 key in data_dir/audit/keys), appended to "
+        "data_dir/audit/checkpoints.jsonl and served to access bodies. Enforced by a "
+        "background thread of the API when the log has grown; 0 turns the schedule off "
+        "(checkpoints then only on demand: POST /v1/audit/checkpoints, `spe audit checkpoint`).",
+    )
 
     @classmethod
     def settings_customise_sources(

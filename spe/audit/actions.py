@@ -74,6 +74,14 @@ class AuditAction(StrEnum):
     WORKSPACE_BROWSER_UPLOAD = "workspace.browser_upload"
     WORKSPACE_PAUSE = "workspace.pause"
     WORKSPACE_NETWORK_REINSTALL = "workspace.network_reinstall"
+    # the audit log itself
+    AUDIT_READ = "audit.read"
+    AUDIT_KEYS = "audit.keys"
+    AUDIT_KEY_ROTATE = "audit.key_rotate"
+    AUDIT_CHECKPOINT = "audit.checkpoint"
+    AUDIT_CHECKPOINTS = "audit.checkpoints"
+    AUDIT_CONSISTENCY = "audit.consistency"
+    AUDIT_PROOF = "audit.proof"
     # the audit log's own tooling (tests and operators' checks)
     AUDIT_TEST = "audit.test"
 
@@ -135,6 +143,15 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.WORKSPACE_BROWSER_UPLOAD: "a file or notebook was written into a workspace "
     "through the browser (or refused over the upload limit)",
     AuditAction.WORKSPACE_PAUSE: "a workspace's server was paused (frozen or stopped) by a control",
+    AuditAction.AUDIT_READ: "audit entries were read through the API (the filters are "
+    "recorded, not the entries)",
+    AuditAction.AUDIT_KEYS: "the public checkpoint keys were listed",
+    AuditAction.AUDIT_KEY_ROTATE: "the checkpoint signing key was rotated",
+    AuditAction.AUDIT_CHECKPOINT: "a signed checkpoint of the audit log was made (or refused: "
+    "the log no longer extends the last one)",
+    AuditAction.AUDIT_CHECKPOINTS: "signed checkpoints of the audit log were fetched",
+    AuditAction.AUDIT_CONSISTENCY: "a consistency proof between two checkpoints was fetched",
+    AuditAction.AUDIT_PROOF: "a permit's audit entries were fetched with inclusion proofs",
     AuditAction.AUDIT_TEST: "a test or operator check wrote an entry to exercise the log",
     AuditAction.WORKSPACE_NETWORK_REINSTALL: "a workspace network's host firewall table was "
     "found missing and re-installed (an alert)",
