@@ -6,7 +6,7 @@
   before it is unpacked (control: the checker accepts the file whose hash it records);
 - the npm tree is checked against package-lock.json's integrity hashes;
 - the SBOM lists every installed package with its version and hash;
-- the locks hash every requirement and cover what pyproject.toml and the runtime ask for.
+- (the locks' coverage of pyproject.toml and the runtime: tests/unit/test_project_files.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 from types import ModuleType
@@ -175,28 +174,6 @@ def test_setup_sbom_covers_the_environment(env: str, lock: str, sbom: str) -> No
                        for h in by_name[name]["hashes"])
     if env == "var/runtime":  # built only by set-up: nothing in it is outside the lock
         assert all(c["hashes"] for c in bom["components"])
-
-
-def test_locks_hash_every_requirement_and_cover_the_project() -> None:
-    for name in ("dev.txt", "runtime.txt", "lock-tools.txt"):
-        text = (ROOT / "requirements" / name).read_text()
-        locked = sc.parse_lock(ROOT / "requirements" / name)
-        assert locked, name
-        assert all(hashes for _, hashes in locked.values()), name
-        assert len(locked) == len(re.findall(r"^\S+==", text, re.M))
-    dev = sc.parse_lock(ROOT / "requirements" / "dev.txt")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
-        name = sc.canonical(re.split(r"[\[<>=!~ ]", spec, maxsplit=1)[0])
-        assert name in dev, f"{name} (pyproject.toml) is not in requirements/dev.txt"
-    rt = sc.parse_lock(ROOT / "requirements" / "runtime.txt")
-    for spec in runtime.PACKAGES:
-        assert sc.canonical(re.split(r"[<>=!~ ]", spec, maxsplit=1)[0]) in rt
-    listed = [line for line in (ROOT / "requirements" / "runtime.in").read_text().splitlines()
-              if line and not line.startswith("#")]
-    assert tuple(listed) == runtime.PACKAGES, "run scripts/lock.sh"
-    for build_req in ("pip", "setuptools", "wheel"):
-        assert build_req in dev and build_req in rt
 
 
 # --- Keycloak distribution --------------------------------------------------------------
