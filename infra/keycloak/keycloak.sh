@@ -106,7 +106,7 @@ ensure_dist() {
   verify_zip "$zip"
   if [ -x "$DIST/bin/kc.sh" ]; then
     # Unpacked before the check existed: keep it only if it is what the verified zip holds.
-    if ! (cd "$DIST" && unzip -Z1 "$zip" | sed -n "s#^keycloak-$VERSION/##p" | grep -v '/$' \
+    if ! (cd "$DIST" && unzip -Z1 "$zip" | sed -n "s#^keycloak-$VERSION/##p" | grep -v -e '/$' -e '^$' \
           | while read -r f; do [ -e "$f" ] || exit 1; done); then
       log "the unpacked $DIST does not match the verified zip; unpacking it again"
       rm -rf "$DIST"

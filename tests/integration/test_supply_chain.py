@@ -281,3 +281,51 @@ def test_installed_npm_tree_matches_the_lock_and_its_sbom(tmp_path: Path) -> Non
     components = json.loads(out.read_text())["components"]
     assert any(c["name"] == "configurable-http-proxy" for c in components)
     assert all(c["version"] and c["hashes"][0]["alg"] == "SHA-512" for c in components)
+
+
+def _fake_dist_zip(root: Path) -> Path:
+    """A stand-in distribution whose kc.sh exits at once (start fails after the check)."""
+    src = root / "src" / f"keycloak-{KC_VERSION}"
+    for sub in ("bin", "conf", "lib/lib", "lib/app", "lib/quarkus", "providers", "themes"):
+        (src / sub).mkdir(parents=True)
+    (src / "bin" / "kc.sh").write_text("#!/bin/sh\necho stand-in; exit 3\n")
+    (src / "bin" / "kc.sh").chmod(0o755)
+    (src / "conf" / "keycloak.conf").write_text("")
+    (src / "lib" / "quarkus-run.jar").write_text("")
+    zip_path = root / "cache" / "keycloak" / f"keycloak-quarkus-dist-{KC_VERSION}.zip"
+    zip_path.parent.mkdir(parents=True)
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for path in sorted(src.parent.rglob("*")):
+            name = path.relative_to(src.parent).as_posix() + ("/" if path.is_dir() else "")
+            zf.write(path, name)
+    shutil.copytree(src, zip_path.parent / src.name)  # unpacked before the check existed
+    return zip_path
+
+
+def test_keycloak_dist_unpacked_before_the_check_is_verified_or_unpacked_again(
+        tmp_path: Path) -> None:
+    if shutil.which("java") is None or shutil.which("unzip") is None:
+        pytest.skip("no JDK or unzip: keycloak.sh needs both")
+    checkout = tmp_path / "checkout" / "infra" / "keycloak"
+    checkout.mkdir(parents=True)
+    for name in ("keycloak.sh", "realm-spe.json"):
+        shutil.copy2(KEYCLOAK_SH.parent / name, checkout / name)
+    zip_path = _fake_dist_zip(tmp_path)
+    sums = tmp_path / "sums"
+    sums.write_text(f"{_sha256(zip_path)}  {zip_path.name}\n")
+    dist = zip_path.parent / f"keycloak-{KC_VERSION}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"SPE_CACHE_DIR": str(tmp_path / "cache"), "SPE_KEYCLOAK_VERSION": KC_VERSION,
+           "SPE_KEYCLOAK_CHECKSUMS": str(sums), "SPE_KEYCLOAK_START_TIMEOUT": "10"}
+
+    first = _kc("start", "--port", str(port), script=checkout / "keycloak.sh", env=env)
+    assert "does not match" not in first.stderr, first.stderr  # complete: kept as it is
+    assert (dist / ".spe-verified").read_text().strip() == _sha256(zip_path)
+
+    (dist / ".spe-verified").unlink()
+    (dist / "conf" / "keycloak.conf").unlink()  # no longer what the zip holds
+    second = _kc("start", "--port", str(port), script=checkout / "keycloak.sh", env=env)
+    assert "does not match the verified zip; unpacking it again" in second.stderr
+    assert (dist / "conf" / "keycloak.conf").exists() and (dist / ".spe-verified").exists()
