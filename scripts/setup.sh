@@ -76,5 +76,7 @@ if [ "${SPE_SKIP_AUDIT:-0}" != "1" ]; then
     -o var/sbom/vulnerabilities-project.json --timeout 60
   .venv/bin/python scripts/supply_chain.py audit --lock requirements/runtime.txt \
     -o var/sbom/vulnerabilities-runtime.json --timeout 60
+  .venv/bin/python scripts/supply_chain.py npm-audit -o var/sbom/vulnerabilities-npm.json \
+    --timeout 60
 fi
 echo "setup: ready (.venv/bin/spe)"

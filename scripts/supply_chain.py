@@ -19,8 +19,9 @@ installed file is one of them). A package installed by hand, outside the lock, i
 packages differ (name, version, integrity) from ``package-lock.json`` (npm ci checks each
 tarball against those integrity hashes when it installs). Exit status 1 with the reasons.
 
-``audit`` runs pip-audit on a lock where its vulnerability database is reachable; where it is
-not, it says so and exits 0 (a scan that cannot run is reported, not failed).
+``audit`` runs pip-audit on a lock (``npm-audit``: npm audit on package-lock.json) where its
+vulnerability database is reachable; where it is not, it says so and exits 0 (a scan that cannot
+run is reported, not failed).
 """
 
 from __future__ import annotations
@@ -245,6 +246,38 @@ def audit(lock: Path, out: Path, tool: Path, timeout: float) -> int:
     return 0
 
 
+def npm_audit(project: Path, out: Path, timeout: float) -> int:
+    """``npm audit`` of package-lock.json; an unreachable advisory database is reported only."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(["npm", "audit", "--package-lock-only", "--json"], cwd=project,
+                              capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        print("npm vulnerability scan: skipped (npm is not installed)")
+        return 0
+    except subprocess.TimeoutExpired:
+        print(f"npm vulnerability scan: skipped (no answer in {timeout:.0f} s)")
+        return 0
+    out.write_text(proc.stdout)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        report = {}
+    counts = report.get("metadata", {}).get("vulnerabilities") if isinstance(report, dict) else None
+    if not isinstance(counts, dict):
+        print("npm vulnerability scan: skipped (the advisory database is not reachable "
+              "from this machine)")
+        return 0
+    found = {k: v for k, v in counts.items() if k != "total" and v}
+    if found:
+        print(f"npm vulnerability scan: {counts.get('total', sum(found.values()))} known "
+              f"vulnerabilities ({', '.join(f'{v} {k}' for k, v in found.items())}; "
+              f"details: {out})")
+    else:
+        print("npm vulnerability scan: no known vulnerabilities in package-lock.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -264,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--tool", type=Path, default=Path(sys.executable).parent / "pip-audit")
     p.add_argument("--timeout", type=float, default=90)
+    p = sub.add_parser("npm-audit")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--timeout", type=float, default=60)
     args = parser.parse_args(argv)
 
     if args.cmd == "sbom":
@@ -281,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "npm-sbom":
         _write(args.output, npm_sbom(args.lock, "spe-npm"))
         return 0
+    if args.cmd == "npm-audit":
+        return npm_audit(ROOT, args.output, args.timeout)
     return audit(args.lock, args.output, args.tool, args.timeout)
 
 

@@ -329,3 +329,35 @@ def test_keycloak_dist_unpacked_before_the_check_is_verified_or_unpacked_again(
     second = _kc("start", "--port", str(port), script=checkout / "keycloak.sh", env=env)
     assert "does not match the verified zip; unpacking it again" in second.stderr
     assert (dist / "conf" / "keycloak.conf").exists() and (dist / ".spe-verified").exists()
+
+
+# --- vulnerability scan -----------------------------------------------------------------
+
+
+def _fake_tool(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_scan_says_so_and_passes_when_the_database_is_unreachable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tool = _fake_tool(tmp_path / "pip-audit",
+                      "echo 'requests.exceptions.ConnectionError: Failed to resolve' >&2\n"
+                      "exit 1\n")
+    assert sc.audit(ROOT / "requirements" / "dev.txt", tmp_path / "v.json", tool, 30) == 0
+    assert "skipped (the vulnerability database is not reachable" in capsys.readouterr().out
+
+
+def test_scan_names_each_known_vulnerability(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    report = {"dependencies": [{"name": "jinja2", "version": "3.1.6",
+                                "vulns": [{"id": "PYSEC-0000-1"}]},
+                               {"name": "httpx", "version": "0.28.1", "vulns": []}]}
+    # pip-audit writes its JSON report to the file after "-o" and exits 1 on findings.
+    tool = _fake_tool(tmp_path / "pip-audit",
+                      'while [ "$1" != "-o" ]; do shift; done\n'
+                      f"echo '{json.dumps(report)}' > \"$2\"\nexit 1\n")
+    assert sc.audit(ROOT / "requirements" / "dev.txt", tmp_path / "v.json", tool, 30) == 0
+    out = capsys.readouterr().out
+    assert "1 known vulnerabilities" in out and "jinja2 3.1.6: PYSEC-0000-1" in out
