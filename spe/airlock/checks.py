@@ -1,0 +1,362 @@
+"""Automated checks of one export file against its permit.
+
+Contract
+--------
+:func:`check_file` takes a file's bytes and a :class:`Context` (the permit's export policy and
+limits, the DP receipts the researcher attached, the permit's earlier releases) and returns a
+:class:`FileVerdict`: the kind decided from content and every check as a :class:`Check` with
+``outcome`` ``pass``, ``fail`` or ``needs_review`` and a reason the researcher can act on.
+Reasons name columns and counts, never cell values.
+
+* ``blocking`` failures (refused kind, a kind the permit does not allow, too many rows,
+  encoded files in cells) return the request to the researcher; other failures go to the
+  reviewers, who can override them only with a written reason.
+* The file's own verdict is ``pass`` only when a valid DP release receipt signed for this
+  permit covers its exact bytes (then nothing else can make it safer); otherwise
+  ``needs_review`` at best: a table without the engine's evidence is never released on
+  threshold checks alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from spe.airlock import kinds, sdc
+from spe.dp import receipt as receipts
+
+Outcome = Literal["pass", "fail", "needs_review"]
+PASS: Outcome = "pass"  # noqa: S105 - an outcome, no secret
+FAIL: Outcome = "fail"
+REVIEW: Outcome = "needs_review"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    outcome: Outcome
+    reason: str
+    blocking: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReleasedTable:
+    """A table the permit already released (for differencing)."""
+
+    request_id: str
+    name: str
+    table: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class Context:
+    permit_id: str
+    secret: str
+    allowed_kinds: frozenset[str]
+    min_cell_count: int = sdc.THRESHOLD
+    max_rows: int = 5000
+    receipts: Sequence[Mapping[str, Any]] = ()
+    released_hashes: frozenset[str] = frozenset()
+    released_tables: Sequence[ReleasedTable] = ()
+
+
+@dataclass(frozen=True)
+class FileVerdict:
+    kind: str
+    outcome: Outcome
+    checks: tuple[Check, ...]
+
+    @property
+    def blocked(self) -> bool:
+        return any(c.outcome == FAIL and c.blocking for c in self.checks)
+
+
+# Permit kinds (permits.schemas.FileKind) that each sniffed kind satisfies.
+_PERMIT_KIND = {"csv": "csv", "tsv": "tsv", "parquet": "parquet", "json": "json",
+                "txt": "txt", "md": "txt", "png": "png", "jpeg": "jpeg", "svg": "svg",
+                "pdf": "pdf"}
+
+_ID_NAME = re.compile(
+    r"^(?:(?:person|patient|subject|participant|visit_occurrence|visit|provider|care_site)"
+    r"_?(?:id|source_value|number|no)|ssn|mrn|nhs_?number|hetu|henkilotunnus|pseudonym|"
+    r"pseudo_?id|social_security_number|personal_?(?:id|number|code))$")
+_BIRTH_NAME = re.compile(r"(?:birth_?(?:date|datetime|day)|date_?of_?birth|^dob$|^birthday$)")
+_PERSONAL_NAME = re.compile(r"^(?:first_?name|last_?name|surname|full_?name|given_?name|"
+                            r"family_?name|email|e_?mail|phone|phone_?number|address|"
+                            r"street_?address)$")
+_COUNT_NAME = re.compile(r"^(?:n|count|counts|freq|frequency|num|number|total|cases|patients|"
+                         r"persons|people|subjects|n_\w+|\w+_count|count_\w+|\w+_n|num_\w+|"
+                         r"number_of_\w+)$")
+_ID_VALUE = re.compile(r"^(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|"
+                       r"[0-9a-f]{16,}|(?=.*\d)(?=.*[a-z])[a-z0-9_-]{8,40})$", re.I)
+_FULL_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[ T][0-9:.]+)?$")
+_B64 = r"^[A-Za-z0-9+/_-]{24,}={0,2}$"
+
+
+def _norm(name: object) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", str(name).strip().lower()).strip("_")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_table(data: bytes, kind: str) -> pd.DataFrame:
+    """The table in ``data`` (CSV, TSV or Parquet); raises ValueError when it does not parse."""
+    try:
+        if kind == "parquet":
+            return pq.read_table(io.BytesIO(data)).to_pandas()
+        return pd.read_csv(io.BytesIO(data), sep="\t" if kind == "tsv" else ",",
+                           on_bad_lines="error")
+    except Exception as err:  # noqa: BLE001 - any parser error means "not a table"
+        raise ValueError(type(err).__name__) from None
+
+
+# Individual checks --------------------------------------------------------------------------
+
+def check_kind(sniffed: kinds.Sniffed, ctx: Context) -> list[Check]:
+    if sniffed.refused:
+        return [Check("file_kind", FAIL, f"Refused: the content is {sniffed.refused}. The "
+                      "file kind is decided from the bytes, not the name.", blocking=True,
+                      details={"kind": sniffed.kind})]
+    permit_kind = _PERMIT_KIND.get(sniffed.kind)
+    if permit_kind is not None and permit_kind not in ctx.allowed_kinds:
+        allowed = ", ".join(sorted(ctx.allowed_kinds))
+        return [Check("file_kind", FAIL, f"The content is {sniffed.kind}, which this permit "
+                      f"does not allow to leave (allowed: {allowed}).", blocking=True,
+                      details={"kind": sniffed.kind})]
+    if permit_kind is None:
+        return [Check("file_kind", REVIEW, f"The content is {sniffed.kind}: not a kind the "
+                      "airlock can check, so reviewers decide.", details={"kind": sniffed.kind})]
+    return [Check("file_kind", PASS, f"The content is {sniffed.kind}.",
+                  details={"kind": sniffed.kind})]
+
+
+def check_receipt(data: bytes, digest: str, ctx: Context) -> Check | None:
+    """The DP receipt covering this file, if any (None when no receipt names its hash)."""
+    claimed = [r for r in ctx.receipts
+               if isinstance(r, Mapping) and digest in (r.get("sha256_csv"),
+                                                        r.get("sha256_parquet"))]
+    if not claimed:
+        return None
+    for r in claimed:
+        receipt = dict(r)
+        if not receipts.verify(receipt, ctx.secret, data):
+            continue
+        if receipt.get("permit_id") != ctx.permit_id:
+            return Check("dp_receipt", FAIL, "The release receipt covering this file was signed "
+                         "for another permit; export it under that permit.")
+        shown = {k: receipt.get(k) for k in ("charge_id", "dataset", "epsilon", "delta",
+                                              "issued_at", "rows", "columns")}
+        return Check("dp_receipt", PASS, "A DP release receipt signed by the query engine for "
+                     "this permit covers these exact bytes.", details=shown)
+    return Check("dp_receipt", FAIL, "A receipt names this file's hash but its signature does "
+                 "not verify: attach the receipt exactly as the query API returned it.")
+
+
+def check_already_released(digest: str, ctx: Context) -> Check | None:
+    if digest in ctx.released_hashes:
+        return Check("already_released", PASS, "These exact bytes were already released under "
+                     "this permit.")
+    return None
+
+
+def check_identifiers(table: pd.DataFrame) -> list[Check]:
+    named: list[str] = []
+    valued: list[str] = []
+    dates: list[str] = []
+    for column in table.columns:
+        norm = _norm(column)
+        if _ID_NAME.match(norm) or _BIRTH_NAME.search(norm) or _PERSONAL_NAME.match(norm):
+            named.append(str(column))
+            continue
+        series = table[column].dropna()
+        if len(series) < 20 or series.dtype.kind in "biufc":
+            continue
+        values = series.astype(str)
+        if values.nunique() < 0.95 * len(values):
+            continue
+        sample = values.head(1000)
+        if sample.str.fullmatch(_ID_VALUE.pattern, case=False).mean() >= 0.9:
+            valued.append(str(column))
+        elif sample.str.fullmatch(_FULL_DATE.pattern).mean() >= 0.9:
+            dates.append(str(column))
+    out: list[Check] = []
+    if named or valued:
+        cols = ", ".join((named + valued)[:10])
+        out.append(Check("identifiers", FAIL, f"Columns that identify persons (by name or by "
+                         f"values): {cols}. Remove them and export aggregates only.",
+                         details={"columns": (named + valued)[:50]}))
+    if dates:
+        out.append(Check("row_level_dates", REVIEW, "Columns of distinct exact dates (row-level "
+                         f"data?): {', '.join(dates[:10])}. Aggregate or coarsen them to months "
+                         "or years.", details={"columns": dates[:50]}))
+    if not out:
+        out.append(Check("identifiers", PASS, "No column looks like a person identifier, a "
+                         "date of birth or a personal detail."))
+    return out
+
+
+def check_encoded(table: pd.DataFrame) -> Check:
+    """Cells carrying long base64 text: a file smuggled inside a table."""
+    suspicious = 0
+    for column in table.columns:
+        series = table[column]
+        if series.dtype.kind in "biufcmM":
+            continue
+        values = series.dropna().astype(str)
+        hits = values[values.str.len().ge(24) & values.str.fullmatch(_B64)]
+        if hits.empty:
+            continue
+        suspicious += len(hits)
+        for text in hits.head(200):
+            try:
+                raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_"
+                                       if ("-" in text or "_" in text) else None)
+            except (binascii.Error, ValueError):
+                continue
+            bad = kinds.dangerous(raw)
+            if bad is not None:
+                return Check("encoded_content", FAIL, f"Column {column} carries an encoded "
+                             f"file ({bad}) in its cells. Files leave only as files.",
+                             blocking=True, details={"column": str(column)})
+    if suspicious:
+        return Check("encoded_content", REVIEW, f"{suspicious} cells hold long encoded text; "
+                     "reviewers check what it is.", details={"cells": suspicious})
+    return Check("encoded_content", PASS, "No cell carries encoded data.")
+
+
+def count_columns(table: pd.DataFrame) -> list[str]:
+    out = []
+    for column in table.columns:
+        if _COUNT_NAME.match(_norm(column)) and table[column].dtype.kind in "iuf":
+            out.append(str(column))
+    return out
+
+
+def key_columns(table: pd.DataFrame) -> list[str]:
+    counts = set(count_columns(table))
+    return [str(c) for c in table.columns if str(c) not in counts
+            and table[c].dtype.kind not in "f"]
+
+
+def check_disclosure(table: pd.DataFrame, ctx: Context) -> list[Check]:
+    counts = count_columns(table)
+    if not counts:
+        return [Check("cell_counts", REVIEW, "No count column recognised (name one n, count or "
+                      "ending in _count); reviewers check the cells by hand.")]
+    small = zeros = 0
+    for column in counts:
+        values = pd.to_numeric(table[column], errors="coerce").dropna()
+        s, z = sdc.small_cells((float(v) for v in values), ctx.min_cell_count)
+        small, zeros = small + s, zeros + z
+    out = []
+    if small:
+        out.append(Check("cell_counts", FAIL, f"{small} cells count fewer than "
+                         f"{ctx.min_cell_count} (the permit's minimum): suppress or merge "
+                         "them, or round.", details={"cells": small,
+                                                     "columns": counts}))
+    else:
+        out.append(Check("cell_counts", PASS, f"Every count is 0 or at least "
+                         f"{ctx.min_cell_count}.", details={"columns": counts}))
+    if zeros:
+        out.append(Check("zeros", REVIEW, f"{zeros} cells are zero: reviewers check that none "
+                         "reveals something about a group (structural zeros are fine).",
+                         details={"cells": zeros}))
+    out.append(Check("dominance", REVIEW, "Dominance (N-K 2/90%) and p-percent (10%) need "
+                     "contributions per cell, which only the query engine has: reviewers "
+                     "check magnitude tables."))
+    return out
+
+
+def _as_cells(table: pd.DataFrame, keys: list[str], counts: list[str]
+              ) -> dict[tuple[str, ...], dict[str, float]]:
+    cells: dict[tuple[str, ...], dict[str, float]] = {}
+    for row in table[keys + counts].itertuples(index=False, name=None):
+        key = tuple(str(v) for v in row[:len(keys)])
+        cells[key] = {c: float(v) for c, v in zip(counts, row[len(keys):], strict=True)
+                      if v is not None and not pd.isna(v)}
+    return cells
+
+
+def check_differencing(table: pd.DataFrame, ctx: Context) -> Check:
+    counts = count_columns(table)
+    if not counts or len(table) > 100_000:
+        return Check("differencing", PASS if not ctx.released_tables else REVIEW,
+                     "No count column to compare with earlier releases."
+                     if not counts else "Too large to compare cell by cell with earlier "
+                     "releases; reviewers compare.")
+    keys = key_columns(table)
+    new = _as_cells(table, keys, counts)
+    for released in ctx.released_tables:
+        old_counts = [c for c in count_columns(released.table) if c in counts]
+        if not old_counts or key_columns(released.table) != keys:
+            continue
+        found = sdc.differences(new, _as_cells(released.table, keys, old_counts),
+                                ctx.min_cell_count)
+        if found:
+            return Check("differencing", FAIL, f"{len(found)} cells or totals differ by fewer "
+                         f"than {ctx.min_cell_count} from {released.name}, released in "
+                         f"request {released.request_id}: subtracting one from the other "
+                         "reveals a small group.", details={"request_id": released.request_id,
+                                                            "cells": len(found)})
+    return Check("differencing", PASS, "No cell or total differs by a small amount from an "
+                 "earlier release of this permit.")
+
+
+# The whole file ---------------------------------------------------------------------------
+
+def check_file(data: bytes, ctx: Context) -> FileVerdict:
+    digest = sha256(data)
+    sniffed = kinds.sniff(data)
+    results: list[Check] = check_kind(sniffed, ctx)
+    if any(c.outcome == FAIL and c.blocking for c in results):
+        return FileVerdict(sniffed.kind, FAIL, tuple(results))
+    receipt = check_receipt(data, digest, ctx)
+    if receipt is not None:
+        results.append(receipt)
+    seen = check_already_released(digest, ctx)
+    if seen is not None:
+        results.append(seen)
+    if sniffed.kind in kinds.TABLE_KINDS:
+        try:
+            table = read_table(data, sniffed.kind)
+        except ValueError:
+            results.append(Check("table_parse", FAIL, f"The file looks like {sniffed.kind} but "
+                                 "does not parse as a table with the same columns on every "
+                                 "row.", blocking=True))
+            return FileVerdict(sniffed.kind, FAIL, tuple(results))
+        if len(table) > ctx.max_rows:
+            results.append(Check("rows", FAIL, f"{len(table)} rows, more than the {ctx.max_rows} "
+                                 "this permit allows: export aggregates, not row-level data.",
+                                 blocking=True, details={"rows": len(table)}))
+        else:
+            results.append(Check("rows", PASS, f"{len(table)} rows (limit {ctx.max_rows}).",
+                                 details={"rows": len(table)}))
+        results.append(check_encoded(table))
+        if receipt is None or receipt.outcome != PASS:
+            results.extend(check_identifiers(table))
+            results.extend(check_disclosure(table, ctx))
+            results.append(check_differencing(table, ctx))
+    elif receipt is None or receipt.outcome != PASS:
+        results.append(Check("human_review", REVIEW, f"{sniffed.kind} files (images, documents, "
+                             "free text, models) are checked by reviewers, never released "
+                             "automatically."))
+    if any(c.outcome == FAIL and c.blocking for c in results):
+        return FileVerdict(sniffed.kind, FAIL, tuple(results))
+    if receipt is not None and receipt.outcome == PASS:
+        return FileVerdict(sniffed.kind, PASS, tuple(results))
+    return FileVerdict(sniffed.kind, REVIEW, tuple(results))
