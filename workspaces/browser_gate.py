@@ -31,7 +31,10 @@ Contract
   back from the audit log).
 * **Uploads** (``PUT``/``POST`` under ``/api/contents/``) are audited (``workspace.browser_upload``:
   path, size, chunk) and refused (413, audited) when one request body, or the chunks of one
-  chunked upload together, exceed ``WorkspaceSettings.upload_max_bytes``.
+  chunked upload together, exceed ``WorkspaceSettings.upload_max_bytes``; a websocket message
+  towards the workspace over that size closes the socket (1009, audited).
+* The gate's access log holds method, status and path only: no query string (OAuth codes and
+  states), no host.
 * Hub traffic is forwarded unchanged and uncounted (the hub is not researcher-controlled).
 
 Environment: ``SPE_GATE_LISTEN`` (public URL the gate binds, e.g. ``http://127.0.0.1:8000``),
@@ -634,6 +637,14 @@ class ProxyHandler(websocket.WebSocketHandler):
             self.write_message(message, binary=isinstance(message, bytes))
 
     async def on_message(self, message: str | bytes) -> None:
+        limit = self.gate.settings.upload_max_bytes
+        if self.ws is not None and len(message) > limit:
+            # a message into the workspace is an upload too (e.g. data pasted into a cell)
+            await self.gate.audit("workspace.browser_upload", self.ws, Outcome.REFUSED,
+                                  "websocket message over the upload limit",
+                                  bytes=len(message), limit=limit, status=1009)
+            self.close(1009, "message over the workspace's upload limit")
+            return
         if self.upstream_ws is not None:
             await self.upstream_ws.write_message(message, binary=isinstance(message, bytes))
 
@@ -644,9 +655,18 @@ class ProxyHandler(websocket.WebSocketHandler):
             self.upstream_ws.close()
 
 
+def log_request(handler: web.RequestHandler) -> None:
+    """Access log without the query string (OAuth codes and states travel there) and without
+    the host (which names the researcher); errors at warning level."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING
+    log.log(level, "%d %s %s %.1fms", status, handler.request.method,
+            handler.request.path[:200], 1000.0 * handler.request.request_time())
+
+
 def make_app(gate: Gate) -> web.Application:
     return web.Application([(r".*", ProxyHandler, {"gate": gate})],
-                           websocket_max_message_size=1 << 30)
+                           websocket_max_message_size=1 << 30, log_function=log_request)
 
 
 def config_from_env() -> tuple[GateConfig, str]:

@@ -69,10 +69,19 @@ class Stream(websocket.WebSocketHandler):
                 return
 
 
+class Echo(websocket.WebSocketHandler):
+    def check_origin(self, origin: str) -> bool:
+        return True
+
+    async def on_message(self, message: str | bytes) -> None:
+        await self.write_message(message, binary=isinstance(message, bytes))
+
+
 def _upstream() -> web.Application:
     return web.Application([(rf"{PREFIX}/big", Big),
                             (rf"{PREFIX}/api/contents/(.*)", Contents),
-                            (rf"{PREFIX}/api/kernels/k/channels", Stream)])
+                            (rf"{PREFIX}/api/kernels/k/channels", Stream),
+                            (rf"{PREFIX}/api/kernels/e/channels", Echo)])
 
 
 async def _with_gate(tmp: Path, body: Callable[[str, int, Gate, list[str]],
@@ -149,6 +158,17 @@ def test_gate_against_a_hostile_server(tmp_path: Path) -> None:
                 r = await c.put(f"{direct}{PREFIX}/api/contents/up.bin",
                                 json={**chunk, "chunk": n})
                 assert r.status_code == 201
+        # a message into the workspace over the upload limit closes the socket; a small one
+        # passes (the upstream echoes it)
+        req = httpclient.HTTPRequest(f"ws://127.0.0.1:{gate_port}{PREFIX}/api/kernels/e/channels",
+                                     headers={"Host": f"{host}:{gate_port}", "Origin": own})
+        paste = await websocket.websocket_connect(req)
+        await paste.write_message("small")
+        assert await paste.read_message() == "small"
+        await paste.write_message("z" * (UPLOAD_MAX + 1))
+        while await paste.read_message() is not None:
+            pass
+        assert paste.close_code == 1009, paste.close_code
         # websocket: the upstream pushes 3x the budget; through the gate it is cut
         req = httpclient.HTTPRequest(f"ws://127.0.0.1:{gate_port}{PREFIX}/api/kernels/k/channels",
                                      headers={"Host": f"{host}:{gate_port}", "Origin": own})
