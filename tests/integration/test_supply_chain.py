@@ -161,19 +161,24 @@ def test_sbom_lists_every_installed_package_with_version_and_hash(
 def test_setup_sbom_covers_the_environment(env: str, lock: str, sbom: str) -> None:
     if not (ROOT / sbom).is_file() or not (ROOT / env / "bin" / "python").exists():
         pytest.skip(f"{sbom} is written by scripts/setup.sh, which has not run here")
-    bom = json.loads((ROOT / sbom).read_text())
+    written = json.loads((ROOT / sbom).read_text())
+    assert written["bomFormat"] == "CycloneDX" and written["components"]
+    for component in written["components"]:
+        assert component["version"] and component["purl"].endswith("@" + component["version"])
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h["content"]) for h in component["hashes"])
+    # The environment as it is now (the file above is as of the last set-up): everything
+    # installed from the lock is listed with its hash; packages added by hand are flagged.
+    bom, unlocked = sc.python_sbom(ROOT / env, ROOT / lock, "check")
     by_name = {sc.canonical(c["name"]): c for c in bom["components"]}
     installed = {sc.canonical(d["name"]): d["version"] for d in sc.installed(ROOT / env)}
+    assert set(installed) == set(by_name)
     locked = sc.parse_lock(ROOT / lock)
-    # Everything set-up installed from the lock (a package added by hand later is not set-up's).
     for name, version in installed.items():
+        assert by_name[name]["version"] == version
         if name in locked and locked[name][0] == version:
-            assert by_name[name]["version"] == version
             assert by_name[name]["hashes"], name
-            assert all(re.fullmatch(r"[0-9a-f]{64}", h["content"])
-                       for h in by_name[name]["hashes"])
     if env == "var/runtime":  # built only by set-up: nothing in it is outside the lock
-        assert all(c["hashes"] for c in bom["components"])
+        assert unlocked == [] and all(c["hashes"] for c in written["components"])
 
 
 # --- Keycloak distribution --------------------------------------------------------------
