@@ -103,3 +103,19 @@ def test_every_npm_package_has_an_integrity_hash() -> None:
 def test_build_artefacts_are_ignored() -> None:
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert "/var/" in ignored  # var/sbom, var/runtime, var/lock-tools
+
+
+def test_pre_commit_runs_the_checks_ci_runs() -> None:
+    import yaml
+
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = {h["id"]: h for repo in config["repos"] for h in repo["hooks"]}
+    assert all(repo["repo"] == "local" for repo in config["repos"])  # nothing fetched
+    test_sh = (ROOT / "scripts" / "test.sh").read_text()
+    assert hooks["ruff"]["entry"] in test_sh  # .venv/bin/ruff check
+    assert hooks["mypy"]["entry"] in test_sh  # .venv/bin/mypy spe permits workspaces
+    layers = hooks["import-layers"]["entry"].split()[-1]
+    assert (ROOT / layers).is_file() and layers.startswith("tests/unit/")  # CI runs tests/
+    for hook in hooks.values():
+        assert hook["language"] == "system"
+        assert (ROOT / hook["entry"].split()[0]).name in ("ruff", "mypy", "python")
