@@ -46,7 +46,12 @@ import importlib.metadata as m, json, pathlib
 out = []
 for d in m.distributions():
     rec = d.read_text("RECORD") or ""
-    out.append({"name": d.metadata["Name"], "version": d.version,
+    meta = d.metadata
+    lic = meta.get("License-Expression") or " OR ".join(
+        c.split(" :: ")[-1] for c in (meta.get_all("Classifier") or [])
+        if c.startswith("License ::")) or ((meta.get("License") or "").strip().splitlines()
+                                           or [""])[0][:100]
+    out.append({"name": meta["Name"], "version": d.version, "license": lic,
                 "record_sha256": __import__("hashlib").sha256(rec.encode()).hexdigest()})
 print(json.dumps(out))
 """
@@ -149,11 +154,14 @@ def python_sbom(env: Path, lock: Path, name: str) -> tuple[dict[str, Any], list[
             hashes = []
             unlocked.append(f"{dist['name']}=={version}")
         props.append({"name": "spe:locked", "value": "true" if hashes else "false"})
-        components.append({
+        component: dict[str, Any] = {
             "type": "library", "bom-ref": purl, "name": dist["name"], "version": version,
             "purl": purl, "hashes": [{"alg": "SHA-256", "content": h} for h in hashes],
             "properties": props,
-        })
+        }
+        if dist.get("license"):
+            component["licenses"] = [{"license": {"name": dist["license"]}}]
+        components.append(component)
     return _bom(name, components), unlocked
 
 
@@ -201,8 +209,12 @@ def npm_sbom(lock: Path, name: str) -> dict[str, Any]:
         if integrity.startswith("sha512-"):
             hashes = [{"alg": "SHA-512",
                        "content": base64.b64decode(integrity[7:]).hex()}]
-        components.append({"type": "library", "bom-ref": purl, "name": pkg,
-                           "version": entry.get("version"), "purl": purl, "hashes": hashes})
+        component: dict[str, Any] = {"type": "library", "bom-ref": purl, "name": pkg,
+                                     "version": entry.get("version"), "purl": purl,
+                                     "hashes": hashes}
+        if entry.get("license"):
+            component["licenses"] = [{"license": {"name": str(entry["license"])}}]
+        components.append(component)
     return _bom(name, components)
 
 
