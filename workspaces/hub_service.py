@@ -27,6 +27,10 @@ API URL and token) with the SPE settings of the hub. One loop does three things:
   workspace controls); then the cull is refused. A server seen for the first time is measured
   first. A server older than ``max_server_lifetime_seconds`` is stopped whatever it does.
   Every decision is audited (``workspace.cull``).
+* **Network tables** (same tick as culling, and at start): every workspace network present
+  on the host whose host nftables table is missing (a firewall reload or flush) gets it
+  re-installed, audited as an alert (``workspace.network_reinstall``, outcome ``failure``:
+  the workspace was protected meanwhile only by the table inside its own namespace).
 * **Retention** (same tick): workspaces whose permit ended without an event seen (e.g. expiry
   noticed only by reading) get a deadline, and :func:`workspaces.lifecycle.purge_due` deletes
   the data past its deadline, audited.
@@ -53,7 +57,7 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.db.base import utcnow
-from workspaces import accounts, cgroups, lifecycle
+from workspaces import accounts, cgroups, lifecycle, network
 from workspaces.extracts import sync_extract
 from workspaces.models import WorkspaceRow
 from workspaces.settings import WorkspaceSettings, get_workspace_settings
@@ -239,6 +243,24 @@ class HubService:
             culled.append((user, name))
         return culled
 
+    # -- network -------------------------------------------------------------------------
+    def check_network_once(self) -> list[str]:
+        """Re-install missing host tables of workspace networks; returns their ws ids."""
+        nets = network.discover(self.ws.allowed_host_ports,
+                                max_connections=self.ws.max_connections)
+        fixed = []
+        for net in network.missing_host_tables(nets):
+            network.install_host_table(net)
+            log.warning("host nftables table of workspace %s was missing: re-installed",
+                        net.ws_id)
+            with self.db.write() as session:
+                record(session, AuditEvent(
+                    action="workspace.network_reinstall", actor="system", target=net.ws_id,
+                    outcome=Outcome.FAILURE, reason="host firewall table missing",
+                    details={"table": net.table, "reinstalled": True}))
+            fixed.append(net.ws_id)
+        return fixed
+
     # -- retention -------------------------------------------------------------------------
     def schedule_ended(self, now: datetime | None = None) -> list[str]:
         """Give a deadline to workspaces whose permit ended without an event seen."""
@@ -276,6 +298,7 @@ class HubService:
                 await self.handle_events()
                 if loop.time() >= next_cull:
                     next_cull = loop.time() + self.ws.cull_every_seconds
+                    await asyncio.to_thread(self.check_network_once)
                     await self.cull_once()
                     await asyncio.to_thread(self.retention_once)
             except Exception:  # keep serving; the next round retries

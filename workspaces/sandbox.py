@@ -269,7 +269,8 @@ class Workspace:
                                 parent_limits=parent_limits(settings, workspaces_dir))
             undo.append(cg.destroy)
             net = network.create(ws_id, settings.allowed_host_ports if with_network else (),
-                                 pool=settings.subnet_pool)
+                                 pool=settings.subnet_pool,
+                                 max_connections=settings.max_connections)
             undo.append(net.destroy)
             runtime = settings.runtime_dir if settings.runtime_dir.is_dir() else None
             spec = SandboxSpec(account=account, home=home, etc_dir=root / "etc", tmp=tmp,

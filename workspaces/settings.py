@@ -63,6 +63,13 @@ class WorkspaceSettings(BaseSettings):
         "API and the SPE API). Enforced by nftables on the host side: everything else "
         "arriving from a workspace is dropped, and nothing is forwarded.",
     )
+    max_connections: int | None = Field(
+        256,
+        ge=1,
+        description="Connections one workspace may hold open to the host at once (the hub "
+        "API and the SPE API together). Enforced by nftables (ct count) on the host side; "
+        "None: no limit.",
+    )
     disk_quota: bool = Field(
         True,
         description="Give every workspace home its own ext4 filesystem of the permit's "
