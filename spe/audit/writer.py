@@ -126,6 +126,8 @@ _COLUMNS = (AuditEntry.seq, AuditEntry.time, AuditEntry.actor, AuditEntry.role,
             AuditEntry.permit_id, AuditEntry.action, AuditEntry.target, AuditEntry.outcome,
             AuditEntry.reason, AuditEntry.request_id, AuditEntry.details, AuditEntry.salt,
             AuditEntry.permit_seq, AuditEntry.prev_hash, AuditEntry.entry_hash)
+#: The same columns under the public name other modules import (spe.api.routers.audit).
+ROW_COLUMNS = _COLUMNS
 
 
 def row_fields(row: Any) -> dict[str, Any]:
