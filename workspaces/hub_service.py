@@ -12,11 +12,15 @@ API URL and token) with the SPE settings of the hub. One loop does three things:
   workspaces' data after the permit's own ``retention_days``
   (:func:`workspaces.lifecycle.schedule_deletion`).
   The spawner's own ``poll`` checks the permit every 2 s as well, so either path suffices.
-* **Amendments** (same poll): ``amended`` stops the permit's servers of every person the
-  amendment removed (their permit and workspace tokens were already revoked by the permit
-  service); ``issued``, ``amended`` and ``resumed`` align the permit's pseudonymised extract
-  with its terms (:func:`workspaces.extracts.sync_extract`: removed when the access mode became
-  ``dp_only``, rebuilt when tables or columns changed). Audited as ``workspace.permit_amended``.
+* **Amendments** (same poll): an amendment that *narrows* the permit (a dataset, table or
+  column no longer granted, or ``pseudonymised`` -> ``dp_only``:
+  :func:`workspaces.lifecycle.narrowing`) stops every server of the permit (a running kernel
+  may hold data it may no longer see); otherwise ``amended`` stops the permit's servers of
+  every person the amendment removed (their permit and workspace tokens were already revoked
+  by the permit service); ``issued``, ``amended`` and ``resumed`` align the permit's
+  pseudonymised extract with its terms (:func:`workspaces.extracts.sync_extract`: removed
+  when the access mode became ``dp_only``, rebuilt when tables or columns changed). Audited
+  as ``workspace.permit_amended`` (with what narrowed).
   A changed compute quota (CPUs, memory, GPUs, disk) applies when the server next starts: the
   running one keeps the cgroup limits, GPUs and home size it started with; the researcher (or
   an operator) restarts it to pick up the new quota.
@@ -124,6 +128,14 @@ class HubService:
             return 0
         stop = {lifecycle.server_name(e.permit_id) for e in events if e.kind in STOPPING}
         amended = sorted({e.permit_id for e in events if e.kind is EventKind.AMENDED})
+        narrowed: dict[str, list[str]] = {}
+        for e in events:
+            if e.kind is EventKind.AMENDED:
+                reasons = await asyncio.to_thread(lifecycle.narrowing, self.db, e.permit_id,
+                                                  e.version)
+                if reasons:
+                    narrowed.setdefault(e.permit_id, []).extend(reasons)
+        stop |= {lifecycle.server_name(pid) for pid in narrowed}
         servers = await self.servers() if stop or amended else []
         if stop:
             for user, name, _server in servers:
@@ -143,8 +155,11 @@ class HubService:
                 log.exception("extract of permit %s not synchronised", pid)
                 extracts[pid] = "failed"
         for pid in amended:
-            await asyncio.to_thread(self._audit_amended, pid, [
-                u for u, _n, p in unnamed if p == pid], extracts.get(pid, "none"))
+            stopped = [u for u, _n, p in unnamed if p == pid]
+            if pid in narrowed:
+                stopped = [u for u, n, _s in servers if n == lifecycle.server_name(pid)]
+            await asyncio.to_thread(self._audit_amended, pid, stopped,
+                                    extracts.get(pid, "none"), narrowed.get(pid, []))
         for event in events:
             if event.kind in ENDING:
                 days = await asyncio.to_thread(lifecycle.permit_retention_days, self.db,
@@ -169,12 +184,14 @@ class HubService:
         return [(user, name, named[name][0]) for user, name, _server in servers
                 if name in named and user not in named[name][1]]
 
-    def _audit_amended(self, permit_id: str, stopped: list[str], extract: str) -> None:
+    def _audit_amended(self, permit_id: str, stopped: list[str], extract: str,
+                       narrowed: list[str] | None = None) -> None:
         with self.db.write() as session:
             record(session, AuditEvent(
                 action="workspace.permit_amended", actor="system", permit_id=permit_id,
-                target=permit_id, details={"stopped_servers_of": sorted(stopped),
-                                           "extract": extract}))
+                target=permit_id, details={"stopped_servers_of": sorted(set(stopped)),
+                                           "extract": extract,
+                                           "narrowed": narrowed or []}))
 
     # -- culling ---------------------------------------------------------------------------
     def _audit_cull(self, user: str, permit_id: str | None, ws_id: str, outcome: Outcome,

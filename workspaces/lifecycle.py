@@ -15,6 +15,8 @@ Contract:
   permit's pseudonymised extract, marks the row ``deleted`` and audits ``workspace.data_delete``
   with what was removed. A workspace whose permit is active again (e.g. extended) is not
   deleted: its deadline is cleared instead (audited).
+* :func:`narrowing` says whether (and how) an amendment narrowed the permit: the hub service
+  then stops every server of the permit, whoever it belongs to.
 * :func:`ray_tasks_running` lists the Ray tasks executing in a workspace, read from the process
   titles of the workspace's cgroup (Ray workers are titled ``ray::IDLE`` when idle and
   ``ray::<task or actor>`` when busy). The host reads them as root without entering the sandbox.
@@ -76,6 +78,36 @@ def permit_retention_days(db: Database, permit_id: str) -> int:
 
     with db.read() as session:
         return get_terms(session, permit_id).retention_days
+
+
+def narrowing(db: Database, permit_id: str, version: int) -> list[str]:
+    """How amendment ``version`` of the permit narrowed what its workspaces may see, compared
+    with the version before (empty: it did not): a dataset, table or column no longer granted,
+    or the access mode moved from ``pseudonymised`` to ``dp_only``."""
+    from permits.models import PermitVersion
+
+    with db.read() as session:
+        new = session.get(PermitVersion, (permit_id, version))
+        old = session.get(PermitVersion, (permit_id, version - 1)) if version > 1 else None
+        if new is None or old is None:
+            return []
+        before, after = old.snapshot, new.snapshot
+    reasons = []
+    if before.get("access_mode") == "pseudonymised" and after.get("access_mode") != before.get(
+            "access_mode"):
+        reasons.append("access mode pseudonymised -> " + str(after.get("access_mode")))
+    granted = {g["dataset"]: g["tables"] for g in after.get("datasets", [])}
+    for grant in before.get("datasets", []):
+        tables = granted.get(grant["dataset"])
+        if tables is None:
+            reasons.append(f"dataset {grant['dataset']} removed")
+            continue
+        for table, columns in grant["tables"].items():
+            if table not in tables:
+                reasons.append(f"table {grant['dataset']}.{table} removed")
+            elif set(columns) - set(tables[table]):
+                reasons.append(f"columns of {grant['dataset']}.{table} removed")
+    return reasons
 
 
 def schedule_deletion(db: Database, permit_id: str, *, ended_at: datetime,

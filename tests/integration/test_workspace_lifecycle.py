@@ -231,7 +231,7 @@ def _store(settings: Settings) -> None:
     con.close()
 
 
-def test_amendments_stop_removed_persons_and_sync_the_extract(
+def test_amendments_stop_removed_persons_narrowing_stops_all_and_sync_the_extract(
         svc: PermitService, db: Database, settings: Settings) -> None:
     import pyarrow.parquet as pq
 
@@ -251,32 +251,45 @@ def test_amendments_stop_removed_persons_and_sync_the_extract(
         assert asyncio.run(service.handle_events()) == 2  # issued x2: the extract is built
         assert pq.read_schema(extract).names == ["person_id", "year_of_birth"]
         assert hub.deleted == []
-        # columns change: the extract is rebuilt; nobody removed: no server stopped
+        # a column added (widening): the extract is rebuilt; no server stopped (control)
         etag = svc.get(ALPHA, pid).etag
         svc.amend(ALPHA, pid, PermitUpdate.model_validate({"datasets": [
-            {"dataset": "demo", "tables": {"person": ["person_id", "gender_concept_id"]}}]}),
-            etag)
+            {"dataset": "demo", "tables": {"person": ["person_id", "year_of_birth",
+                                                      "gender_concept_id"]}}]}), etag)
         assert asyncio.run(service.handle_events()) == 1
-        assert pq.read_schema(extract).names == ["gender_concept_id", "person_id"]
+        assert set(pq.read_schema(extract).names) == {"gender_concept_id", "person_id",
+                                                      "year_of_birth"}
         assert hub.deleted == []
         # alice removed: her server for this permit stops, bob's (and his other one) stay
         svc.amend(ALPHA, pid, PermitUpdate(persons=["bob"]), svc.get(ALPHA, pid).etag)
         assert asyncio.run(service.handle_events()) == 1
         assert hub.deleted == [("alice", name)]
         assert hub.servers == {"alice": [], "bob": [name, lifecycle.server_name(other)]}
-        # pseudonymised -> dp_only: the extract is removed, audited
+        # a column removed (narrowing): every server of the permit stops (bob's), not his
+        # server of another permit
+        svc.amend(ALPHA, pid, PermitUpdate.model_validate({"datasets": [
+            {"dataset": "demo", "tables": {"person": ["person_id", "gender_concept_id"]}}]}),
+            svc.get(ALPHA, pid).etag)
+        assert asyncio.run(service.handle_events()) == 1
+        assert hub.deleted == [("alice", name), ("bob", name)]
+        assert hub.servers == {"alice": [], "bob": [lifecycle.server_name(other)]}
+        # pseudonymised -> dp_only (narrowing): the extract is removed, servers stopped, audited
+        hub.servers["bob"].append(name)
         svc.amend(ALPHA, pid, PermitUpdate.model_validate({"access_mode": "dp_only"}),
                   svc.get(ALPHA, pid).etag)
         assert asyncio.run(service.handle_events()) == 1
         assert not extract.parent.parent.exists()
-        assert hub.deleted == [("alice", name)]
+        assert hub.deleted == [("alice", name), ("bob", name), ("bob", name)]
     finally:
         hub.close()
     amended = _audits(db, "workspace.permit_amended")
-    assert [(e.details["stopped_servers_of"], e.details["extract"]) for e in amended] == [
-        ([], "rebuilt"), (["alice"], "kept"), ([], "removed")]
+    assert [(e.details["stopped_servers_of"], e.details["extract"], e.details["narrowed"])
+            for e in amended] == [
+        ([], "rebuilt", []), (["alice"], "kept", []),
+        (["bob"], "rebuilt", ["columns of demo.person removed"]),
+        (["bob"], "removed", ["access mode pseudonymised -> dp_only"])]
     assert [e.permit_id for e in _audits(db, "workspace.extract_remove")] == [pid]
-    assert len(_audits(db, "workspace.extract_build")) == 2
+    assert len(_audits(db, "workspace.extract_build")) == 3
     with db.read() as s:
         verify_chain(s)
 
