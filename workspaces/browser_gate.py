@@ -35,6 +35,10 @@ Contract
   towards the workspace over that size closes the socket (1009, audited).
 * The gate's access log holds method, status and path only: no query string (OAuth codes and
   states), no host.
+* JupyterLab's own application files (``/static/lab/``: hashed, immutable scripts and styles,
+  the bulk of a page load) are served by the gate from the workspace runtime, which the
+  sandbox cannot write, and are not counted: they cannot carry data. Whatever the server would
+  have answered there is never forwarded.
 * Hub traffic is forwarded unchanged and uncounted (the hub is not researcher-controlled).
 
 Environment: ``SPE_GATE_LISTEN`` (public URL the gate binds, e.g. ``http://127.0.0.1:8000``),
@@ -50,6 +54,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import mimetypes
 import os
 import posixpath
 import re
@@ -83,6 +88,7 @@ CORS_HEADERS = ("access-control-allow-origin", "access-control-allow-credentials
                 "access-control-expose-headers", "access-control-max-age",
                 "access-control-allow-private-network")
 DOWNLOAD_PREFIXES = ("files/", "view/", "nbconvert/")
+LAB_STATIC = "static/lab/"
 COOKIE_DOMAIN = re.compile(r";\s*domain=[^;]*", re.IGNORECASE)
 
 
@@ -420,6 +426,8 @@ class ProxyHandler(websocket.WebSocketHandler):
             self._refuse(403, "This workspace is paused: its responses to the browser "
                               "exceeded today's budget. An administrator has been alerted.")
             return False
+        if await self._lab_static(ws, path):
+            return False
         reason = blocked_reason(path, self.request.query, ws.prefix)
         if reason is not None:
             await self.gate.audit("workspace.browser_blocked", ws, Outcome.REFUSED, reason,
@@ -437,6 +445,26 @@ class ProxyHandler(websocket.WebSocketHandler):
         if not await self._check_upload(ws):
             return False
         self._upstream_host = self.gate.origin_host(f"{ws.user}.{self.gate.config.user_domain}")
+        return True
+
+    async def _lab_static(self, ws: Workspace, path: str) -> bool:
+        """Serve ``static/lab/<file>`` from the runtime's trusted copy; True when answered."""
+        rel = normalised(path)[len(ws.prefix):]
+        if not rel.startswith(LAB_STATIC) or self.request.method not in ("GET", "HEAD"):
+            return False
+        root = (self.gate.settings.runtime_dir / "share" / "jupyter" / "lab" / "static")
+        root = root.resolve()
+        target = (root / rel[len(LAB_STATIC):]).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            self._refuse(404, "Not found.")
+            return True
+        data = await asyncio.to_thread(target.read_bytes)
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        self.set_header("Content-Type", ctype)
+        self.set_header("Cache-Control", "public, max-age=31536000, immutable")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Cross-Origin-Resource-Policy", "same-origin")
+        self.finish(b"" if self.request.method == "HEAD" else data)
         return True
 
     async def _check_upload(self, ws: Workspace) -> bool:

@@ -86,6 +86,9 @@ def _upstream() -> web.Application:
 
 async def _with_gate(tmp: Path, body: Callable[[str, int, Gate, list[str]],
                                               Awaitable[None]]) -> Database:
+    static = tmp / "runtime" / "share" / "jupyter" / "lab" / "static"
+    static.mkdir(parents=True)
+    (static / "app.js").write_bytes(b"trusted lab code")
     db = Database(f"sqlite:///{tmp / 'control.db'}")
     db.upgrade()
     up_port, gate_port = _port(), _port()
@@ -100,7 +103,8 @@ async def _with_gate(tmp: Path, body: Callable[[str, int, Gate, list[str]],
     def new_gate() -> Gate:
         return Gate(GateConfig(upstream=f"http://127.0.0.1:{up_port}", hub_host="127.0.0.1",
                                user_domain="localhost", public_port=gate_port),
-                    WorkspaceSettings(browser_budget_bytes=BUDGET, upload_max_bytes=UPLOAD_MAX),
+                    WorkspaceSettings(browser_budget_bytes=BUDGET, upload_max_bytes=UPLOAD_MAX,
+                                      runtime_dir=tmp / "runtime"),
                     db, stop_server)
 
     gate = new_gate()
@@ -146,6 +150,15 @@ def test_gate_against_a_hostile_server(tmp_path: Path) -> None:
                 assert r.status_code == 403
             assert (await c.request("OPTIONS", f"{via}/big", headers=h)).status_code == 403
             assert (await c.get(f"{via}/big", headers={**h, "Origin": own})).status_code == 200
+            # JupyterLab's own files come from the runtime, uncounted, never from the server
+            used = gate.budget.get(f"alice/{SERVER}").used
+            lab = await c.get(f"{via}/static/lab/app.js?v=1", headers=h)
+            assert lab.status_code == 200 and lab.content == b"trusted lab code"
+            assert gate.budget.get(f"alice/{SERVER}").used == used
+            for sneaky in ("/static/lab/../../etc/passwd", "/static/lab/%2e%2e/x",
+                           "/static/lab/missing.js"):
+                r = await c.get(f"{via}{sneaky}", headers=h)
+                assert r.status_code in (403, 404) and b"root:" not in r.content, sneaky
             # chunked upload: every chunk under the limit, the sum over it
             chunk = {"type": "file", "format": "base64", "content": "A" * 20_000}
             codes = []
