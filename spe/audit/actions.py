@@ -82,6 +82,7 @@ class AuditAction(StrEnum):
     AUDIT_CHECKPOINTS = "audit.checkpoints"
     AUDIT_CONSISTENCY = "audit.consistency"
     AUDIT_PROOF = "audit.proof"
+    AUDIT_ALERT = "audit.alert"
     # the audit log's own tooling (tests and operators' checks)
     AUDIT_TEST = "audit.test"
 
@@ -152,6 +153,8 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.AUDIT_CHECKPOINTS: "signed checkpoints of the audit log were fetched",
     AuditAction.AUDIT_CONSISTENCY: "a consistency proof between two checkpoints was fetched",
     AuditAction.AUDIT_PROOF: "a permit's audit entries were fetched with inclusion proofs",
+    AuditAction.AUDIT_ALERT: "ALERT: a rule flagged a suspicious pattern in the audit log "
+    "(spe.audit.alerts: the rule, counts and entry numbers in details)",
     AuditAction.AUDIT_TEST: "a test or operator check wrote an entry to exercise the log",
     AuditAction.WORKSPACE_NETWORK_REINSTALL: "a workspace network's host firewall table was "
     "found missing and re-installed (an alert)",
