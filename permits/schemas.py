@@ -21,7 +21,6 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,6 +31,7 @@ from pydantic import (
 
 from permits.purposes import Purpose
 from permits.terms import AccessMode, PermitStatus
+from spe.schema_types import IsoDateTime
 
 #: Longest access period a permit may be issued for (EHDS Art 68(12)): 10 years.
 MAX_PERMIT_DURATION = timedelta(days=3653)
@@ -192,8 +192,8 @@ class PermitContent(_Strict):
     )
     persons: list[Username] = Field(min_length=1, max_length=200, description="Keycloak "
                                     "usernames of the natural persons entitled to process data.")
-    valid_from: AwareDatetime = Field(description="Start of the access period.")
-    valid_until: AwareDatetime = Field(description="End of the access period (at most 10 years "
+    valid_from: IsoDateTime = Field(description="Start of the access period.")
+    valid_until: IsoDateTime = Field(description="End of the access period (at most 10 years "
                                        "after valid_from); the permit expires at this instant.")
     retention_days: int = Field(MAX_RETENTION_DAYS, ge=0, le=MAX_RETENTION_DAYS,
                                 description="Days data stay in the SPE after the access period.")
@@ -323,7 +323,7 @@ class ExtendRequest(_Strict):
         "examples": [{"valid_until": "2030-01-01T00:00:00Z",
                       "reason": "Follow-up of the cohort approved by the access body."}]})
 
-    valid_until: AwareDatetime
+    valid_until: IsoDateTime
     reason: Text
 
 

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from spe.api.routing import AuditedRoute
 from spe.api.state import get_db
 from spe.auth.deps import require_role
 from spe.auth.principal import Principal, Role
@@ -28,7 +29,7 @@ from workspaces.lifecycle import server_name
 from workspaces.models import GpuAllocation, WorkspaceRow
 from workspaces.settings import get_workspace_settings
 
-router = APIRouter(tags=["workspaces"])
+router = APIRouter(tags=["workspaces"], route_class=AuditedRoute)
 _operators = require_role(Role.OPERATOR, Role.HOSPITAL_ADMIN)
 
 
@@ -72,7 +73,8 @@ def _active_gpus(db: Database) -> dict[str, list[int]]:
     return held
 
 
-@router.get("/v1/workspaces", response_model=list[WorkspacePublic])
+@router.get("/v1/workspaces", response_model=list[WorkspacePublic], name="workspace.list",
+            operation_id="listWorkspaces", summary="List workspaces")
 def list_workspaces(
     _caller: Annotated[Principal, Depends(_operators)],
     db: Annotated[Database, Depends(get_db)],
@@ -94,7 +96,8 @@ def list_workspaces(
             gpus=held.get(r.id, [])) for r in session.execute(query).scalars()]
 
 
-@router.get("/v1/gpus", response_model=GpuReport)
+@router.get("/v1/gpus", response_model=GpuReport, name="workspace.gpus",
+            operation_id="listGpus", summary="GPU inventory and allocations")
 def list_gpus(
     _caller: Annotated[Principal, Depends(_operators)],
     db: Annotated[Database, Depends(get_db)],

@@ -31,6 +31,13 @@ API URL and token) with the SPE settings of the hub. One loop does three things:
   workspace controls); then the cull is refused. A server seen for the first time is measured
   first. A server older than ``max_server_lifetime_seconds`` is stopped whatever it does.
   Every decision is audited (``workspace.cull``).
+* **Persons** (every ``person_check_seconds``, 5 s by default): each person with a server is
+  looked up in Keycloak; one who is gone, disabled, or no longer holds the ``researcher``
+  role has every server stopped and every live workspace token revoked (audited as
+  ``workspace.cull`` with the reason), so within about 10 s nothing of theirs runs or answers.
+  A Keycloak that cannot be reached changes nothing (logged; checked again next round).
+  Logging out of the hub ends the browser session only: servers keep running (until culled,
+  stopped by the person, or stopped by one of these checks), so a closed tab loses no work.
 * **Network tables** (same tick as culling, and at start): every workspace network present
   on the host whose host nftables table is missing (a firewall reload or flush) gets it
   re-installed, audited as an alert (``workspace.network_reinstall``, outcome ``failure``:
@@ -89,6 +96,7 @@ class HubService:
                                       timeout=30)
         self.cursor_file = settings.data_dir / "hub" / "permit_events.cursor"
         self._cpu: dict[str, tuple[float, float]] = {}  # ws_id -> (monotonic s, CPU s)
+        self._keycloak: Any = None
 
     # -- hub API ---------------------------------------------------------------------------
     async def servers(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -260,6 +268,63 @@ class HubService:
             culled.append((user, name))
         return culled
 
+    # -- persons -------------------------------------------------------------------------
+    def person_standing(self, username: str) -> str | None:
+        """Why ``username`` may no longer run workspaces (None: still a researcher)."""
+        from spe.auth.groups import admin_client
+
+        if self._keycloak is None:
+            self._keycloak = admin_client(self.settings)
+        admin = self._keycloak
+        uid = admin.get_user_id(username)
+        if uid is None:
+            return "person no longer in Keycloak"
+        if not admin.get_user(uid).get("enabled", False):
+            return "person disabled in Keycloak"
+        roles = {r["name"] for r in admin.get_composite_realm_roles_of_user(uid)}
+        if "researcher" not in roles:
+            return "researcher role removed"
+        return None
+
+    def _revoke_person(self, username: str, reason: str) -> int:
+        from spe.auth.models import WorkspaceGrant
+        from spe.auth.workspace_tokens import revoke_person_tokens
+
+        with self.db.write() as session:
+            permits = session.execute(select(WorkspaceGrant.permit_id).where(
+                WorkspaceGrant.username == username,
+                WorkspaceGrant.revoked_at.is_(None)).distinct()).scalars().all()
+            return sum(revoke_person_tokens(session, pid, [username], reason=reason)
+                       for pid in permits)
+
+    async def check_persons_once(self) -> list[tuple[str, str]]:
+        """Stop the servers and revoke the tokens of persons who may no longer work;
+        returns the servers stopped."""
+        servers = await self.servers()
+        stopped = []
+        for user in sorted({u for u, _n, _s in servers}):
+            try:
+                reason = await asyncio.to_thread(self.person_standing, user)
+            except Exception:  # Keycloak unreachable: change nothing, retry next round
+                log.exception("could not check %s in Keycloak", user)
+                self._keycloak = None
+                continue
+            if reason is None:
+                continue
+            names = [n for u, n, _s in servers if u == user]
+            for name in names:
+                await self.stop_server(user, name)
+                stopped.append((user, name))
+            revoked = await asyncio.to_thread(self._revoke_person, user, reason)
+            for name in names:
+                permit_id = await asyncio.to_thread(lifecycle.permit_for_server, self.db,
+                                                    user, name)
+                ws_id = (accounts.workspace_id(user, permit_id) if permit_id
+                         else f"server:{name}")
+                await asyncio.to_thread(self._audit_cull, user, permit_id, ws_id,
+                                        Outcome.SUCCESS, reason, revoked_tokens=revoked)
+        return stopped
+
     # -- network -------------------------------------------------------------------------
     def check_network_once(self) -> list[str]:
         """Re-install missing host tables of workspace networks; returns their ws ids."""
@@ -308,11 +373,14 @@ class HubService:
 
     # -- loop ------------------------------------------------------------------------------
     async def run(self) -> None:
-        next_cull = 0.0
+        next_cull = next_persons = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
                 await self.handle_events()
+                if loop.time() >= next_persons:
+                    next_persons = loop.time() + self.ws.person_check_seconds
+                    await self.check_persons_once()
                 if loop.time() >= next_cull:
                     next_cull = loop.time() + self.ws.cull_every_seconds
                     await asyncio.to_thread(self.check_network_once)

@@ -111,6 +111,14 @@ class WorkspaceSettings(BaseSettings):
         "doing (audited as workspace.cull, 'maximum lifetime'); the researcher starts it "
         "again. None: no maximum.",
     )
+    person_check_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=8,
+        description="How often the hub service checks in Keycloak that each person with a "
+        "server is still enabled and a researcher; one who is not loses every server and "
+        "workspace token (within this plus the stop time: under 10 s by default).",
+    )
     cull_every_seconds: int = Field(
         60, ge=1, description="How often the hub service looks for idle servers."
     )

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 import spe
-from spe.api import problems
+from spe.api import docs, problems
 from spe.api.middleware import RequestContextMiddleware
 from spe.api.routers import health
 from spe.api.state import AppState
@@ -23,9 +23,11 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         version=spe.__version__,
         description="API of the SPE: permits for access bodies, DP queries for researchers, "
         "datasets, exports and audit for hospital admins. Errors are RFC 9457 problem details.",
+        docs_url=None, redoc_url=None,
     )
     app.state.spe = AppState(settings=settings, db=db)
     problems.install(app)
+    docs.install(app)
 
     app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes)
 

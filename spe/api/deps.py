@@ -10,6 +10,9 @@ Contract
   without any of ``roles``.
 * ``PermitId``: the ``{permit_id}`` path parameter with the constraints the server enforces
   (1-64 characters of ``A-Z a-z 0-9 -``), so the OpenAPI document states them.
+* ``IsoDateTime``: a timezone-aware ISO 8601 date-time (query or body); numbers (which
+  pydantic would read as Unix times) and times without an offset are refused (422), so the
+  server accepts exactly what the schema's ``format: date-time`` says.
 * Services: ``permit_service(state)`` / ``PermitServiceDep`` and ``permit_sweeper(state)``,
   created once per app in typed :class:`~spe.api.state.AppState` slots (``PERMIT_SERVICE``,
   ``PERMIT_SWEEPER``); a test swaps one in with ``state.put(PERMIT_SERVICE, service)``.
@@ -33,10 +36,12 @@ from spe.auth.deps import get_principal, require_role
 from spe.auth.principal import Principal
 from spe.config import Settings
 from spe.db import Database
+from spe.schema_types import IsoDateTime
 
 __all__ = [
     "PERMIT_SERVICE", "PERMIT_SWEEPER", "AppStateDep", "CurrentPrincipal", "DatabaseDep",
-    "PermitId", "PermitServiceDep", "ReadingPrincipal", "SettingsDep", "current_principal",
+    "IsoDateTime", "PermitId", "PermitServiceDep", "ReadingPrincipal", "SettingsDep",
+    "current_principal",
     "get_state", "permit_service", "permit_sweeper", "reading_principal", "require_role",
 ]
 
@@ -62,6 +67,7 @@ PERMIT_ID_PATTERN = r"^[A-Za-z0-9-]+$"
 PermitId = Annotated[str, Path(min_length=1, max_length=64, pattern=PERMIT_ID_PATTERN,
                                description="The permit's id.",
                                examples=["3f0c7f6e-3c5b-4c43-9d59-2b1f1cf0a3d2"])]
+
 
 PERMIT_SERVICE: StateKey[PermitService] = StateKey("permits.service")
 PERMIT_SWEEPER: StateKey[ExpirySweeper] = StateKey("permits.sweeper")

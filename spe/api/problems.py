@@ -247,6 +247,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            # A body that is not JSON (or not UTF-8) is invalid input like any other.
+            return problem(422, "invalid-input", "Invalid input",
+                           "The request does not match the schema; see errors.", request,
+                           [{"loc": ["body"], "msg": "The body is not valid JSON.",
+                             "type": "json_invalid"}])
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))

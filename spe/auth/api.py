@@ -8,10 +8,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
+from spe.api.routing import AuditedRoute
 from spe.auth.deps import get_principal
 from spe.auth.principal import Principal
 
-router = APIRouter(tags=["identity"])
+router = APIRouter(tags=["identity"], route_class=AuditedRoute)
 
 
 class MePublic(BaseModel):
@@ -24,7 +25,9 @@ class MePublic(BaseModel):
     workspace_id: str | None = Field(None, description="the workspace (workspace tokens)")
 
 
-@router.get("/v1/me", response_model=MePublic, summary="Who am I")
+@router.get("/v1/me", response_model=MePublic, name="auth.me", operation_id="getMe",
+            summary="Who am I",
+            description="The caller as the SPE sees them: subject, kind, roles.")
 def me(principal: Principal = Depends(get_principal)) -> MePublic:
     return MePublic(
         subject=principal.subject,

@@ -38,12 +38,14 @@ from starlette.concurrency import run_in_threadpool
 
 from permits.terms import PermitTerms
 from spe.api.deps import PermitId
+from spe.api.problems import problem_responses
 from spe.api.state import get_state
 from spe.audit import AuditEvent, Outcome, record
 from spe.auth.deps import get_principal, require_role
 from spe.auth.principal import Principal, Role
 from spe.datasets.metadata import DatasetMetadata
 from spe.dp.limits import Limits, RateLimited
+from spe.dp.schemas import BudgetStatus, QueryAnswer
 from spe.dp.service import (
     Caller,
     QueryFailed,
@@ -218,9 +220,23 @@ def _opener(request: Request) -> Any:
     return _open
 
 
-@router.post("/v1/permits/{permit_id}/queries")
+@router.post(
+    "/v1/permits/{permit_id}/queries", name="dp.query", operation_id="postQuery",
+    summary="Answer a DP query",
+    description="A researcher named in the active permit sends one DuckDB SELECT; the answer "
+    "is the noisy table with its accuracy, cost and a signed release receipt (or, with "
+    "`dry_run`, only the cost). Refusals: 400 a construct the engine does not accept (named, "
+    "with an alternative), 403 inactive permit, a person no longer named, or budget exceeded, "
+    "404 a permit not visible to the caller, 429 over the token's or permit's rate limit "
+    "(`Retry-After`). A failure after the data were read is one generic 500 and keeps the "
+    "charge. Same `Idempotency-Key` and plan: the stored answer, no new charge.",
+    response_model=QueryAnswer,
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 429))
 async def post_query(permit_id: PermitId, body: QueryBody, request: Request,
-                     idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+                     idempotency_key: str | None = Header(
+                         None, alias="Idempotency-Key", min_length=1, max_length=128,
+                         description="Makes retries safe: the same key and plan return the "
+                         "stored answer without a new charge."),
                      principal: Principal = Depends(require_role(Role.RESEARCHER))
                      ) -> dict[str, Any]:
     """Answer a DP query. The work runs in a worker thread; the answer-time padding (every
@@ -260,7 +276,14 @@ def _post_query(permit_id: str, body: QueryBody, request: Request,
         limits.leave(key)
 
 
-@router.get("/v1/permits/{permit_id}/budget")
+@router.get(
+    "/v1/permits/{permit_id}/budget", name="dp.budget", operation_id="getBudget",
+    summary="Read a permit's privacy budget",
+    description="Total, spent and remaining epsilon and delta. Readable by the researchers "
+    "the permit names (while named), by the issuing access body and by hospital admins, "
+    "whatever the permit's status; 404 for anyone else. 429 over the token's rate limit.",
+    response_model=BudgetStatus,
+    responses=problem_responses(401, 403, 404, 422, 429))
 def get_budget(permit_id: PermitId, request: Request,
                principal: Principal = Depends(get_principal)) -> dict[str, Any]:
     limits, key = _admit(request, principal, permit_id, "dp.budget")

@@ -26,7 +26,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query
@@ -34,7 +33,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from permits.models import Permit
-from spe.api.deps import AppStateDep, PermitId
+from spe.api.deps import AppStateDep, IsoDateTime, PermitId
 from spe.api.routing import AuditedRoute
 from spe.api.state import AppState, StateKey
 from spe.audit import AuditAction, AuditEvent, Outcome, record
@@ -242,8 +241,8 @@ def read_audit(
     actor: Annotated[str | None, Query(max_length=255)] = None,
     permit_id: Annotated[str | None, Query(max_length=64)] = None,
     outcome: Annotated[Literal["success", "refused", "failure"] | None, Query()] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: IsoDateTime | None = None,
+    until: IsoDateTime | None = None,
     cursor: Annotated[int, Query(ge=0, le=2**62,
                                  description="next_cursor of the previous page")] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,

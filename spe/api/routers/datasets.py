@@ -6,18 +6,21 @@ Readable by hospital admins, operators and access bodies (enforced by ``require_
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, Field
 
+from spe.api.routing import AuditedRoute
 from spe.api.state import get_db
 from spe.auth.deps import require_role
 from spe.auth.principal import Principal, Role
+from spe.datasets.ingest import NAME_PATTERN
 from spe.datasets.metadata import ColumnMeta
 from spe.datasets.registry import DatasetInfo, get_dataset, list_datasets
 from spe.db import Database
 
-router = APIRouter(tags=["datasets"])
+router = APIRouter(tags=["datasets"], route_class=AuditedRoute)
 _readers = require_role(Role.HOSPITAL_ADMIN, Role.OPERATOR, Role.ACCESS_BODY)
 
 
@@ -71,16 +74,22 @@ def _column(col: ColumnMeta) -> ColumnPublic:
     return ColumnPublic.model_validate(col.model_dump())
 
 
-@router.get("/v1/datasets", response_model=list[DatasetSummary],
-            summary="List registered datasets (metadata only)")
+@router.get("/v1/datasets", response_model=list[DatasetSummary], name="dataset.list",
+            operation_id="listDatasets", summary="List registered datasets (metadata only)",
+            description="Hospital admins, operators and access bodies; others get 403.")
 def datasets(db: Database = Depends(get_db),
              principal: Principal = Depends(_readers)) -> list[DatasetSummary]:
     return [DatasetSummary.model_validate(_summary(i)) for i in list_datasets(db)]
 
 
-@router.get("/v1/datasets/{name}", response_model=DatasetDetail,
-            summary="A dataset's tables, columns, types, row counts and DP metadata")
-def dataset(name: str, db: Database = Depends(get_db),
+@router.get("/v1/datasets/{name}", response_model=DatasetDetail, name="dataset.read",
+            operation_id="getDataset",
+            summary="A dataset's tables, columns, types, row counts and DP metadata",
+            description="Hospital admins, operators and access bodies; 404 for an unknown "
+            "name.")
+def dataset(name: Annotated[str, Path(pattern=NAME_PATTERN.pattern, max_length=63,
+                                      description="The dataset's registered name.",
+                                      examples=["omop_demo"])], db: Database = Depends(get_db),
             principal: Principal = Depends(_readers)) -> DatasetDetail:
     info = get_dataset(db, name)
     meta = info.metadata
