@@ -326,11 +326,12 @@ class SandboxSpawner(Spawner):
             await asyncio.to_thread(self._teardown, _db(self.spe_settings), str(exc))
             return 1
         ws = self._ws
-        if ws is not None and time.monotonic() - self._token_at >= (
-                token_refresh.refresh_interval(self.spe_settings)):
+        every = token_refresh.refresh_interval(self.spe_settings)
+        if ws is not None and time.monotonic() - self._token_at >= every:
             try:
                 await asyncio.to_thread(self._refresh_token, _db(self.spe_settings), ws)
-            except Exception:  # the next poll tries again; the old token is still valid
+            except Exception:  # e.g. a full home: retry in 30 s, the old token is still valid
+                self._token_at = time.monotonic() - every + 30
                 self.log.exception("Workspace %s: token refresh failed", self.ws_id)
         return None
 
