@@ -15,7 +15,8 @@ Contract
   in subdomain mode (``<user>.<user domain>``, host routing in the proxy); the gate forwards a
   workspace host's requests to the proxy under the user's JupyterHub domain, and only for paths
   under ``/user/<user>/<server>/``. A request on a JupyterHub user domain is redirected to the
-  workspace host of the path's server; any other host, path or label is refused (404, audited).
+  workspace host of the path's server; any other host, path or label is refused (404, audited;
+  refusals naming no workspace at most once a minute, with their count).
   Workspace responses lose CORS headers and cookie ``Domain`` attributes; CORS preflights and
   websockets from another origin are refused.
 * **No download routes.** ``/files/``, ``/view/``, ``/nbconvert/`` (export-as), ``/api/nbconvert``
@@ -60,6 +61,7 @@ import posixpath
 import re
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -89,6 +91,7 @@ CORS_HEADERS = ("access-control-allow-origin", "access-control-allow-credentials
                 "access-control-allow-private-network")
 DOWNLOAD_PREFIXES = ("files/", "view/", "nbconvert/")
 LAB_STATIC = "static/lab/"
+ANON_AUDIT_SECONDS = 60.0
 COOKIE_DOMAIN = re.compile(r";\s*domain=[^;]*", re.IGNORECASE)
 
 
@@ -240,6 +243,7 @@ class Gate:
         self.uploads: dict[tuple[str, str], int] = {}
         self.sockets: dict[str, set[ProxyHandler]] = {}
         self._loaded: set[tuple[str, str]] = set()
+        self._anonymous: dict[str, tuple[int, float]] = {}
 
     def origin_host(self, host: str) -> str:
         port = self.config.public_port
@@ -266,6 +270,19 @@ class Gate:
     async def audit(self, action: str, ws: Workspace | None, outcome: Outcome = Outcome.SUCCESS,
                     reason: str | None = None, **details: Any) -> None:
         await asyncio.to_thread(self._audit_sync, action, ws, outcome, reason, details)
+
+    async def audit_anonymous(self, reason: str, host: str) -> None:
+        """Refusals that name no workspace (unknown hosts: scanners, typos) are audited at
+        most once a minute per reason, with how many there were, so they cannot flood the log."""
+        now = time.monotonic()
+        count, last = self._anonymous.get(reason, (0, -ANON_AUDIT_SECONDS))
+        count += 1
+        if now - last < ANON_AUDIT_SECONDS:
+            self._anonymous[reason] = (count, last)
+            return
+        self._anonymous[reason] = (0, now)
+        await self.audit("workspace.browser_blocked", None, Outcome.REFUSED, reason,
+                         host=host[:200], refused_since_last_entry=count, status=404)
 
     # -- workspaces ----------------------------------------------------------------------
     async def workspace(self, user: str, server: str) -> Workspace:
@@ -403,14 +420,12 @@ class ProxyHandler(websocket.WebSocketHandler):
                 uri = self.request.uri or path
                 self.redirect(self.gate.origin(host) + uri)
                 return False
-            await self.gate.audit("workspace.browser_blocked", None, Outcome.REFUSED,
-                                  "request on a user domain outside a workspace origin",
-                                  host=self.request.host_name[:200], status=404)
+            await self.gate.audit_anonymous("request on a user domain outside a workspace "
+                                            "origin", self.request.host_name)
             self._refuse(404, "Not found: open the workspace from the hub's home page.")
             return False
         if target.kind != "workspace":
-            await self.gate.audit("workspace.browser_blocked", None, Outcome.REFUSED,
-                                  "unknown host", host=self.request.host_name[:200], status=404)
+            await self.gate.audit_anonymous("unknown host", self.request.host_name)
             self._refuse(404, "Not found.")
             return False
         ws = self.ws = await self.gate.workspace(target.user, target.server)

@@ -224,9 +224,16 @@ def test_gate_against_a_hostile_server(tmp_path: Path) -> None:
 def test_unknown_hosts_are_refused(tmp_path: Path, host: str) -> None:
     async def body(direct: str, gate_port: int, gate: Gate, stopped: list[str]) -> None:
         async with httpx.AsyncClient(timeout=30) as c:
-            r = await c.get(f"http://127.0.0.1:{gate_port}{PREFIX}/big",
-                            headers={"Host": f"{host}:{gate_port}"})
-            assert r.status_code == 404
+            for _ in range(3):
+                r = await c.get(f"http://127.0.0.1:{gate_port}{PREFIX}/big",
+                                headers={"Host": f"{host}:{gate_port}"})
+                assert r.status_code == 404
+            await asyncio.sleep(0.2)
+            assert gate.db is not None
+            with gate.db.read() as session:
+                refusals = list(session.execute(select(AuditEntry).where(
+                    AuditEntry.action == "workspace.browser_blocked")).scalars())
+            assert len(refusals) == 1 and refusals[0].outcome == "refused"  # not 3: no flood
             # pause the workspace so the restart check of _with_gate holds
             gate.budget.get(f"alice/{SERVER}").paused = True
             await gate.exceeded((await gate.workspace("alice", SERVER)),
