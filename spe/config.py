@@ -155,6 +155,25 @@ class Settings(BaseSettings):
         "background thread of the API when the log has grown; 0 turns the schedule off "
         "(checkpoints then only on demand: POST /v1/audit/checkpoints, `spe audit checkpoint`).",
     )
+    audit_alert_interval_seconds: float = Field(
+        60.0, ge=0, le=86400,
+        description="How often the API scans new audit entries with the alert rules "
+        "(spe.audit.alerts); alerts are recorded as audit.alert entries. Enforced by a "
+        "background thread of the API; 0 turns it off (`spe audit alerts --scan` by hand).",
+    )
+    audit_alert_refusals: int = Field(
+        10, ge=1, description="Refusals of one actor within audit_alert_window_seconds that "
+        "raise a many_refusals alert (enforced by the alert scan).")
+    audit_alert_repeats: int = Field(
+        20, ge=2, description="Identical queries (same SQL hash) of one actor within the window "
+        "that raise a repeated_queries alert (enforced by the alert scan).")
+    audit_alert_window_seconds: float = Field(
+        600.0, gt=0, le=86400, description="Window of the counting alert rules (seconds).")
+    audit_alert_webhook_url: str | None = Field(
+        None, description="http(s) URL that receives alerts as a JSON POST. Unset: none sent.")
+    audit_alert_syslog: str | None = Field(
+        None, description="Syslog destination of alerts: a socket path (/dev/log) or "
+        "udp://host:port. Unset: none sent.")
 
     @classmethod
     def settings_customise_sources(

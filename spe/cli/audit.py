@@ -1,4 +1,4 @@
-"""`spe audit verify|export|checkpoint|keys|rotate-key|verify-remote`.
+"""`spe audit verify|export|checkpoint|keys|rotate-key|alerts|verify-remote`.
 
 Read-only commands (verify, export, keys) never create state: without a control database they
 fail with a clear message (exit 2) instead of creating an empty one and reporting it intact.
@@ -120,6 +120,8 @@ def checkpoint() -> None:
         raise typer.Exit(1) from None
     finally:
         db.dispose()
+    _record_operator_act("audit.checkpoint", {"size": cp.size, "root": cp.root,
+                                              "key_id": cp.key_id})
     typer.echo(f"checkpoint signed: {cp.size} entries, root {cp.root}, key {cp.key_id}")
 
 
@@ -144,7 +146,62 @@ def rotate_key() -> None:
     from spe.cli.main import settings
 
     key_id, _ = KeyStore(settings().data_dir).rotate()
+    _record_operator_act("audit.key_rotate", {"key_id": key_id})
     typer.echo(f"new checkpoint key {key_id}; earlier keys stay published with their validity")
+
+
+def _record_operator_act(action: str, details: dict[str, object]) -> None:
+    """Audit an operator's act when a control database exists (never create one for it)."""
+    from spe.audit import AuditAction, AuditEvent, record
+    from spe.cli.main import cli_principal
+
+    try:
+        db = existing_database()
+    except typer.Exit:
+        typer.secho("note: no control database: the act is not in the audit log", err=True)
+        return
+    principal = cli_principal()
+    try:
+        with db.write() as session:
+            record(session, AuditEvent(action=AuditAction(action), actor=principal.actor,
+                                       role=principal.primary_role(), details=details))
+    finally:
+        db.dispose()
+
+
+@app.command("alerts")
+def alerts_cmd(
+    scan: bool = typer.Option(False, "--scan", help="Run the alert rules over the entries "
+                              "recorded since the last scan first (records and sends alerts)."),
+    limit: int = typer.Option(50, help="How many of the latest alerts to list."),
+) -> None:
+    """List the latest alerts (audit.alert entries); with --scan, run the rules first."""
+    from sqlalchemy import select
+
+    from spe.audit import alerts
+    from spe.audit.models import AuditEntry
+    from spe.cli.main import settings
+
+    db = existing_database()
+    try:
+        if scan:
+            s = settings()
+            found = alerts.scan(db, s.data_dir, alerts.Policy(
+                refusals=s.audit_alert_refusals, repeats=s.audit_alert_repeats,
+                window_seconds=s.audit_alert_window_seconds),
+                webhook_url=s.audit_alert_webhook_url, syslog_address=s.audit_alert_syslog)
+            typer.echo(f"scan: {len(found)} new alert(s)")
+        with db.read() as session:
+            rows = list(session.execute(
+                select(AuditEntry).where(AuditEntry.action == "audit.alert")
+                .order_by(AuditEntry.seq.desc()).limit(limit)).scalars())
+        for entry in reversed(rows):
+            d = entry.details
+            typer.echo(f"{entry.seq}  {entry.time.isoformat(timespec='seconds')}  "
+                       f"{d.get('rule')}  permit={entry.permit_id or '-'}  key={d.get('key')}  "
+                       f"count={d.get('count')}  entries {d.get('first_seq')}..{d.get('last_seq')}")
+    finally:
+        db.dispose()
 
 
 @app.command("verify-remote")

@@ -93,3 +93,21 @@ def test_checkpoint_exposes_truncation_the_chain_misses(filled: Database) -> Non
     assert code == 1 and "CONTRADICTS a signed checkpoint, first bad entry 5" in out, out
     code, out = _run("audit", "checkpoint")
     assert code == 1 and "NOT SIGNED" in out
+
+
+def test_alerts_scan_and_list(filled: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spe.audit import Outcome
+
+    monkeypatch.setenv("SPE_AUDIT_ALERT_REFUSALS", "3")
+    get_settings.cache_clear()
+    for _ in range(3):
+        with filled.write() as s:
+            record(s, AuditEvent(action="dp.query", actor="mallory", permit_id="p0",
+                                 outcome=Outcome.REFUSED, reason="refused"))
+    code, out = _run("audit", "alerts", "--scan")
+    assert code == 0 and "scan: 1 new alert(s)" in out, out
+    assert "many_refusals  permit=p0  key=mallory  count=3" in out
+    code, out = _run("audit", "rotate-key")
+    code, out = _run("audit", "export")
+    actions = [json.loads(line)["action"] for line in out.splitlines()]
+    assert actions[-2:] == ["audit.alert", "audit.key_rotate"]

@@ -16,15 +16,16 @@ Contract
   of that size, each with its inclusion proof, and the permit's leaf in the checkpoint's
   permits tree (see ``spe.audit.proofs``); for the issuing access body and hospital admins
   (anyone else: 404). ``spe audit verify-remote`` checks the answer.
-* Checkpoints are also signed every ``audit_checkpoint_interval_seconds`` by a background
-  thread started with the app.
+* Checkpoints are also signed every ``audit_checkpoint_interval_seconds``, and the alert rules
+  (``spe.audit.alerts``) run every ``audit_alert_interval_seconds``, by background threads
+  started with the app. Admins list alerts with ``GET /v1/audit?action=audit.alert``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -36,7 +37,7 @@ from permits.models import Permit
 from spe.api.deps import AppStateDep, IsoDateTime, PermitId
 from spe.api.routing import AuditedRoute
 from spe.api.state import AppState, StateKey
-from spe.audit import AuditAction, AuditEvent, Outcome, record
+from spe.audit import AuditAction, AuditEvent, Outcome, alerts, record
 from spe.audit.checkpoints import Checkpoint, CheckpointLog, KeyStore, LogTampered
 from spe.audit.models import AuditEntry
 from spe.audit.proofs import (
@@ -181,11 +182,23 @@ def sign_checkpoint(state: AppState, actor: str = "system", role: str | None = "
     return cp
 
 
-class CheckpointScheduler:
-    """Signs a checkpoint every ``interval`` seconds (when the log has grown)."""
+def scan_alerts(state: AppState) -> None:
+    """Run the alert rules over the entries recorded since the last scan."""
+    s = state.settings
+    alerts.scan(state.db, s.data_dir, alerts.Policy(
+        refusals=s.audit_alert_refusals, repeats=s.audit_alert_repeats,
+        window_seconds=s.audit_alert_window_seconds),
+        webhook_url=s.audit_alert_webhook_url, syslog_address=s.audit_alert_syslog)
 
-    def __init__(self, state: AppState, interval: float) -> None:
+
+class CheckpointScheduler:
+    """Runs ``task`` (default: sign a checkpoint when the log has grown) every ``interval``
+    seconds."""
+
+    def __init__(self, state: AppState, interval: float,
+                 task: Callable[[], object] | None = None) -> None:
         self.state, self.interval = state, interval
+        self.task = task or (lambda: sign_checkpoint(state))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -199,9 +212,9 @@ class CheckpointScheduler:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                sign_checkpoint(self.state)
+                self.task()
             except Exception:
-                logger.exception("scheduled audit checkpoint failed")
+                logger.exception("scheduled audit task failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -211,18 +224,24 @@ class CheckpointScheduler:
 
 
 SCHEDULER: StateKey[CheckpointScheduler] = StateKey("audit.checkpoint_scheduler")
+ALERTS: StateKey[CheckpointScheduler] = StateKey("audit.alert_scheduler")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.spe
-    interval = state.settings.audit_checkpoint_interval_seconds
-    scheduler = state.get_or_create(SCHEDULER, lambda: CheckpointScheduler(state, interval))
+    settings = state.settings
+    scheduler = state.get_or_create(SCHEDULER, lambda: CheckpointScheduler(
+        state, settings.audit_checkpoint_interval_seconds))
+    alert_scheduler = state.get_or_create(ALERTS, lambda: CheckpointScheduler(
+        state, settings.audit_alert_interval_seconds, task=lambda: scan_alerts(state)))
     scheduler.start()
+    alert_scheduler.start()
     try:
         yield
     finally:
         scheduler.stop()
+        alert_scheduler.stop()
 
 
 router = APIRouter(route_class=AuditedRoute, tags=["audit"], lifespan=lifespan)
