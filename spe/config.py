@@ -175,6 +175,22 @@ class Settings(BaseSettings):
         None, description="Syslog destination of alerts: a socket path (/dev/log) or "
         "udp://host:port. Unset: none sent.")
 
+    console_client_id: str = Field(
+        "spe-console",
+        description="Keycloak client of the web console (authorisation code flow with PKCE; "
+        "confidential). Enforced: the console logs in only through this client.",
+    )
+    console_client_secret: SecretStr = Field(
+        SecretStr("spe-console-dev-secret"),
+        description="Secret of console_client_id. Enforced: outside the dev profile the "
+        "console refuses to log anyone in while it is the default.",
+    )
+    console_session_seconds: int = Field(
+        28800, ge=300, le=86400,
+        description="Lifetime of a console session (server-side row; the cookie carries only "
+        "a random id). Enforced: an older session is refused and deleted.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

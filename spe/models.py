@@ -5,6 +5,7 @@ from spe.audit import models as audit_models
 from spe.auth import models as auth_models
 from spe.budget import models as budget_models
 from spe.datasets import models as dataset_models
+from spe.web import models as web_models
 from workspaces import models as workspace_models
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "budget_models",
     "dataset_models",
     "permit_models",
+    "web_models",
     "workspace_models",
 ]

@@ -57,7 +57,9 @@ def _package_routers() -> list:  # type: ignore[type-arg]
     from spe.api.routers import audit, datasets
     from spe.auth import api as auth_api
     from spe.dp import api as dp_api
+    from spe.web import views as web_views
     from workspaces import api as workspaces_api
 
     return [datasets.router, auth_api.router, permits_api.router, dp_api.router,
-            workspaces_api.router, audit.router]
+            workspaces_api.router, audit.router,
+            web_views.router]

@@ -85,6 +85,10 @@ class AuditAction(StrEnum):
     AUDIT_ALERT = "audit.alert"
     # the audit log's own tooling (tests and operators' checks)
     AUDIT_TEST = "audit.test"
+    # the web console
+    WEB_LOGIN = "web.login"
+    WEB_LOGOUT = "web.logout"
+    WEB_REFUSED = "web.refused"
 
 
 MEANINGS: dict[AuditAction, str] = {
@@ -156,6 +160,11 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.AUDIT_ALERT: "ALERT: a rule flagged a suspicious pattern in the audit log "
     "(spe.audit.alerts: the rule, counts and entry numbers in details)",
     AuditAction.AUDIT_TEST: "a test or operator check wrote an entry to exercise the log",
+    AuditAction.WEB_LOGIN: "a person logged in to the web console through Keycloak (or was "
+    "refused)",
+    AuditAction.WEB_LOGOUT: "a person logged out of the web console (and of Keycloak)",
+    AuditAction.WEB_REFUSED: "the web console refused a request (a form without its CSRF "
+    "token, a page the person may not open)",
     AuditAction.WORKSPACE_NETWORK_REINSTALL: "a workspace network's host firewall table was "
     "found missing and re-installed (an alert)",
 }

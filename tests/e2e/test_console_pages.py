@@ -1,0 +1,307 @@
+"""The console in a real browser: people log in through the real Keycloak (code flow + PKCE)
+in headless Chromium (Debian's package, driven by Playwright) and do their work.
+
+* the public register shows the permits without a login and without personal data (page and
+  JSON);
+* a researcher sees the permits that name them, with budgets, and gets 404 for another permit;
+* an access-body officer sees only their access body's permits (404 for another's), opens a
+  permit's dashboard (budget plot against the cap, queries per day, versions) and suspends it
+  through the confirmation form (the permit service records it, by that officer);
+* a form without its CSRF token is refused (403) and audited;
+* a hospital admin browses datasets, workspaces and the audit log (filters, next page);
+* logout ends the Keycloak session too (the next visit shows Keycloak's login form);
+* every HTML page carries the strict Content-Security-Policy and the browser reports no CSP
+  violation; each page's screenshot is kept under var/screenshots/console/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from permits.schemas import PermitCreate
+from permits.service import get_terms
+from spe.api.app import create_app
+from spe.api.deps import permit_service
+from spe.audit import AuditAction, AuditEvent, record
+from spe.auth.principal import Principal, Role
+from spe.budget import ledger
+from spe.config import Settings
+from spe.db import Database
+from tests.e2e.console import ensure_console_realm
+from tests.e2e.stack import REPO, free_port
+from tests.integration.test_permit_service import body, register_dataset
+from tests.keycloak_fixtures import password_of
+
+CHROMIUM = os.environ.get("SPE_TEST_CHROMIUM") or shutil.which("chromium") or ""
+pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(
+    not CHROMIUM or not __import__("importlib").util.find_spec("playwright"),
+    reason="needs Chromium (apt chromium) and Playwright for Python (scripts/setup.sh)")]
+
+SHOTS = REPO / "var" / "screenshots" / "console"
+ALPHA = Principal(subject="a", username="hdab-alpha", kind="service",
+                  roles=frozenset({Role.ACCESS_BODY}), access_body="hdab-alpha")
+BETA = Principal(subject="b", username="hdab-beta", kind="service",
+                 roles=frozenset({Role.ACCESS_BODY}), access_body="hdab-beta")
+
+
+def officer_password(name: str) -> str:
+    return f"{name}-dev-password"
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory, keycloak_url_module: str
+            ) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("console")
+    port = free_port()
+    settings = Settings(data_dir=tmp / "var", database_url=f"sqlite:///{tmp / 'c.db'}",
+                        keycloak_url=keycloak_url_module, api_port=port,
+                        public_url=f"http://127.0.0.1:{port}",
+                        audit_checkpoint_interval_seconds=0,
+                        keycloak_admin_user=os.environ.get("SPE_TEST_KEYCLOAK_ADMIN_USER",
+                                                           "admin"),
+                        keycloak_admin_password=os.environ.get(
+                            "SPE_TEST_KEYCLOAK_ADMIN_PASSWORD", "admin"))
+    db = Database(settings.resolved_database_url)
+    db.upgrade()
+    register_dataset(db)
+    app = create_app(settings, db)
+    service = permit_service(app.state.spe)
+    now = datetime.now(UTC)
+    ids = {
+        "shared": service.issue(ALPHA, PermitCreate.model_validate(body(
+            reference="0001/2026/FI", title="Heart failure cohort",
+            valid_from=(now - timedelta(days=6)).isoformat()))).permit_id,
+        "carol": service.issue(ALPHA, PermitCreate.model_validate(body(
+            reference="0002/2026/FI", title="Carol's own study",
+            persons=["carol"]))).permit_id,
+        "beta": service.issue(BETA, PermitCreate.model_validate(body(
+            reference="B-7/2026", title="Beta registry study",
+            persons=["bob"],
+            holder={"organisation": "A person", "kind": "natural_person",
+                    "principal_investigator": "Dr Private"}))).permit_id,
+    }
+    with db.write() as s:  # a few charged queries over the last days, for the dashboard
+        terms = get_terms(s, ids["shared"])
+        for i, eps in enumerate((0.5, 0.25, 0.25, 1.0, 0.5)):
+            charge = ledger.reserve(s, terms, actor="alice", epsilon=eps, delta=0.0,
+                                    plan_hash="0" * 64, sql_sha256=hashlib.sha256(
+                                        str(i).encode()).hexdigest())
+            charge.created_at = now - timedelta(days=5 - i, hours=i)
+        for i in range(60):
+            record(s, AuditEvent(action=AuditAction.AUDIT_TEST, actor="op",
+                                 details={"i": i}))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/register.json", timeout=2).status_code == 200:
+                break
+        time.sleep(0.2)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield {"base": base, "db": db, "ids": ids, "settings": settings}
+    server.should_exit = True
+    thread.join(10)
+    db.dispose()
+
+
+@pytest.fixture(scope="module")
+def keycloak_url_module(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue("keycloak_url")
+    ensure_console_realm(request.getfixturevalue("keycloak_admin"))
+    return url
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                     args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+class Visit:
+    """One person's browser context: records CSP headers and CSP violations of every page."""
+
+    def __init__(self, chromium: Any, base: str) -> None:
+        self.context = chromium.new_context(viewport={"width": 1280, "height": 900})
+        self.page = self.context.new_page()
+        self.base = base
+        self.documents: list[tuple[str, dict[str, str]]] = []
+        self.violations: list[str] = []
+        self.page.on("response", self._response)
+        self.page.on("console", lambda m: self.violations.append(m.text)
+                     if "Content Security Policy" in m.text else None)
+
+    def _response(self, response: Any) -> None:
+        if response.request.resource_type == "document" and response.url.startswith(self.base):
+            self.documents.append((response.url, response.headers))
+
+    def login(self, username: str, password: str) -> None:
+        self.page.goto(f"{self.base}/console")
+        self.page.fill("#username", username)
+        self.page.fill("#password", password)
+        self.page.click("#kc-login")
+        self.page.wait_for_url(f"{self.base}/console")
+
+    def open(self, path: str) -> Any:
+        return self.page.goto(f"{self.base}{path}")
+
+    def shot(self, name: str) -> Path:
+        path = SHOTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def check_headers(self) -> None:
+        assert self.documents
+        for url, headers in self.documents:
+            policy = headers.get("content-security-policy", "")
+            assert "default-src 'none'" in policy, url
+            assert "script-src" not in policy and "unsafe-inline" not in policy, url
+            assert "frame-ancestors 'none'" in policy, url
+            assert headers.get("x-content-type-options") == "nosniff", url
+        assert self.violations == []
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def _audit(db: Database, action: str) -> list[tuple[str, str, str | None]]:
+    from sqlalchemy import select
+
+    from spe.audit.models import AuditEntry
+
+    with db.read() as s:
+        return [(r.actor, r.outcome, r.permit_id) for r in s.execute(
+            select(AuditEntry).where(AuditEntry.action == action)).scalars()]
+
+
+def test_register_is_public_and_has_no_personal_data(console: dict[str, Any],
+                                                     chromium: Any) -> None:
+    visit = Visit(chromium, console["base"])
+    response = visit.open("/register")
+    assert response.status == 200
+    text = visit.page.inner_text("main")
+    assert "0001/2026/FI" in text and "Heart failure cohort" in text and "B-7/2026" in text
+    for private in ("alice", "bob", "carol", "Dr PI", "Dr Private", "A person"):
+        assert private not in text
+    visit.shot("register")
+    data = httpx.get(f"{console['base']}/register.json").json()
+    assert {p["reference"] for p in data["permits"]} == {"0001/2026/FI", "0002/2026/FI",
+                                                         "B-7/2026"}
+    dumped = str(data)
+    assert "persons" not in dumped and "alice" not in dumped and "Dr PI" not in dumped
+    visit.check_headers()
+    visit.close()
+
+
+def test_researcher_sees_own_permits_only(console: dict[str, Any], chromium: Any) -> None:
+    ids = console["ids"]
+    visit = Visit(chromium, console["base"])
+    visit.login("alice", password_of("alice"))
+    text = visit.page.inner_text("main")
+    assert "0001/2026/FI" in text and "2.5 of 5" in text
+    assert "0002/2026/FI" not in text and "B-7/2026" not in text
+    visit.shot("researcher-home")
+    assert visit.open(f"/console/permits/{ids['shared']}").status == 200
+    title = visit.page.locator("svg.plot title").text_content() or ""
+    assert title.startswith("Privacy budget spent")
+    visit.shot("researcher-permit")
+    assert visit.page.locator("a.button").count() == 0  # no actions for researchers
+    for other in (ids["carol"], ids["beta"]):
+        assert visit.open(f"/console/permits/{other}").status == 404
+        assert visit.open(f"/console/permits/{other}/suspend").status == 404
+    assert visit.open("/console/datasets").status == 404
+    visit.check_headers()
+    visit.close()
+
+
+def test_access_body_dashboard_suspend_and_csrf(console: dict[str, Any], chromium: Any) -> None:
+    ids, db = console["ids"], console["db"]
+    visit = Visit(chromium, console["base"])
+    visit.login("officer-alpha", officer_password("officer-alpha"))
+    text = visit.page.inner_text("main")
+    assert "0001/2026/FI" in text and "0002/2026/FI" in text and "B-7/2026" not in text
+    visit.shot("access-body-home")
+    assert visit.open(f"/console/permits/{ids['beta']}").status == 404
+    assert visit.open(f"/console/permits/{ids['beta']}/suspend").status == 404
+    visit.open(f"/console/permits/{ids['shared']}")
+    main = visit.page.inner_text("main")
+    assert "Queries per day" in main and "issue" in main
+    assert visit.page.locator("svg.plot rect.mark").count() == 5
+    visit.shot("access-body-dashboard")
+    # a form without its CSRF token is refused (the page's cookies, no token)
+    refused = visit.page.request.post(
+        f"{console['base']}/console/permits/{ids['shared']}/suspend",
+        form={"reason": "x", "confirm": "yes"})
+    assert refused.status == 403
+    assert ("officer-alpha", "refused", None) in _audit(db, "web.refused")
+    # suspend through the confirmation form
+    visit.page.click("text=Suspend")
+    visit.shot("access-body-confirm-suspend")
+    visit.page.fill("#reason", "misuse reported by the data holder")
+    visit.page.check("#confirm")
+    visit.page.click("button:has-text('Suspend permit')")
+    visit.page.wait_for_url(f"{console['base']}/console/permits/{ids['shared']}")
+    assert "suspended" in visit.page.inner_text("dl.facts")
+    visit.shot("access-body-suspended")
+    assert ("officer-alpha", "success", ids["shared"]) in _audit(db, "permit.suspend")
+    # the other access body cannot act on it either
+    other = Visit(chromium, console["base"])
+    other.login("officer-beta", officer_password("officer-beta"))
+    assert "0001/2026/FI" not in other.page.inner_text("main")
+    assert other.open(f"/console/permits/{ids['shared']}").status == 404
+    other.close()
+    visit.check_headers()
+    visit.close()
+
+
+def test_hospital_admin_pages_and_logout(console: dict[str, Any], chromium: Any) -> None:
+    visit = Visit(chromium, console["base"])
+    visit.login("hadmin", password_of("hadmin"))
+    assert "B-7/2026" in visit.page.inner_text("main")
+    visit.shot("admin-home")
+    visit.open("/console/datasets")
+    assert "demo" in visit.page.inner_text("main")
+    visit.shot("admin-datasets")
+    visit.open("/console/workspaces")
+    assert "No running workspaces" in visit.page.inner_text("main")
+    visit.shot("admin-workspaces")
+    visit.open("/console/audit")
+    first = visit.page.locator("tbody tr").count()
+    assert first == 50
+    visit.shot("admin-audit")
+    visit.page.click("text=Next page")
+    assert "cursor=" in visit.page.url
+    visit.open("/console/audit?action=audit.test&actor=op")
+    assert visit.page.locator("tbody tr").count() == 50
+    visit.shot("admin-audit-filtered")
+    assert visit.open("/console/audit?since=yesterday").status == 400
+    visit.open("/console")
+    visit.page.click("button:has-text('Log out')")
+    visit.page.wait_for_url(f"{console['base']}/console/logged-out")
+    visit.shot("logged-out")
+    visit.open("/console")
+    assert visit.page.locator("#kc-form-login").count() == 1  # Keycloak asks again
+    assert ("hadmin", "success", None) in _audit(console["db"], "web.logout")
+    visit.check_headers()
+    visit.close()
