@@ -41,8 +41,8 @@ from permits.terms import ComputeQuota
 
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
-#: v1 hierarchies a workspace joins when they are mounted (CPU accounting, I/O throttling).
-V1_OPTIONAL = ("cpuacct", "blkio")
+#: v1 hierarchies a workspace joins when they are mounted (CPU accounting).
+V1_OPTIONAL = ("cpuacct",)
 CFS_PERIOD_US = 100_000
 
 
@@ -166,10 +166,14 @@ class WorkspaceCgroup:
     name: str
     version: int
     dirs: tuple[Path, ...]
+    #: cgroups shared by all workspaces that this one's processes join too (v1 blkio: its
+    #: throttling is not hierarchical, so the common limit is set where they all are); never
+    #: read for this workspace's processes, never removed with it.
+    shared: tuple[Path, ...] = ()
 
     @property
     def procs_files(self) -> tuple[Path, ...]:
-        return tuple(d / "cgroup.procs" for d in self.dirs)
+        return tuple(d / "cgroup.procs" for d in (*self.dirs, *self.shared))
 
     def enter_argv(self, argv: list[str]) -> list[str]:
         """``argv`` wrapped so the process joins this cgroup before it execs."""
@@ -180,7 +184,7 @@ class WorkspaceCgroup:
 
     def pids(self) -> set[int]:
         found: set[int] = set()
-        for procs in self.procs_files:
+        for procs in (d / "cgroup.procs" for d in self.dirs):
             with contextlib.suppress(FileNotFoundError):
                 found.update(int(x) for x in procs.read_text().split())
         return found
@@ -261,6 +265,9 @@ class WorkspaceCgroup:
                     time.sleep(0.05)
             with contextlib.suppress(OSError):  # the shared parent, once its last child goes
                 d.parent.rmdir()
+        for d in self.shared:  # once no workspace is left in it
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def create(name: str, quota: ComputeQuota, *, parent: str = "spe-workspaces",
@@ -313,11 +320,11 @@ def create(name: str, quota: ComputeQuota, *, parent: str = "spe-workspaces",
             top.mkdir(parents=True, exist_ok=True)
             (top / name).mkdir(exist_ok=True)
             dirs.append(top / name)
+    shared: list[Path] = []
     if limits.io_device is not None:
         with contextlib.suppress(RuntimeError):  # no blkio hierarchy: nothing to throttle
             top = _v1_mount("blkio", root) / _own_v1_path("blkio") / parent
             top.mkdir(parents=True, exist_ok=True)
             _apply_parent("blkio", top, limits)
-            (top / name).mkdir(exist_ok=True)  # the workspace joins it: its I/O is charged
-            dirs.append(top / name)
-    return WorkspaceCgroup(name=name, version=1, dirs=tuple(dirs))
+            shared.append(top)  # v1 throttling is flat: all workspaces share this one
+    return WorkspaceCgroup(name=name, version=1, dirs=tuple(dirs), shared=tuple(shared))

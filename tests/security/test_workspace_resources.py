@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,3 +110,24 @@ def test_services_protect_themselves() -> None:
     if applied == "False":
         pytest.skip("this kernel refuses lowering oom_score_adj (services stay at 0)")
     assert int(score) == cgroups.SERVICE_OOM_SCORE_ADJ < 0
+
+
+def test_parent_io_limit_throttles_workspace_writes(make_ws: Make) -> None:
+    # Direct I/O: charged to the cgroup on cgroup v1 and v2 alike (buffered writes are
+    # charged on v2 only). 16 MB at 4 MB/s take about 4 s; unthrottled, well under 2 s.
+    write = ["sh", "-c", "dd if=/dev/zero of=$HOME/io.bin bs=1M count=16 oflag=direct "
+             "2>/dev/null && echo done"]
+    limited = make_ws(workspaces_io_mbps=4)
+    if cgroups.block_device_of(limited.root) is None:
+        pytest.skip("the workspaces' files are not on a block device here")
+    control = make_ws(workspaces_io_mbps=None)
+    started = time.monotonic()
+    out = control.run(write, timeout=120)
+    unthrottled = time.monotonic() - started
+    if out.stdout.strip() != "done":
+        pytest.skip(f"direct I/O is not supported on this filesystem: {out.stderr}")
+    started = time.monotonic()
+    out = limited.run(write, timeout=120)
+    throttled = time.monotonic() - started
+    assert out.stdout.strip() == "done", out.stderr
+    assert throttled >= 2.5 and throttled > 2 * unthrottled, (throttled, unthrottled)
