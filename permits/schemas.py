@@ -148,6 +148,15 @@ class ExportPolicyIn(_Strict):
     )
     reviewers: int = Field(2, ge=1, le=10,
                            description="Independent reviewers (never the requester) per export.")
+    max_files: int | None = Field(None, ge=1, le=1000,
+                                  description="Most files per export request (default: the "
+                                  "SPE's airlock_max_files).")
+    max_bytes: int | None = Field(None, ge=1, le=10**12,
+                                  description="Most bytes per export request (default: the "
+                                  "SPE's airlock_max_bytes).")
+    max_rows: int | None = Field(None, ge=1, le=10**9,
+                                 description="Most rows per exported table (default: the SPE's "
+                                 "airlock_max_rows).")
 
     @field_validator("allowed_kinds")
     @classmethod

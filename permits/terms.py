@@ -50,6 +50,10 @@ class ExportPolicy:
     min_cell_count: int = 10
     allowed_kinds: frozenset[str] = frozenset({"csv", "parquet", "png", "pdf", "txt"})
     reviewers: int = 2
+    #: Limits of one export request (None: the SPE's settings decide).
+    max_files: int | None = None
+    max_bytes: int | None = None
+    max_rows: int | None = None
 
 
 @dataclass(frozen=True)

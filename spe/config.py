@@ -147,6 +147,22 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body the API accepts (enforced before parsing).",
     )
+    airlock_max_files: int = Field(
+        20, ge=1, le=1000,
+        description="Most files one export request may carry, unless the permit's export "
+        "policy sets max_files. Enforced: a further upload is refused (409).",
+    )
+    airlock_max_bytes: int = Field(
+        16_000_000, ge=1024,
+        description="Most bytes the files of one export request may hold together, unless the "
+        "permit's export policy sets max_bytes. Enforced at upload (413); one upload is also "
+        "bounded by max_request_bytes.",
+    )
+    airlock_max_rows: int = Field(
+        5000, ge=1,
+        description="Most rows a table in an export may have, unless the permit's export policy "
+        "sets max_rows. Enforced by the airlock's checks: more is a blocking failure.",
+    )
     audit_checkpoint_interval_seconds: float = Field(
         300.0, ge=0, le=86400,
         description="How often the API signs a checkpoint of the audit log (Merkle root, "

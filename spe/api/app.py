@@ -54,6 +54,7 @@ def _document(app: FastAPI) -> None:
 def _package_routers() -> list:  # type: ignore[type-arg]
     """Routers of the packages; each package adds its own import here."""
     from permits import api as permits_api
+    from spe.airlock import api as airlock_api
     from spe.api.routers import audit, datasets
     from spe.auth import api as auth_api
     from spe.dp import api as dp_api
@@ -61,5 +62,5 @@ def _package_routers() -> list:  # type: ignore[type-arg]
     from workspaces import api as workspaces_api
 
     return [datasets.router, auth_api.router, permits_api.router, dp_api.router,
-            workspaces_api.router, audit.router,
+            workspaces_api.router, audit.router, airlock_api.router,
             web_views.router]

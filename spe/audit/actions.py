@@ -74,6 +74,21 @@ class AuditAction(StrEnum):
     WORKSPACE_BROWSER_UPLOAD = "workspace.browser_upload"
     WORKSPACE_PAUSE = "workspace.pause"
     WORKSPACE_NETWORK_REINSTALL = "workspace.network_reinstall"
+    # the airlock (exports)
+    AIRLOCK_CREATE = "airlock.create"
+    AIRLOCK_LIST = "airlock.list"
+    AIRLOCK_READ = "airlock.read"
+    AIRLOCK_UPLOAD = "airlock.upload"
+    AIRLOCK_REMOVE_FILE = "airlock.remove_file"
+    AIRLOCK_SUBMIT = "airlock.submit"
+    AIRLOCK_CHECK = "airlock.check"
+    AIRLOCK_TRANSITION = "airlock.transition"
+    AIRLOCK_WITHDRAW = "airlock.withdraw"
+    AIRLOCK_REVISE = "airlock.revise"
+    AIRLOCK_VOTE = "airlock.vote"
+    AIRLOCK_RELEASE = "airlock.release"
+    AIRLOCK_CLOSE = "airlock.close"
+    AIRLOCK_DOWNLOAD = "airlock.download"
     # the audit log itself
     AUDIT_READ = "audit.read"
     AUDIT_KEYS = "audit.keys"
@@ -148,6 +163,21 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.WORKSPACE_BROWSER_UPLOAD: "a file or notebook was written into a workspace "
     "through the browser (or refused over the upload limit)",
     AuditAction.WORKSPACE_PAUSE: "a workspace's server was paused (frozen or stopped) by a control",
+    AuditAction.AIRLOCK_CREATE: "a researcher opened an export request (draft)",
+    AuditAction.AIRLOCK_LIST: "a permit's export requests were listed",
+    AuditAction.AIRLOCK_READ: "one export request was read",
+    AuditAction.AIRLOCK_UPLOAD: "a file's bytes entered quarantine (SHA-256 and size recorded)",
+    AuditAction.AIRLOCK_REMOVE_FILE: "a file was removed from a draft export request",
+    AuditAction.AIRLOCK_SUBMIT: "an export request was submitted (its files frozen)",
+    AuditAction.AIRLOCK_CHECK: "the automated checks of one exported file ran (outcomes recorded)",
+    AuditAction.AIRLOCK_TRANSITION: "an export request changed state (from, to, why)",
+    AuditAction.AIRLOCK_WITHDRAW: "a researcher withdrew an export request",
+    AuditAction.AIRLOCK_REVISE: "a returned export request went back to draft for changes",
+    AuditAction.AIRLOCK_VOTE: "a reviewer voted on an export request",
+    AuditAction.AIRLOCK_RELEASE: "an exported file was released into the permit's ledger",
+    AuditAction.AIRLOCK_CLOSE: "open export requests were rejected because their permit ended "
+    "or was suspended",
+    AuditAction.AIRLOCK_DOWNLOAD: "a released file was downloaded (or the download refused)",
     AuditAction.AUDIT_READ: "audit entries were read through the API (the filters are "
     "recorded, not the entries)",
     AuditAction.AUDIT_KEYS: "the public checkpoint keys were listed",

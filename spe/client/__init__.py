@@ -194,6 +194,41 @@ class Client:
             budget.plot()
         return budget
 
+    # -- the airlock -----------------------------------------------------------------------
+    def _exports(self, method: str, path: str = "", **kwargs: Any) -> Any:
+        resp = self._send(method, f"/v1/permits/{self.permit_id}/exports{path}", **kwargs)
+        if resp.status_code >= 400:
+            raise SPEClientError(resp.status_code, _problem(resp))
+        return resp.json() if resp.content else None
+
+    def export(self, paths: str | Path | list[str | Path], justification: str, *,
+               receipts: list[dict[str, Any]] | None = None, submit: bool = True
+               ) -> dict[str, Any]:
+        """Send files out through the airlock: their bytes go to quarantine, then (with
+        ``submit``) the automated checks run. A file saved with :func:`save_release` from a DP
+        answer is released at once when its receipt (``df.attrs["receipt"]``) is given; the
+        rest wait for reviewers. Returns the request with each file's check results."""
+        items = [paths] if isinstance(paths, str | Path) else list(paths)
+        request = self._exports("POST", json={"justification": justification,
+                                              "receipts": receipts or []})
+        for item in items:
+            path = Path(item)
+            name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)
+            self._exports("PUT", f"/{request['id']}/files/{name.lstrip('._-')[:100] or 'file'}",
+                          content=path.read_bytes(),
+                          headers={"Content-Type": "application/octet-stream"})
+        if not submit:
+            return self._exports("GET", f"/{request['id']}")  # type: ignore[no-any-return]
+        return self._exports("POST", f"/{request['id']}/submit")  # type: ignore[no-any-return]
+
+    def exports(self) -> list[dict[str, Any]]:
+        """This permit's export requests: state, check results, comments shared with you."""
+        return list(self._exports("GET")["items"])
+
+    def withdraw(self, export_id: str) -> dict[str, Any]:
+        """Withdraw one of your export requests (before it is decided)."""
+        return self._exports("POST", f"/{export_id}/withdraw")  # type: ignore[no-any-return]
+
 
 def _problem(resp: httpx.Response) -> dict[str, Any]:
     try:

@@ -11,7 +11,9 @@ in headless Chromium (Debian's package, driven by Playwright) and do their work.
 * a hospital admin browses datasets, workspaces and the audit log (filters, next page);
 * logout ends the Keycloak session too (the next visit shows Keycloak's login form);
 * every HTML page carries the strict Content-Security-Policy and the browser reports no CSP
-  violation; each page's screenshot is kept under var/screenshots/console/.
+  violation; each page's screenshot is kept under var/screenshots/console/, and axe-core (from
+  the project's npm tree, injected through the DevTools protocol, which the CSP does not govern)
+  finds no serious or critical accessibility violation on it (WCAG 2.1 A and AA rules).
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(
     reason="needs Chromium (apt chromium) and Playwright for Python (scripts/setup.sh)")]
 
 SHOTS = REPO / "var" / "screenshots" / "console"
+AXE = REPO / "node_modules" / "axe-core" / "axe.min.js"
+AXE_RUN = """async () => {
+  const r = await axe.run(document, {runOnly: {type: "tag",
+    values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}, resultTypes: ["violations"]});
+  return r.violations.map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.length,
+    target: v.nodes.map(n => n.target.join(" ")).slice(0, 3)}));
+}"""
 ALPHA = Principal(subject="a", username="hdab-alpha", kind="service",
                   roles=frozenset({Role.ACCESS_BODY}), access_body="hdab-alpha")
 BETA = Principal(subject="b", username="hdab-beta", kind="service",
@@ -148,6 +157,7 @@ class Visit:
         self.base = base
         self.documents: list[tuple[str, dict[str, str]]] = []
         self.violations: list[str] = []
+        self.accessibility: list[tuple[str, dict[str, Any]]] = []
         self.page.on("response", self._response)
         self.page.on("console", lambda m: self.violations.append(m.text)
                      if "Content Security Policy" in m.text else None)
@@ -167,8 +177,16 @@ class Visit:
         return self.page.goto(f"{self.base}{path}")
 
     def shot(self, name: str) -> Path:
+        """Keep the page's screenshot and check it with axe-core."""
         path = SHOTS / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
+        if AXE.is_file():
+            self.page.evaluate(AXE.read_text())
+            for found in self.page.evaluate(AXE_RUN):
+                if found["impact"] in ("serious", "critical"):
+                    self.accessibility.append((name, found))
+        elif os.environ.get("CI"):
+            pytest.fail("axe-core is not installed (npm ci)")
         return path
 
     def check_headers(self) -> None:
@@ -180,6 +198,7 @@ class Visit:
             assert "frame-ancestors 'none'" in policy, url
             assert headers.get("x-content-type-options") == "nosniff", url
         assert self.violations == []
+        assert self.accessibility == []
 
     def close(self) -> None:
         self.context.close()

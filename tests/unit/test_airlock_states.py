@@ -59,8 +59,8 @@ def test_docs_owner_table_matches_code() -> None:
 
 def test_final_states_have_no_owner_and_open_is_the_rest() -> None:
     assert {s for s in State if OWNER[s] is Owner.NOBODY} == FINAL
-    assert OPEN | FINAL == set(State) and not OPEN & FINAL
-    assert FINAL == {State.REJECTED, State.RELEASED, State.WITHDRAWN}
+    assert set(State) == OPEN | FINAL and not OPEN & FINAL
+    assert {State.REJECTED, State.RELEASED, State.WITHDRAWN} == FINAL
 
 
 def test_every_state_reachable_from_draft() -> None:

@@ -1,0 +1,81 @@
+"""Airlock check time against reading the same file with DuckDB alone.
+
+Run: ``python -m bench.airlock [--mb 100] [--rows 10000]``. Writes two CSV files into a
+temporary directory: an aggregate-shaped table of about ``--mb`` MB (group columns, a count and
+a mean) and a ``--rows``-row table of the same shape, then times for each:
+
+* **DuckDB read**: ``SELECT * FROM read_csv(file)`` fetched as Arrow (parse everything, no check);
+* **airlock checks**: ``spe.airlock.checks.check_file`` on the file's bytes (kind from content,
+  a full table parse, identifiers, encoded cells, cell counts, zeros, differencing against one
+  released table), with the row limit lifted so every check runs.
+
+Prints seconds of each and their ratio; the goal is under 5 s and at most 2x the plain read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from spe.airlock.checks import Context, ReleasedTable, check_file
+
+
+def _write(path: Path, rows: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    regions = [f"region_{i:03d}" for i in range(200)]
+    with path.open("w") as fh:
+        fh.write("region,year,sex,age_band,n,mean_value\n")
+        for i in range(rows):
+            fh.write(f"{regions[i % 200]},{2000 + (i // 200) % 25},{'FM'[i % 2]},"
+                     f"{(i // 5000) % 18 * 5}-{(i // 5000) % 18 * 5 + 4},"
+                     f"{rnd.randint(10, 5000)},{rnd.random() * 100:.4f}\n")
+
+
+def _duckdb(path: Path) -> float:
+    import duckdb
+
+    start = time.perf_counter()
+    con = duckdb.connect()
+    con.sql(f"SELECT * FROM read_csv('{path}')").to_arrow_table()
+    con.close()
+    return time.perf_counter() - start
+
+
+def _checks(path: Path) -> tuple[float, str]:
+    released = ReleasedTable("r0", "f0", pd.DataFrame({
+        "region": ["region_000"], "year": [2000], "sex": ["F"], "age_band": ["0-4"],
+        "n": [100], "mean_value": [1.0]}))
+    ctx = Context(permit_id="bench", secret="bench-secret-bench-secret-bench-secret",
+                  allowed_kinds=frozenset({"csv"}), max_rows=10**9,
+                  released_tables=[released])
+    start = time.perf_counter()
+    data = path.read_bytes()
+    verdict = check_file(data, ctx)
+    return time.perf_counter() - start, verdict.outcome
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=100.0)
+    parser.add_argument("--rows", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        small, big = Path(tmp) / "small.csv", Path(tmp) / "big.csv"
+        _write(small, args.rows, 1)
+        per_row = small.stat().st_size / args.rows
+        _write(big, int(args.mb * 1_000_000 / per_row), 2)
+        print(f"{'file':<24}{'MB':>8}{'DuckDB s':>10}{'checks s':>10}{'ratio':>8}  outcome")
+        for name, path in ((f"{args.rows}-row table", small), (f"{args.mb:g} MB CSV", big)):
+            raw = _duckdb(path)
+            took, outcome = _checks(path)
+            print(f"{name:<24}{path.stat().st_size / 1e6:>8.1f}{raw:>10.3f}{took:>10.3f}"
+                  f"{took / raw:>8.2f}  {outcome}")
+
+
+if __name__ == "__main__":
+    main()

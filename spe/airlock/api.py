@@ -1,0 +1,199 @@
+"""HTTP routes of the airlock: ``/v1/permits/{permit_id}/exports``.
+
+Contract
+--------
+* ``POST   /exports``                         researcher: open a draft (justification, DP
+  release receipts as the query API returned them).
+* ``PUT    /exports/{id}/files/{name}``       researcher: the file's bytes as the body
+  (``application/octet-stream``) into quarantine; SHA-256 and size recorded and returned.
+* ``DELETE /exports/{id}/files/{file_id}``    researcher: remove a file from a draft.
+* ``POST   /exports/{id}/submit|withdraw|revise`` researcher: state changes.
+* ``POST   /exports/{id}/votes``              hospital admin other than the requester.
+* ``GET    /exports``, ``GET /exports/{id}``  anyone who may see the permit (votes hidden from
+  a reviewer until they voted; the researcher sees only shared comments after the decision).
+* ``GET    /exports/{id}/files/{file_id}/content`` the permit's persons, released files only.
+
+Every route is an :class:`~spe.api.routing.AuditedRoute` (refusals audited); the service
+audits every act. At start the router subscribes to the permit event stream (suspended,
+revoked, expired: open requests are rejected) and closes requests of permits that ended while
+the API was down.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from permits import events
+from spe.airlock.service import AirlockService
+from spe.api.deps import AppStateDep, CurrentPrincipal, PermitId
+from spe.api.problems import problem_responses
+from spe.api.routing import AuditedRoute
+from spe.api.state import AppState, StateKey
+
+AIRLOCK_SERVICE: StateKey[AirlockService] = StateKey("airlock.service")
+ENDING = frozenset({events.EventKind.SUSPENDED, events.EventKind.REVOKED,
+                    events.EventKind.EXPIRED})
+
+
+def airlock_service(state: AppState) -> AirlockService:
+    return state.get_or_create(AIRLOCK_SERVICE, lambda: AirlockService(state.db, state.settings))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service = airlock_service(app.state.spe)
+
+    def on_event(event: events.PermitEventRecord) -> None:
+        if event.kind in ENDING:
+            service.close_for_permit(event.permit_id)
+
+    unsubscribe = events.subscribe(on_event)
+    try:
+        await run_in_threadpool(service.close_ended)
+        yield
+    finally:
+        unsubscribe()
+
+
+router = APIRouter(route_class=AuditedRoute, tags=["exports"], lifespan=lifespan)
+
+ExportId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The export request's id.")]
+FileId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The file's id.")]
+FileName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100,
+                               description="A display name (the kind is decided from the "
+                               "content, never from this name).")]
+_BASE = "/v1/permits/{permit_id}/exports"
+_ERRORS = problem_responses(401, 403, 404, 409, 413, 422)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExportCreate(_Strict):
+    justification: str = Field(min_length=10, max_length=4000,
+                               description="Why these results need to leave, for reviewers.")
+    receipts: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=50,
+        description="DP release receipts exactly as the query API returned them; a file whose "
+        "exact bytes one of them covers is released without review.")
+
+
+class VoteIn(_Strict):
+    decision: Literal["approve", "reject", "return"]
+    comment: str | None = Field(None, max_length=4000)
+    shared: bool = Field(False, description="Show the comment to the researcher after the "
+                         "decision (otherwise reviewers only).")
+    override_reason: str | None = Field(
+        None, min_length=10, max_length=4000,
+        description="Required to approve over a failed check or to reject when all passed.")
+
+
+def _svc(state: AppState) -> AirlockService:
+    return airlock_service(state)
+
+
+def _json(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+@router.post(_BASE, name="airlock.create", operation_id="createExport", status_code=201,
+             summary="Open an export request (draft)", responses=_ERRORS)
+def create_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+                  body: ExportCreate) -> JSONResponse:
+    return _json(_svc(state).create(principal, permit_id, body.justification, body.receipts),
+                 201)
+
+
+@router.get(_BASE, name="airlock.list", operation_id="listExports",
+            summary="List a permit's export requests", responses=_ERRORS)
+def list_exports(state: AppStateDep, principal: CurrentPrincipal,
+                 permit_id: PermitId) -> JSONResponse:
+    return _json({"items": _svc(state).list_requests(principal, permit_id)})
+
+
+@router.get(_BASE + "/{export_id}", name="airlock.read", operation_id="getExport",
+            summary="Read an export request", responses=_ERRORS)
+def get_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+               export_id: ExportId) -> JSONResponse:
+    return _json(_svc(state).get(principal, permit_id, export_id))
+
+
+@router.put(_BASE + "/{export_id}/files/{name}", name="airlock.upload",
+            operation_id="uploadExportFile", status_code=201,
+            summary="Upload a file's bytes into quarantine",
+            description="The body is the file (application/octet-stream), at most "
+            "max_request_bytes. Its SHA-256 and size are recorded; it never changes again.",
+            responses=_ERRORS,
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string",
+                                                        "format": "binary"}}}}})
+async def upload_file(request: Request, state: AppStateDep, principal: CurrentPrincipal,
+                      permit_id: PermitId, export_id: ExportId, name: FileName) -> JSONResponse:
+    data = await request.body()
+    view = await run_in_threadpool(_svc(state).upload, principal, permit_id, export_id,
+                                   name, data)
+    return _json(view, 201)
+
+
+@router.delete(_BASE + "/{export_id}/files/{file_id}", name="airlock.remove_file",
+               operation_id="removeExportFile", status_code=204,
+               summary="Remove a file from a draft", responses=_ERRORS)
+def remove_file(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+                export_id: ExportId, file_id: FileId) -> Response:
+    _svc(state).remove_file(principal, permit_id, export_id, file_id)
+    return Response(status_code=204)
+
+
+@router.post(_BASE + "/{export_id}/submit", name="airlock.submit", operation_id="submitExport",
+             summary="Submit: freeze the files and run the automated checks", responses=_ERRORS)
+def submit_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+                  export_id: ExportId) -> JSONResponse:
+    return _json(_svc(state).submit(principal, permit_id, export_id))
+
+
+@router.post(_BASE + "/{export_id}/withdraw", name="airlock.withdraw",
+             operation_id="withdrawExport", summary="Withdraw an export request",
+             responses=_ERRORS)
+def withdraw_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+                    export_id: ExportId) -> JSONResponse:
+    return _json(_svc(state).withdraw(principal, permit_id, export_id))
+
+
+@router.post(_BASE + "/{export_id}/revise", name="airlock.revise", operation_id="reviseExport",
+             summary="Back to draft after a return for changes", responses=_ERRORS)
+def revise_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+                  export_id: ExportId) -> JSONResponse:
+    return _json(_svc(state).revise(principal, permit_id, export_id))
+
+
+@router.post(_BASE + "/{export_id}/votes", name="airlock.vote", operation_id="voteExport",
+             summary="A reviewer's vote", responses=_ERRORS)
+def vote_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+                export_id: ExportId, body: VoteIn) -> JSONResponse:
+    return _json(_svc(state).vote(principal, permit_id, export_id, body.decision,
+                                  body.comment, body.shared, body.override_reason))
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@router.get(_BASE + "/{export_id}/files/{file_id}/content", name="airlock.download",
+            operation_id="downloadExportFile", summary="Download a released file",
+            responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS})
+def download_file(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
+                  export_id: ExportId, file_id: FileId) -> Response:
+    got = _svc(state).download(principal, permit_id, export_id, file_id)
+    name = _SAFE_NAME.sub("_", got.name)
+    return Response(got.data, media_type="application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
+        "Digest": f"sha-256={got.sha256}"})

@@ -1,0 +1,468 @@
+"""Export requests: the airlock's business logic over the control database and quarantine.
+
+Contract
+--------
+* Every public method takes the caller (a :class:`~spe.auth.principal.Principal`) and the
+  permit id, authorises by role and permit first (a permit or request the caller may not see
+  is 404, never 403: ``permits.policy``), then acts in one transaction with its audit entries
+  (``spe.audit.record``): an act and its record commit together.
+* Researchers (user or workspace token of this permit, named in it) open requests, upload
+  files, submit, withdraw, revise; only the requester changes their own request.
+* Hospital admins (user tokens) other than the requester vote; a vote is seen by nobody but its
+  author until that reviewer has voted too (and by the researcher only when shared, after the
+  decision). The request is decided when ``reviewers_required`` votes are in (see
+  ``spe.airlock.states``).
+* Released files are downloaded only by persons the permit names, with their own (user) token,
+  while the permit is active; each download is audited.
+* :meth:`close_for_permit` rejects every open request of a permit that is no longer active; the
+  router subscribes it to the permit event stream and runs :meth:`close_ended` at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from permits.policy import check_see
+from permits.service import get_terms
+from permits.terms import PermitStatus, PermitTerms
+from spe.airlock import checks as chk
+from spe.airlock.models import ExportFile, ExportRelease, ExportRequest, ExportVote
+from spe.airlock.states import OPEN, State, check
+from spe.airlock.storage import Quarantine
+from spe.audit import AuditAction, AuditEvent, Outcome, record
+from spe.auth.principal import SYSTEM, Principal, Role
+from spe.config import Settings
+from spe.db import Database
+from spe.db.base import utcnow
+from spe.errors import Conflict, Forbidden, NotFound, PayloadTooLarge
+
+logger = logging.getLogger("spe.airlock")
+
+Decision = Literal["approve", "reject", "return"]
+
+
+@dataclass(frozen=True)
+class Download:
+    name: str
+    data: bytes
+    sha256: str
+
+
+class AirlockService:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.quarantine = Quarantine(settings.data_dir / "airlock" / "quarantine")
+
+    # -- authorisation ---------------------------------------------------------------------
+    def _terms(self, session: Session, principal: Principal, permit_id: str) -> PermitTerms:
+        try:
+            terms = get_terms(session, permit_id)
+        except NotFound:
+            raise NotFound(f"No permit {permit_id} visible to the caller.") from None
+        check_see(principal, permit_id, terms.access_body, terms.persons)
+        return terms
+
+    @staticmethod
+    def _check_researcher(principal: Principal, terms: PermitTerms) -> None:
+        if Role.RESEARCHER not in principal.roles or not terms.names(principal.username):
+            raise Forbidden("Only researchers named in the permit make export requests.")
+
+    @staticmethod
+    def _check_usable(terms: PermitTerms) -> None:
+        if not terms.usable:
+            raise Conflict(f"The permit is {terms.status.value}: nothing can be exported "
+                           "under it.")
+
+    @staticmethod
+    def _load(session: Session, permit_id: str, request_id: str, *, lock: bool = False
+              ) -> ExportRequest:
+        query = select(ExportRequest).where(ExportRequest.id == request_id,
+                                            ExportRequest.permit_id == permit_id)
+        if lock:
+            query = query.with_for_update()
+        found = session.execute(query).scalar_one_or_none()
+        if found is None:
+            raise NotFound(f"No export request {request_id} under permit {permit_id} visible "
+                           "to the caller.")
+        return found
+
+    def _own(self, session: Session, principal: Principal, permit_id: str, request_id: str
+             ) -> tuple[PermitTerms, ExportRequest]:
+        terms = self._terms(session, principal, permit_id)
+        self._check_researcher(principal, terms)
+        req = self._load(session, permit_id, request_id, lock=True)
+        if req.requester != principal.username:
+            raise Forbidden("Only the researcher who made this export request may change it.")
+        return terms, req
+
+    # -- audit -----------------------------------------------------------------------------
+    @staticmethod
+    def _audit(session: Session, principal: Principal, action: AuditAction, permit_id: str,
+               target: str, details: dict[str, Any], outcome: Outcome = Outcome.SUCCESS,
+               reason: str | None = None) -> None:
+        record(session, AuditEvent(action=action, actor=principal.actor,
+                                   role=principal.primary_role(), permit_id=permit_id,
+                                   target=target, outcome=outcome, reason=reason,
+                                   details=details))
+
+    def _move(self, session: Session, principal: Principal, req: ExportRequest, to: State,
+              reason: str | None = None) -> None:
+        current = State(req.state)
+        check(current, to)
+        req.state = to.value
+        req.updated_at = utcnow()
+        if reason is not None:
+            req.reason = reason
+        self._audit(session, principal, AuditAction.AIRLOCK_TRANSITION, req.permit_id, req.id,
+                    {"from": current.value, "to": to.value, "round": req.round},
+                    reason=reason)
+
+    # -- researcher ------------------------------------------------------------------------
+    def create(self, principal: Principal, permit_id: str, justification: str,
+               receipts: list[dict[str, Any]]) -> dict[str, Any]:
+        with self.db.write() as s:
+            terms = self._terms(s, principal, permit_id)
+            self._check_researcher(principal, terms)
+            self._check_usable(terms)
+            req = ExportRequest(id=uuid.uuid4().hex, permit_id=permit_id,
+                                requester=principal.username, justification=justification,
+                                state=State.DRAFT.value, round=0,
+                                reviewers_required=terms.export.reviewers, receipts=receipts)
+            s.add(req)
+            s.flush()
+            self._audit(s, principal, AuditAction.AIRLOCK_CREATE, permit_id, req.id,
+                        {"receipts": len(receipts), "workspace": principal.workspace_id})
+            return self._view(s, principal, req)
+
+    def _limits(self, terms: PermitTerms) -> tuple[int, int, int]:
+        e = terms.export
+        return (e.max_files or self.settings.airlock_max_files,
+                e.max_bytes or self.settings.airlock_max_bytes,
+                e.max_rows or self.settings.airlock_max_rows)
+
+    def upload(self, principal: Principal, permit_id: str, request_id: str, name: str,
+               data: bytes) -> dict[str, Any]:
+        file_id = uuid.uuid4().hex
+        digest = chk.sha256(data)
+        with self.db.write() as s:
+            terms, req = self._own(s, principal, permit_id, request_id)
+            self._check_usable(terms)
+            check(State(req.state), State.SUBMITTED)  # only a draft takes files
+            files = self._files(s, req.id)
+            max_files, max_bytes, _rows = self._limits(terms)
+            if len(files) >= max_files:
+                raise Conflict(f"This request already has {len(files)} files, the most the "
+                               f"permit allows ({max_files}). Submit it and open another.")
+            total = sum(f.size for f in files) + len(data)
+            if total > max_bytes:
+                raise PayloadTooLarge(f"The request's files would hold {total} bytes, more "
+                                      f"than the {max_bytes} the permit allows.")
+            if not data:
+                raise Conflict("The file is empty.")
+            self.quarantine.put(req.id, file_id, data)
+            row = ExportFile(id=file_id, request_id=req.id, name=name, sha256=digest,
+                             size=len(data))
+            s.add(row)
+            req.updated_at = utcnow()
+            s.flush()
+            self._audit(s, principal, AuditAction.AIRLOCK_UPLOAD, permit_id, req.id,
+                        {"file_id": file_id, "name": name, "sha256": digest,
+                         "size": len(data), "workspace": principal.workspace_id})
+            return _file_view(row)
+
+    def remove_file(self, principal: Principal, permit_id: str, request_id: str,
+                    file_id: str) -> None:
+        with self.db.write() as s:
+            _terms, req = self._own(s, principal, permit_id, request_id)
+            if req.state != State.DRAFT.value:
+                raise Conflict(f"Files of a {req.state} request cannot change.")
+            row = s.get(ExportFile, file_id)
+            if row is None or row.request_id != req.id:
+                raise NotFound(f"No file {file_id} in this request.")
+            s.delete(row)
+            self._audit(s, principal, AuditAction.AIRLOCK_REMOVE_FILE, permit_id, req.id,
+                        {"file_id": file_id, "sha256": row.sha256})
+        self.quarantine.remove(request_id, file_id)
+
+    def submit(self, principal: Principal, permit_id: str, request_id: str) -> dict[str, Any]:
+        with self.db.write() as s:
+            terms, req = self._own(s, principal, permit_id, request_id)
+            files = self._files(s, req.id)
+            if not files:
+                raise Conflict("Add at least one file before submitting.")
+            req.round += 1
+            self._move(s, principal, req, State.SUBMITTED)
+            self._audit(s, principal, AuditAction.AIRLOCK_SUBMIT, permit_id, req.id,
+                        {"round": req.round, "files": [
+                            {"file_id": f.id, "sha256": f.sha256, "size": f.size}
+                            for f in files]})
+            if not terms.usable:
+                self._move(s, SYSTEM, req, State.REJECTED,
+                           f"The permit is {terms.status.value}.")
+                return self._view(s, principal, req)
+            verdicts = self._run_checks(s, terms, req, files)
+            self._move(s, SYSTEM, req, State.CHECKED)
+            if any(v.blocked for v in verdicts):
+                self._move(s, SYSTEM, req, State.RETURNED_FOR_CHANGES,
+                           "A blocking check failed: see each file's checks.")
+            elif all(v.outcome == chk.PASS for v in verdicts):
+                self._move(s, SYSTEM, req, State.RELEASED,
+                           "Every file is covered by a DP release receipt of this permit.")
+                self._release(s, req, files)
+            else:
+                self._move(s, SYSTEM, req, State.IN_REVIEW)
+            return self._view(s, principal, req)
+
+    def _run_checks(self, s: Session, terms: PermitTerms, req: ExportRequest,
+                    files: list[ExportFile]) -> list[chk.FileVerdict]:
+        _files, _bytes, max_rows = self._limits(terms)
+        released = s.execute(select(ExportRelease).where(
+            ExportRelease.permit_id == terms.permit_id)).scalars().all()
+        tables = []
+        for rel in released:
+            if rel.kind in ("csv", "tsv", "parquet"):
+                try:
+                    data = self.quarantine.get(rel.request_id, rel.file_id)
+                    tables.append(chk.ReleasedTable(rel.request_id, rel.file_id,
+                                                    chk.read_table(data, rel.kind)))
+                except (OSError, ValueError):
+                    logger.warning("released table unreadable for differencing",
+                                   extra={"fields": {"file_id": rel.file_id}})
+        ctx = chk.Context(permit_id=terms.permit_id,
+                          secret=self.settings.secret_key.get_secret_value(),
+                          allowed_kinds=frozenset(terms.export.allowed_kinds),
+                          min_cell_count=terms.export.min_cell_count, max_rows=max_rows,
+                          receipts=list(req.receipts or []),
+                          released_hashes=frozenset(r.sha256 for r in released),
+                          released_tables=tables)
+        verdicts = []
+        for f in files:
+            data = self.quarantine.get(req.id, f.id)
+            if chk.sha256(data) != f.sha256:  # quarantine changed under us: never pass
+                verdict = chk.FileVerdict("unknown", chk.FAIL, (chk.Check(
+                    "integrity", chk.FAIL, "The quarantined bytes no longer match the hash "
+                    "recorded at upload; an operator must investigate.", blocking=True),))
+            else:
+                verdict = chk.check_file(data, ctx)
+            f.kind, f.outcome = verdict.kind, verdict.outcome
+            f.checks = [c.as_dict() for c in verdict.checks]
+            verdicts.append(verdict)
+            self._audit(s, SYSTEM, AuditAction.AIRLOCK_CHECK, req.permit_id, req.id,
+                        {"file_id": f.id, "sha256": f.sha256, "kind": verdict.kind,
+                         "outcome": verdict.outcome, "round": req.round,
+                         "checks": {c.name: c.outcome for c in verdict.checks}})
+        return verdicts
+
+    def _release(self, s: Session, req: ExportRequest, files: list[ExportFile]) -> None:
+        for f in files:
+            s.add(ExportRelease(permit_id=req.permit_id, request_id=req.id, file_id=f.id,
+                                sha256=f.sha256, kind=f.kind))
+            self._audit(s, SYSTEM, AuditAction.AIRLOCK_RELEASE, req.permit_id, req.id,
+                        {"file_id": f.id, "sha256": f.sha256, "kind": f.kind})
+
+    def withdraw(self, principal: Principal, permit_id: str, request_id: str
+                 ) -> dict[str, Any]:
+        with self.db.write() as s:
+            _terms, req = self._own(s, principal, permit_id, request_id)
+            self._move(s, principal, req, State.WITHDRAWN, "Withdrawn by the researcher.")
+            self._audit(s, principal, AuditAction.AIRLOCK_WITHDRAW, permit_id, req.id, {})
+            return self._view(s, principal, req)
+
+    def revise(self, principal: Principal, permit_id: str, request_id: str) -> dict[str, Any]:
+        with self.db.write() as s:
+            terms, req = self._own(s, principal, permit_id, request_id)
+            self._check_usable(terms)
+            self._move(s, principal, req, State.DRAFT)
+            self._audit(s, principal, AuditAction.AIRLOCK_REVISE, permit_id, req.id,
+                        {"round": req.round})
+            return self._view(s, principal, req)
+
+    # -- reviewers -------------------------------------------------------------------------
+    def vote(self, principal: Principal, permit_id: str, request_id: str, decision: Decision,
+             comment: str | None, shared: bool, override_reason: str | None
+             ) -> dict[str, Any]:
+        with self.db.write() as s:
+            terms = self._terms(s, principal, permit_id)
+            if Role.HOSPITAL_ADMIN not in principal.roles or principal.kind != "user":
+                raise Forbidden("Only hospital admins (with their own login) review exports.")
+            req = self._load(s, permit_id, request_id, lock=True)
+            if req.requester == principal.username:
+                raise Forbidden("You made this export request: reviewers must be other people.")
+            if req.state != State.IN_REVIEW.value:
+                raise Conflict(f"This request is {req.state}, not in review.")
+            self._check_usable(terms)
+            votes = self._votes(s, req)
+            if any(v.reviewer == principal.username for v in votes):
+                raise Conflict("You have already voted on this request.")
+            files = self._files(s, req.id)
+            failed = any(f.outcome == chk.FAIL or any(c["outcome"] == chk.FAIL for c in f.checks)
+                         for f in files)
+            passed = all(f.outcome == chk.PASS for f in files)
+            if decision == "approve" and failed and not override_reason:
+                raise Conflict("A check failed on this request: approving it needs a written "
+                               "override_reason.")
+            if decision == "reject" and passed and not override_reason:
+                raise Conflict("Every check passed: rejecting needs a written override_reason.")
+            s.add(ExportVote(request_id=req.id, round=req.round, reviewer=principal.username,
+                             decision=decision, comment=comment, shared=shared,
+                             override_reason=override_reason))
+            s.flush()
+            self._audit(s, principal, AuditAction.AIRLOCK_VOTE, permit_id, req.id,
+                        {"decision": decision, "round": req.round, "shared": shared,
+                         "override": bool(override_reason)})
+            votes = self._votes(s, req)
+            if len(votes) >= req.reviewers_required:
+                self._decide(s, req, files, votes)
+            return self._view(s, principal, req)
+
+    def _decide(self, s: Session, req: ExportRequest, files: list[ExportFile],
+                votes: list[ExportVote]) -> None:
+        decisions = {v.decision for v in votes}
+        if decisions == {"approve"}:
+            self._move(s, SYSTEM, req, State.APPROVED,
+                       f"Approved by {len(votes)} independent reviewers.")
+            self._move(s, SYSTEM, req, State.RELEASED)
+            self._release(s, req, files)
+        elif "reject" in decisions:
+            self._move(s, SYSTEM, req, State.REJECTED, "Rejected by a reviewer.")
+        else:
+            self._move(s, SYSTEM, req, State.RETURNED_FOR_CHANGES,
+                       "A reviewer asked for changes.")
+
+    # -- reading ---------------------------------------------------------------------------
+    def list_requests(self, principal: Principal, permit_id: str) -> list[dict[str, Any]]:
+        with self.db.write() as s:
+            self._terms(s, principal, permit_id)
+            rows = s.execute(select(ExportRequest).where(ExportRequest.permit_id == permit_id)
+                             .order_by(ExportRequest.created_at)).scalars().all()
+            self._audit(s, principal, AuditAction.AIRLOCK_LIST, permit_id, permit_id,
+                        {"count": len(rows)})
+            return [self._view(s, principal, r) for r in rows]
+
+    def get(self, principal: Principal, permit_id: str, request_id: str) -> dict[str, Any]:
+        with self.db.write() as s:
+            self._terms(s, principal, permit_id)
+            req = self._load(s, permit_id, request_id)
+            self._audit(s, principal, AuditAction.AIRLOCK_READ, permit_id, req.id, {})
+            return self._view(s, principal, req)
+
+    def download(self, principal: Principal, permit_id: str, request_id: str,
+                 file_id: str) -> Download:
+        with self.db.write() as s:
+            terms = self._terms(s, principal, permit_id)
+            if (Role.RESEARCHER not in principal.roles or principal.kind != "user"
+                    or not terms.names(principal.username)):
+                raise Forbidden("Released files are downloaded only by the persons the permit "
+                                "names, with their own login (not a workspace token).")
+            self._check_usable(terms)
+            req = self._load(s, permit_id, request_id)
+            row = s.get(ExportFile, file_id)
+            if row is None or row.request_id != req.id:
+                raise NotFound(f"No file {file_id} in this request.")
+            released = s.execute(select(ExportRelease).where(
+                ExportRelease.file_id == file_id)).scalar_one_or_none()
+            if req.state != State.RELEASED.value or released is None:
+                raise Conflict(f"This request is {req.state}: only released files can be "
+                               "downloaded.")
+            data = self.quarantine.get(req.id, row.id)
+            if chk.sha256(data) != row.sha256:
+                raise Conflict("The file no longer matches its recorded hash; it is withheld.")
+            self._audit(s, principal, AuditAction.AIRLOCK_DOWNLOAD, permit_id, req.id,
+                        {"file_id": row.id, "sha256": row.sha256, "size": row.size})
+            return Download(row.name, data, row.sha256)
+
+    # -- permit events ---------------------------------------------------------------------
+    def close_for_permit(self, permit_id: str) -> int:
+        """Reject the open requests of ``permit_id`` when the permit is no longer active."""
+        with self.db.write() as s:
+            try:
+                terms = get_terms(s, permit_id)
+            except NotFound:
+                return 0
+            if terms.status in (PermitStatus.ACTIVE, PermitStatus.PENDING):
+                return 0
+            rows = s.execute(select(ExportRequest).where(
+                ExportRequest.permit_id == permit_id,
+                ExportRequest.state.in_([st.value for st in OPEN]))
+                .with_for_update()).scalars().all()
+            why = f"The permit was {terms.status.value}; open export requests are closed."
+            for req in rows:
+                self._force_reject(s, req, why)
+            if rows:
+                self._audit(s, SYSTEM, AuditAction.AIRLOCK_CLOSE, permit_id, permit_id,
+                            {"requests": [r.id for r in rows], "status": terms.status.value})
+            return len(rows)
+
+    def _force_reject(self, s: Session, req: ExportRequest, why: str) -> None:
+        current = State(req.state)
+        if current is State.DRAFT or current is State.RETURNED_FOR_CHANGES:
+            # The researcher's own states: closed without review, as the permit ended.
+            req.state = State.REJECTED.value
+            req.reason = why
+            self._audit(s, SYSTEM, AuditAction.AIRLOCK_TRANSITION, req.permit_id, req.id,
+                        {"from": current.value, "to": State.REJECTED.value,
+                         "round": req.round}, reason=why)
+            return
+        self._move(s, SYSTEM, req, State.REJECTED, why)
+
+    def close_ended(self) -> int:
+        """Close open requests of every permit that is no longer active (run at start)."""
+        with self.db.read() as s:
+            permits = sorted(set(s.execute(select(ExportRequest.permit_id).where(
+                ExportRequest.state.in_([st.value for st in OPEN]))).scalars()))
+        return sum(self.close_for_permit(p) for p in permits)
+
+    # -- views -----------------------------------------------------------------------------
+    @staticmethod
+    def _files(s: Session, request_id: str) -> list[ExportFile]:
+        return list(s.execute(select(ExportFile).where(ExportFile.request_id == request_id)
+                              .order_by(ExportFile.created_at, ExportFile.id)).scalars())
+
+    @staticmethod
+    def _votes(s: Session, req: ExportRequest) -> list[ExportVote]:
+        return list(s.execute(select(ExportVote).where(
+            ExportVote.request_id == req.id, ExportVote.round == req.round)
+            .order_by(ExportVote.id)).scalars())
+
+    def _view(self, s: Session, principal: Principal, req: ExportRequest) -> dict[str, Any]:
+        files = self._files(s, req.id)
+        votes = self._votes(s, req)
+        is_reviewer = Role.HOSPITAL_ADMIN in principal.roles and principal.kind == "user" \
+            and principal.username != req.requester
+        decided = req.state not in (State.IN_REVIEW.value,)
+        voted = any(v.reviewer == principal.username for v in votes)
+        shown: list[dict[str, Any]] = []
+        if is_reviewer and (voted or decided):
+            shown = [_vote_view(v, private=True) for v in votes]
+        elif is_reviewer:
+            shown = []  # votes stay hidden until this reviewer has voted
+        elif decided:
+            shown = [_vote_view(v, private=False) for v in votes if v.shared]
+        return {
+            "id": req.id, "permit_id": req.permit_id, "requester": req.requester,
+            "justification": req.justification, "state": req.state, "round": req.round,
+            "reason": req.reason, "reviewers_required": req.reviewers_required,
+            "votes_received": len(votes), "you_voted": voted,
+            "created_at": req.created_at.isoformat(), "updated_at": req.updated_at.isoformat(),
+            "files": [_file_view(f) for f in files], "votes": shown,
+        }
+
+
+def _file_view(f: ExportFile) -> dict[str, Any]:
+    return {"id": f.id, "name": f.name, "sha256": f.sha256, "size": f.size, "kind": f.kind,
+            "outcome": f.outcome, "checks": list(f.checks or [])}
+
+
+def _vote_view(v: ExportVote, *, private: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"decision": v.decision, "comment": v.comment,
+                           "created_at": v.created_at.isoformat()}
+    if private:
+        out.update(reviewer=v.reviewer, shared=v.shared, override_reason=v.override_reason)
+    return out
