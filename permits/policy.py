@@ -6,6 +6,9 @@
   name them (a workspace token only the permit it is bound to). Everyone else: 403.
 * A permit the caller may not see is reported as 404, never 403, so its existence is not
   revealed.
+* Use (query its data, run a workspace under it): :func:`can_use` / :func:`check_use`, the one
+  answer to "may this person use this permit now", for the DP API and the spawner alike: the
+  person is named in the permit's newest version and the permit is active.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from permits.errors import NotNamedInPermit, PermitNotUsable
+from permits.terms import PermitTerms
 from spe.auth.principal import Principal, Role
 from spe.errors import Forbidden, NotFound
 
@@ -102,3 +107,25 @@ def can_read_events(principal: Principal) -> bool:
 def check_read_events(principal: Principal) -> None:
     if not can_read_events(principal):
         raise Forbidden("The permit event stream is for operators and hospital admins.")
+
+
+def can_use(person: str, terms: PermitTerms) -> bool:
+    """Whether ``person`` may use the permit now: named in it, and the permit is active."""
+    return terms.names(person) and terms.usable
+
+
+def check_use(person: str, terms: PermitTerms, *, hide_unnamed: bool = False) -> None:
+    """Raise unless ``person`` may use the permit now (:func:`can_use`).
+
+    A person the permit does not name gets :class:`NotNamedInPermit` (403), or with
+    ``hide_unnamed`` the 404 an unknown permit gets (a caller who may not see the permit must
+    not learn it exists). A named person gets :class:`PermitNotUsable` (403) while the permit
+    is pending, suspended, revoked or expired.
+    """
+    if not terms.names(person):
+        if hide_unnamed:
+            raise _not_found(terms.permit_id)
+        raise NotNamedInPermit(f"{person} is not named in permit {terms.permit_id}.")
+    if not terms.usable:
+        raise PermitNotUsable(f"The permit is {terms.status.value}; using it needs an active "
+                              "permit.")

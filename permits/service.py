@@ -56,6 +56,7 @@ from permits.schemas import (
     PermitUpdate,
     PermitVersionPublic,
 )
+from permits.snapshots import read_snapshot
 from permits.states import Action, check, effective_status, next_status
 from permits.terms import (
     AccessMode,
@@ -146,6 +147,7 @@ def _effective(permit: Permit, now: datetime) -> PermitStatus:
 
 
 def to_public(permit: Permit, snapshot: dict[str, Any], now: datetime) -> PermitPublic:
+    snapshot = read_snapshot(snapshot)
     return PermitPublic.model_validate({
         **snapshot, "id": permit.id, "access_body": permit.access_body,
         "status": _effective(permit, now), "version": permit.version, "etag": permit.etag,
@@ -189,6 +191,7 @@ class PermitView:
 def _view(row: Any, now: datetime) -> PermitView:
     (pid, access_body, status, version, etag, valid_from, valid_until, extended, created,
      updated, snapshot) = row
+    snapshot = read_snapshot(snapshot)
     return PermitView({
         **snapshot, "id": pid, "access_body": access_body,
         "status": effective_status(status, valid_from, valid_until, now).value,
@@ -199,6 +202,7 @@ def _view(row: Any, now: datetime) -> PermitView:
 
 
 def terms_of(permit: Permit, snapshot: dict[str, Any], now: datetime) -> PermitTerms:
+    snapshot = read_snapshot(snapshot)
     budget = snapshot["privacy_budget"]
     export = snapshot["export_policy"]
     return PermitTerms(
@@ -223,10 +227,7 @@ def terms_of(permit: Permit, snapshot: dict[str, Any], now: datetime) -> PermitT
         ),
         export=ExportPolicy(min_cell_count=int(export["min_cell_count"]),
                             allowed_kinds=frozenset(export["allowed_kinds"]),
-                            reviewers=int(export["reviewers"]),
-                            max_files=export.get("max_files"),
-                            max_bytes=export.get("max_bytes"),
-                            max_rows=export.get("max_rows")),
+                            reviewers=int(export["reviewers"])),
         compute=ComputeQuota(**snapshot["compute_quota"]),
         purposes=frozenset(snapshot["purposes"]),
         retention_days=int(snapshot["retention_days"]),

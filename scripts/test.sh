@@ -11,6 +11,8 @@ if [ "${SPE_KEEP_SERVICES:-0}" != "1" ]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy spe permits workspaces
+# The layers (.importlinter, drawn in docs/architecture.md): no import reaches up a layer.
+.venv/bin/lint-imports --no-cache
 set +e
 # tests.suite_summary prints what ran by kind (unit, integration, security, stat, e2e, browser,
 # fuzz) just before pytest's own closing line; pytest's exit status is passed on unchanged,

@@ -1,18 +1,14 @@
 """Exceptions of the enclave (one line each; all map to RFC 9457 problems via spe.errors)."""
 
-from spe.errors import Conflict, Forbidden, ServiceUnavailable
+from permits.errors import NotNamedInPermit, PermitNotUsable
+from spe.errors import Conflict, ServiceUnavailable
+
+__all__ = ["DiskAdmissionRefused", "GpuUnavailable", "NotNamedInPermit", "PermitNotUsable",
+           "StaleRuntime", "UnsupportedArchitecture", "WorkspaceStartFailed"]
 
 
 class GpuUnavailable(Conflict):
     code, title = "gpu-unavailable", "Not enough free GPUs"
-
-
-class PermitNotUsable(Forbidden):
-    code, title = "permit-not-usable", "Permit not active"
-
-
-class NotNamedInPermit(Forbidden):
-    code, title = "not-named-in-permit", "Not a person named in the permit"
 
 
 class WorkspaceStartFailed(ServiceUnavailable):

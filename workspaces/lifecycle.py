@@ -84,14 +84,13 @@ def narrowing(db: Database, permit_id: str, version: int) -> list[str]:
     """How amendment ``version`` of the permit narrowed what its workspaces may see, compared
     with the version before (empty: it did not): a dataset, table or column no longer granted,
     or the access mode moved from ``pseudonymised`` to ``dp_only``."""
-    from permits.models import PermitVersion
+    from permits.queries import version_snapshot
 
     with db.read() as session:
-        new = session.get(PermitVersion, (permit_id, version))
-        old = session.get(PermitVersion, (permit_id, version - 1)) if version > 1 else None
-        if new is None or old is None:
+        after = version_snapshot(session, permit_id, version)
+        before = version_snapshot(session, permit_id, version - 1) if version > 1 else None
+        if after is None or before is None:
             return []
-        before, after = old.snapshot, new.snapshot
     reasons = []
     if before.get("access_mode") == "pseudonymised" and after.get("access_mode") != before.get(
             "access_mode"):
@@ -238,15 +237,12 @@ def cleanup_leftovers(ws_id: str, parent: str, root: Path | None = None) -> None
 
 def permits_naming(db: Database, person: str) -> list[tuple[str, str]]:
     """(permit id, reference) of the active permits naming ``person``, newest first."""
-    from permits.models import Permit, PermitPerson
+    from permits.queries import permits_naming as naming
     from permits.service import permit_is_active
 
     with db.read() as session:
-        rows = session.execute(
-            select(Permit.id, Permit.reference)
-            .join(PermitPerson, PermitPerson.permit_id == Permit.id)
-            .where(PermitPerson.username == person).order_by(Permit.seq.desc())).all()
-        return [(str(pid), str(ref)) for pid, ref in rows if permit_is_active(session, pid)]
+        return [(pid, ref) for pid, ref in naming(session, person)
+                if permit_is_active(session, pid)]
 
 
 def permit_for_server(db: Database, person: str, name: str) -> str | None:

@@ -71,15 +71,14 @@ def _db(settings: Settings) -> Database:
 
 
 def check_permit(db: Database, person: str, permit_id: str) -> PermitTerms:
-    """The permit's terms if ``person`` may run a workspace under it now; else raise."""
+    """The permit's terms if ``person`` may run a workspace under it now
+    (``permits.policy.check_use``, the rule DP queries follow too); else raise."""
+    from permits.policy import check_use
     from permits.service import get_terms
 
     with db.read() as session:
         terms = get_terms(session, permit_id)
-    if not terms.usable:
-        raise PermitNotUsable(f"Permit {permit_id} is {terms.status.value}.")
-    if not terms.names(person):
-        raise NotNamedInPermit(f"{person} is not named in permit {permit_id}.")
+    check_use(person, terms)
     return terms
 
 

@@ -109,10 +109,19 @@ def _named(principal: Principal, terms: PermitTerms) -> None:
 
 
 def authorise(principal: Principal, terms: PermitTerms) -> None:
-    """Raise Forbidden unless ``principal`` may query under ``terms`` right now."""
-    _named(principal, terms)
-    if not terms.usable:
-        raise Forbidden(f"The permit is {terms.status.value}; queries need an active permit.")
+    """Raise unless ``principal`` may query under ``terms`` right now: a workspace token must
+    be bound to this permit, then ``permits.policy.check_use`` decides (the rule the spawner
+    applies too); a user the permit does not name gets the 404 an unknown permit gets."""
+    from permits.policy import check_use
+
+    if principal.kind == "workspace":
+        if principal.permit_id != terms.permit_id:
+            raise not_visible(terms.permit_id)
+        check_use(principal.username, terms)
+    elif principal.kind == "user":
+        check_use(principal.username, terms, hide_unnamed=True)
+    else:
+        raise Forbidden("DP queries are made by researchers named in the permit.")
 
 
 def authorise_budget_read(principal: Principal, terms: PermitTerms) -> None:

@@ -1,118 +1,50 @@
-"""Import layers that follow the trust boundaries (DESIGN.md sections 6, 7 and 13).
-
-Read from the source (AST, every import statement including those inside functions), so a
-forbidden import is named with its file and line without importing anything:
-
-- code that runs inside the sandbox (the notebook client, the Ray helper) reaches only other
-  sandbox-side modules: never settings, the database, tokens, the audit log or the data store;
-- the lowest layers (``spe.db``, ``spe.errors``, ``spe.audit``) depend on nothing above them;
-- permits (the access bodies' side) and the DP engine do not depend on the researchers' enclave
-  or the operator CLI.
-
-Run by CI (pytest) and by pre-commit (.pre-commit-config.yaml).
-"""
+"""The import-linter contracts (.importlinter) hold for the tree, and fail on a wrong import."""
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = ("spe", "permits", "workspaces")
-
-#: Modules importable inside a workspace sandbox, and what they may import from the project.
-SANDBOX_SIDE = ("spe.client", "workspaces.ray_head", "permits.terms")
-
-#: (importer prefix, allowed project prefixes) for the lowest layers.
-LOWEST = {
-    "spe.db": ("spe.db", "spe.errors"),
-    "spe.errors": ("spe.errors",),
-    "spe.audit": ("spe.audit", "spe.db", "spe.errors"),
-}
-
-#: (importer prefix, forbidden prefixes).
-FORBIDDEN = {
-    "permits": ("workspaces", "spe.dp", "spe.cli"),
-    "spe.dp": ("workspaces", "spe.cli"),
-    "spe.budget": ("workspaces", "spe.cli", "spe.api"),
-}
+LINT = Path(sys.executable).with_name("lint-imports")
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
+def _lint(root: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([str(LINT), "--config", str(root / ".importlinter"), "--no-cache"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
-def _imports() -> list[tuple[str, str, str]]:
-    """(importer module, imported project module, "file:line") for every project import."""
-    found = []
-    for package in PROJECT:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            if "migrations" in path.parts:
-                continue
-            module = _module_name(path)
-            is_pkg = path.name == "__init__.py"
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                targets: list[str] = []
-                if isinstance(node, ast.Import):
-                    targets = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    base = node.module or ""
-                    if node.level:
-                        parts = module.split(".")
-                        keep = len(parts) - node.level + (1 if is_pkg else 0)
-                        base = ".".join([*parts[:keep], *([base] if base else [])])
-                    targets = [f"{base}.{a.name}" if base else a.name for a in node.names]
-                for target in targets:
-                    if target.split(".")[0] in PROJECT:
-                        where = f"{path.relative_to(ROOT)}:{node.lineno}"
-                        found.append((module, target, where))
-    return found
+def _copy(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    root.mkdir()
+    shutil.copy(ROOT / ".importlinter", root / ".importlinter")
+    for package in ("spe", "permits", "workspaces"):
+        shutil.copytree(ROOT / package, root / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.csv", "*.parquet"))
+    return root
 
 
-def _under(module: str, prefix: str) -> bool:
-    return module == prefix or module.startswith(prefix + ".")
-
-
-IMPORTS = _imports()
-
-
-def test_the_import_graph_was_read() -> None:
-    assert any(_under(m, "spe.client") for m, _, _ in IMPORTS)
-    assert len(IMPORTS) > 50
-
-
-def test_sandbox_side_code_imports_only_sandbox_side_modules() -> None:
-    bad = [f"{where}: {module} imports {target}" for module, target, where in IMPORTS
-           if any(_under(module, s) for s in SANDBOX_SIDE)
-           and target not in ("spe", "permits", "workspaces")  # package roots: no code
-           and not any(_under(target, s) for s in SANDBOX_SIDE)]
-    assert not bad, "code that runs in the sandbox reaches server-side code:\n" + "\n".join(bad)
-
-
-@pytest.mark.parametrize("importer", sorted(LOWEST))
-def test_lowest_layers_depend_on_nothing_above(importer: str) -> None:
-    allowed = LOWEST[importer]
-    bad = [f"{where}: {module} imports {target}" for module, target, where in IMPORTS
-           if _under(module, importer) and not any(_under(target, a) for a in allowed)]
-    assert not bad, "\n".join(bad)
-
-
-@pytest.mark.parametrize("importer", sorted(FORBIDDEN))
-def test_forbidden_layer_imports(importer: str) -> None:
-    bad = [f"{where}: {module} imports {target}" for module, target, where in IMPORTS
-           if _under(module, importer) and any(_under(target, f) for f in FORBIDDEN[importer])]
-    assert not bad, "\n".join(bad)
-
-
-def test_package_roots_import_no_server_code() -> None:
-    """``import spe.client`` runs ``spe/__init__.py`` inside the sandbox first."""
-    for package in PROJECT:
-        tree = ast.parse((ROOT / package / "__init__.py").read_text())
-        top_level = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
-        names = [getattr(n, "module", None) or n.names[0].name for n in top_level]
-        assert not [n for n in names if n and n.split(".")[0] in PROJECT], package
+def test_contracts_kept_and_a_wrong_import_breaks_them(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    kept = _lint(root)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    # The kernel reaching up into a package: the layers contract must fail.
+    config = root / "spe" / "errors.py"
+    config.write_text(config.read_text() + "\nimport permits.models  # noqa\n")
+    # The DP engine reaching the permit tables, a workspace module reaching the routes.
+    engine = root / "spe" / "dp" / "engine.py"
+    engine.write_text(engine.read_text() + "\nimport permits.models  # noqa\n")
+    spawner = root / "workspaces" / "spawner.py"
+    spawner.write_text(spawner.read_text() + "\nimport permits.api  # noqa\n")
+    broken = _lint(root)
+    out = broken.stdout
+    assert broken.returncode == 1, out + broken.stderr
+    assert "spe.errors is not allowed to import permits" in out.replace("\n", " ") or \
+        "Layers" in out.split("Broken contracts", 1)[-1], out
+    assert "spe.dp is not allowed to import permits.models" in out, out
+    assert "workspaces is not allowed to import permits.api" in out, out
