@@ -86,7 +86,10 @@ def export(
     permit: str | None = typer.Option(None, help="Only this permit's entries."),
 ) -> None:
     """Write the audit log as JSON lines (one entry per line, with its hashes) to stdout, for
-    a SIEM or an auditor; each line verifies on its own with its salt and prev_hash."""
+    a SIEM or an auditor; each line verifies on its own with its salt and prev_hash. Each
+    line also names its action by its enum name (``action_name``, e.g. ``PERMIT_REVOKE``;
+    ``spe audit actions`` lists them with their meanings); that name is not hashed."""
+    from spe.audit.actions import action_name
     from spe.audit.proofs import entry_json
     from spe.audit.writer import iter_rows
 
@@ -96,9 +99,20 @@ def export(
             for row in iter_rows(session, after=after):
                 if permit is not None and row[4] != permit:
                     continue
-                typer.echo(json.dumps(entry_json(row), sort_keys=True))
+                line = entry_json(row)
+                line["action_name"] = action_name(str(line.get("action")))
+                typer.echo(json.dumps(line, sort_keys=True))
     finally:
         db.dispose()
+
+
+@app.command("actions")
+def actions() -> None:
+    """List every audit action: its enum name, its stored value and what it means."""
+    from spe.audit.actions import MEANINGS, AuditAction
+
+    for action in AuditAction:
+        typer.echo(f"{action.name:<34} {action.value:<34} {MEANINGS[action]}")
 
 
 @app.command("checkpoint")

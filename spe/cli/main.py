@@ -56,9 +56,16 @@ def db_upgrade() -> None:
 
 @config_app.command("show")
 def config_show() -> None:
-    """Show every option, its value (secrets masked) and what it does."""
+    """Show every option, its value (secrets masked) and what it does: the SPE's (``SPE_*``)
+    and the workspaces' (``SPE_WS_*``)."""
+    from workspaces.settings import get_workspace_settings
+
     for row in settings().describe():
         typer.echo(f"{row['name']} = {row['value']}\n    {row['help']}")
+    typer.echo("\n# workspaces (environment prefix SPE_WS_)")
+    ws = get_workspace_settings()
+    for name, field in type(ws).model_fields.items():
+        typer.echo(f"ws.{name} = {getattr(ws, name)}\n    {field.description}")
 
 
 @app.command()

@@ -40,6 +40,18 @@ def test_verify_and_export(cli_env: Database) -> None:
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert [entry["seq"] for entry in lines] == [2, 3]
     assert lines[1]["prev_hash"] == lines[0]["entry_hash"]
+    assert {entry["action_name"] for entry in lines} == {"AUDIT_TEST"}
+
+
+def test_actions_listed_by_enum_name(cli_env: Database) -> None:
+    from spe.audit import MEANINGS, AuditAction
+    from spe.cli.main import app
+
+    result = CliRunner().invoke(app, ["audit", "actions"])
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[0] for line in result.output.splitlines()}
+    assert listed == {action.name for action in AuditAction}
+    assert MEANINGS[AuditAction.PERMIT_REVOKE] in result.output
 
 
 def test_verify_fails_on_tampering(cli_env: Database) -> None:
