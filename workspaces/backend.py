@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from permits.terms import ComputeQuota
+from workspaces.network import SERVER_PORT
 from workspaces.sandbox import LOG_MAX_BYTES, Workspace
 from workspaces.settings import WorkspaceSettings
 
@@ -60,6 +61,7 @@ class SandboxRequest:
     devices: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     with_network: bool = True
+    server_port: int = SERVER_PORT  # the only port the proxy may open inside the sandbox
 
 
 @runtime_checkable
@@ -147,7 +149,8 @@ class BubblewrapBackend:
             workspaces_dir=self.workspaces_dir, person=request.person,
             permit_id=request.permit_id, quota=request.quota, settings=self.settings,
             extract=request.extract, with_network=request.with_network,
-            devices=request.devices, env=request.env, ws_id=request.ws_id)
+            devices=request.devices, env=request.env, ws_id=request.ws_id,
+            server_port=request.server_port)
         return BubblewrapHandle(ws_id=ws.ws_id, root=ws.root, spec=ws.spec, disk=ws.disk)
 
     def start(self, handle: BubblewrapHandle, command: Sequence[str], *,

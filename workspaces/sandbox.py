@@ -232,7 +232,8 @@ class Workspace:
                   quota: ComputeQuota, settings: WorkspaceSettings,
                   extract: Path | None = None, with_network: bool = True,
                   devices: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
-                  ws_id: str | None = None) -> Workspace:
+                  ws_id: str | None = None,
+                  server_port: int = network.SERVER_PORT) -> Workspace:
         """Create everything the workspace of (person, permit) needs; undo it on failure."""
         ws_id = ws_id or accounts.workspace_id(person, permit_id)
         seccomp.program()  # fail closed: no filter for this machine, nothing is created
@@ -269,7 +270,7 @@ class Workspace:
                                 parent_limits=parent_limits(settings, workspaces_dir))
             undo.append(cg.destroy)
             net = network.create(ws_id, settings.allowed_host_ports if with_network else (),
-                                 pool=settings.subnet_pool,
+                                 pool=settings.subnet_pool, server_port=server_port,
                                  max_connections=settings.max_connections)
             undo.append(net.destroy)
             runtime = settings.runtime_dir if settings.runtime_dir.is_dir() else None

@@ -228,7 +228,7 @@ class SandboxSpawner(Spawner):
             self._ws = self.backend.provision(SandboxRequest(
                 ws_id=self.ws_id, person=self.person, permit_id=self.permit_id,
                 quota=terms.compute, extract=extract if extract.is_dir() else None,
-                devices=gpu.device_nodes(gpus)))
+                devices=gpu.device_nodes(gpus), server_port=self.port))
             write_token(self._ws.home_on_host, self._ws.uid, self._ws.gid)
             self._extra_env = {**ray_env(terms.compute, gpus), **self._token_env(db, self._ws)}
         except (UnsupportedArchitecture, DiskAdmissionRefused) as exc:

@@ -96,7 +96,8 @@ Make = Callable[..., Workspace]
 def make_ws(tmp_path: Path) -> Iterator[Make]:
     made: list[Workspace] = []
 
-    def make(ports: tuple[int, ...], **extra: object) -> Workspace:
+    def make(ports: tuple[int, ...], server_port: int = network.SERVER_PORT,
+             **extra: object) -> Workspace:
         settings = WorkspaceSettings(runtime_dir=tmp_path / "no-runtime",
                                      allowed_host_ports=ports, disk_quota=False,
                                      cgroup_parent=f"spe-test-{uuid.uuid4().hex[:6]}",
@@ -104,7 +105,7 @@ def make_ws(tmp_path: Path) -> Iterator[Make]:
         ws = Workspace.provision(
             workspaces_dir=tmp_path / "ws", person=f"p{len(made)}", permit_id="P-net",
             quota=ComputeQuota(cpus=1.0, memory_mb=256, disk_mb=64), settings=settings,
-            ws_id=f"t{uuid.uuid4().hex[:11]}")
+            ws_id=f"t{uuid.uuid4().hex[:11]}", server_port=server_port)
         made.append(ws)
         return ws
 
@@ -146,14 +147,15 @@ def test_a_flushed_host_firewall_does_not_open_the_workspace(make_ws: Make) -> N
         other.close()
 
 
-def test_inbound_only_to_the_server_port(make_ws: Make) -> None:
+@pytest.mark.parametrize("server_port", [network.SERVER_PORT, 9100])
+def test_inbound_only_to_the_server_port(make_ws: Make, server_port: int) -> None:
     api = Listener("127.0.0.1")
-    ws = make_ws((api.port,))
+    ws = make_ws((api.port,), server_port=server_port)
     net = ws.network
     assert net is not None
     procs = [ws.popen(["/usr/bin/python3", "-c", SERVE, net.ns_ip, str(port)],
                       stdout=subprocess.PIPE, text=True)
-             for port in (network.SERVER_PORT, 9999)]
+             for port in (server_port, 9999)]
     try:
         for proc in procs:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -165,7 +167,7 @@ def test_inbound_only_to_the_server_port(make_ws: Make) -> None:
                 return s.recv(2) == b"ok"
             return False
 
-        assert reach(network.SERVER_PORT)  # the proxy reaches the server
+        assert reach(server_port)  # the proxy reaches the server
         assert not reach(9999)  # nothing else in the workspace is reachable
         drop_host_table(net)
         assert not reach(9999)  # the namespace's own table refuses it too
