@@ -98,6 +98,10 @@ class AuditAction(StrEnum):
     AUDIT_CONSISTENCY = "audit.consistency"
     AUDIT_PROOF = "audit.proof"
     AUDIT_ALERT = "audit.alert"
+    # the incident switch
+    INCIDENT_FREEZE = "incident.freeze"
+    INCIDENT_THAW = "incident.thaw"
+    INCIDENT_EVIDENCE = "incident.evidence"
     # the audit log's own tooling (tests and operators' checks)
     AUDIT_TEST = "audit.test"
     # the web console
@@ -189,6 +193,10 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.AUDIT_PROOF: "a permit's audit entries were fetched with inclusion proofs",
     AuditAction.AUDIT_ALERT: "ALERT: a rule flagged a suspicious pattern in the audit log "
     "(spe.audit.alerts: the rule, counts and entry numbers in details)",
+    AuditAction.INCIDENT_FREEZE: "INCIDENT: a permit (or every permit) was frozen: its "
+    "workspace tokens are refused, nothing is deleted",
+    AuditAction.INCIDENT_THAW: "a freeze was lifted (with its recorded reason)",
+    AuditAction.INCIDENT_EVIDENCE: "a signed evidence bundle was made for an access body",
     AuditAction.AUDIT_TEST: "a test or operator check wrote an entry to exercise the log",
     AuditAction.WEB_LOGIN: "a person logged in to the web console through Keycloak (or was "
     "refused)",

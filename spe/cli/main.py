@@ -81,10 +81,12 @@ def _register() -> None:
     from spe.auth import cli as auth_cli
     from spe.cli import datasets as datasets_cli
     from spe.cli import doctor as doctor_cli
+    from spe.cli import incident as incident_cli
     from spe.cli import up as up_cli
 
     app.add_typer(auth_cli.app, name="auth")
     app.add_typer(datasets_cli.app, name="datasets")
+    app.add_typer(incident_cli.app, name="incident")
     app.command("demo-data")(datasets_cli.demo_data)
     app.command("up")(up_cli.up)
     app.command("doctor")(doctor_cli.doctor)
