@@ -24,7 +24,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from spe.errors import SPEError
 
@@ -217,13 +216,27 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def _route_methods(routes: Any) -> Any:
+    """(path regex, methods) of every route, through included routers (flattened lazily by
+    FastAPI) and mounts."""
+    for route in routes:
+        regex, methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and methods:
+            yield regex, methods
+        candidates = getattr(route, "effective_candidates", None)
+        if callable(candidates):
+            yield from _route_methods(candidates())
+        elif getattr(route, "routes", None) and regex is None:
+            yield from _route_methods(route.routes)
+
+
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route of the app has at this request's path (for ``Allow``)."""
+    path = request.scope.get("path", "")
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match in (Match.FULL, Match.PARTIAL):
-            methods |= set(getattr(route, "methods", None) or ())
+    for regex, route_methods in _route_methods(request.app.router.routes):
+        if regex.match(path):
+            methods |= set(route_methods)
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
