@@ -12,6 +12,9 @@ APT_PACKAGES=(postgresql bubblewrap nftables iproute2 util-linux passwd curl unz
 # Headless Chromium for the browser tests (driven by Playwright for Python, which cannot
 # download its own browsers here).
 APT_PACKAGES+=(chromium)
+# The R kernel of the workspaces (Debian's R with IRkernel, which registers the kernel
+# system-wide under /usr/share/jupyter, visible in every sandbox).
+APT_PACKAGES+=(r-base-core r-cran-irkernel)
 # Keycloak needs a JDK 17, 21 or 25; any one already installed is enough.
 command -v java >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jre-headless)
 # Keycloak's server distribution is fetched through Maven.

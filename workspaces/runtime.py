@@ -41,11 +41,24 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 PACKAGES = (
     "jupyterhub>=5", "jupyterlab>=4", "jupyter_server>=2", "ipykernel>=6", "ray>=2.50",
     "httpx>=0.27", "duckdb>=1.1", "pyarrow>=16", "polars>=1.0", "pandas>=2.2", "numpy>=1.26",
+    # The analysis stack researchers expect (issue 15): plots, statistics, models, survival.
+    "matplotlib>=3.8", "scipy>=1.11", "statsmodels>=0.14", "scikit-learn>=1.4",
+    "lifelines>=0.29",
 )
 ROOT = Path(__file__).resolve().parents[1]
 #: The runtime's lock, relative to the project: every package with the hashes pip accepts.
 LOCK = Path("requirements") / "runtime.txt"
 
+
+#: IPython's configuration for every kernel and IPython shell of the runtime: IPython reads
+#: ``<sys.prefix>/etc/ipython/ipython_config.py`` (kernels too) before the user's profile, so
+#: the ``%%dp`` magic is there in a new notebook without ``%load_ext`` (a researcher's own
+#: profile may still set other extensions).
+IPYTHON_CONFIG = Path("etc") / "ipython" / "ipython_config.py"
+IPYTHON_CONFIG_TEXT = """\
+# Written by workspaces.runtime (the workspace runtime's build): edit that, not this file.
+c.InteractiveShellApp.extensions = ["spe.client.magic"]
+"""
 
 #: The project's packages that ``pip install`` copies into the runtime (pyproject.toml).
 INSTALLED_PACKAGES = ("spe", "permits", "workspaces")
@@ -166,6 +179,9 @@ def _install_project(path: Path, project: Path) -> None:
         subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
                         "--force-reinstall", *map(str, Path(wheels).glob("*.whl"))],
                        check=True)
+    config = path / IPYTHON_CONFIG
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(IPYTHON_CONFIG_TEXT)
     subprocess.run(helpers.argv("chmod", "-R", "a+rX,go-w", str(path)), check=True,
                    env=dict(helpers.HELPER_ENV))
 
