@@ -272,8 +272,11 @@ def permit_page(request: Request, permit_id: str) -> Response:
     svg = plots.budget_svg(points, cap, start, end)
     can_act = session.principal.access_body == permit.access_body and \
         session.principal.kind == "service"
+    from spe.web.exports import permit_requests
+
     return page(request, "permit.html", session=session, title=f"Permit {permit.reference}",
                 permit=permit, versions=versions, svg=svg, cap=cap,
+                exports=permit_requests(request, session.principal, permit_id),
                 spent=points[-1][1] if points else 0.0, per_day=per_day, can_act=can_act,
                 actions=[a for a in ACTIONS if _allowed(a, permit.status.value)])
 
@@ -401,3 +404,7 @@ def audit_page(request: Request) -> Response:
     return page(request, "audit.html", session=session, title="Audit log",
                 entries=result.items, next_cursor=result.next_cursor, filters=filters,
                 query=query)
+
+
+# The export review pages register their routes on this router.
+from spe.web import exports as _exports  # noqa: E402, F401

@@ -8,6 +8,9 @@ in headless Chromium (Debian's package, driven by Playwright) and do their work.
   permit's dashboard (budget plot against the cap, queries per day, versions) and suspends it
   through the confirmation form (the permit service records it, by that officer);
 * a form without its CSRF token is refused (403) and audited;
+* an export request is reviewed: the queue, the request page with each file's checks (a failed
+  check highlighted), two hospital admins approve it independently (the first sees no other
+  vote), it is released and the researcher downloads the file and sees the shared comment;
 * a hospital admin browses datasets, workspaces and the audit log (filters, next page);
 * logout ends the Keycloak session too (the next visit shows Keycloak's login form);
 * every HTML page carries the strict Content-Security-Policy and the browser reports no CSP
@@ -35,6 +38,7 @@ import uvicorn
 
 from permits.schemas import PermitCreate
 from permits.service import get_terms
+from spe.airlock.api import airlock_service
 from spe.api.app import create_app
 from spe.api.deps import permit_service
 from spe.audit import AuditAction, AuditEvent, record
@@ -102,6 +106,17 @@ def console(tmp_path_factory: pytest.TempPathFactory, keycloak_url_module: str
             holder={"organisation": "A person", "kind": "natural_person",
                     "principal_investigator": "Dr Private"}))).permit_id,
     }
+    ids["exports"] = service.issue(ALPHA, PermitCreate.model_validate(body(
+        reference="0003/2026/FI", title="Export study"))).permit_id
+    airlock = airlock_service(app.state.spe)
+    alice = Principal(subject="alice", username="alice", kind="user",
+                      roles=frozenset({Role.RESEARCHER}))
+    for key, name, data in (("counts", "counts.csv", b"group,count\na,25\nb,31\nc,40\n"),
+                            ("small", "small.csv", b"group,count\na,3\nb,31\n")):
+        made = airlock.create(alice, ids["exports"], f"figures for the paper ({name})", [])
+        airlock.upload(alice, ids["exports"], made["id"], name, data)
+        airlock.submit(alice, ids["exports"], made["id"])
+        ids[key] = made["id"]
     with db.write() as s:  # a few charged queries over the last days, for the dashboard
         terms = get_terms(s, ids["shared"])
         for i, eps in enumerate((0.5, 0.25, 0.25, 1.0, 0.5)):
@@ -226,7 +241,7 @@ def test_register_is_public_and_has_no_personal_data(console: dict[str, Any],
     visit.shot("register")
     data = httpx.get(f"{console['base']}/register.json").json()
     assert {p["reference"] for p in data["permits"]} == {"0001/2026/FI", "0002/2026/FI",
-                                                         "B-7/2026"}
+                                                         "0003/2026/FI", "B-7/2026"}
     dumped = str(data)
     assert "persons" not in dumped and "alice" not in dumped and "Dr PI" not in dumped
     visit.check_headers()
@@ -324,3 +339,52 @@ def test_hospital_admin_pages_and_logout(console: dict[str, Any], chromium: Any)
     assert ("hadmin", "success", None) in _audit(console["db"], "web.logout")
     visit.check_headers()
     visit.close()
+
+
+def test_export_review_and_download(console: dict[str, Any], chromium: Any) -> None:
+    ids, base = console["ids"], console["base"]
+    pid = ids["exports"]
+    first = Visit(chromium, base)
+    first.login("hadmin", password_of("hadmin"))
+    first.open("/console/exports")
+    queue = first.page.inner_text("main")
+    assert ids["counts"][:12] in queue and ids["small"][:12] in queue
+    first.shot("admin-export-queue")
+    first.open(f"/console/permits/{pid}/exports/{ids['small']}")
+    assert first.page.locator("tr.failed").count() >= 1  # cell_counts failed
+    first.shot("admin-export-failed-check")
+    first.open(f"/console/permits/{pid}/exports/{ids['counts']}")
+    assert "counts.csv" in first.page.inner_text("main")
+    first.shot("admin-export-request")
+    first.page.check("#d-approve")
+    first.page.fill("#comment", "fine to publish")
+    first.page.check("#shared")
+    first.page.click("button:has-text('Send vote')")
+    first.page.wait_for_url(f"{base}/console/permits/{pid}/exports/{ids['counts']}")
+    assert "1 of 2" in first.page.inner_text("dl.facts")
+    first.shot("admin-export-voted")
+    first.check_headers()
+    first.close()
+    second = Visit(chromium, base)
+    second.login("hadmin2", password_of("hadmin2"))
+    second.open(f"/console/permits/{pid}/exports/{ids['counts']}")
+    assert "fine to publish" not in second.page.inner_text("main")  # hidden until they vote
+    second.page.check("#d-approve")
+    second.page.click("button:has-text('Send vote')")
+    second.page.wait_for_url(f"{base}/console/permits/{pid}/exports/{ids['counts']}")
+    assert "released" in second.page.inner_text("dl.facts")
+    second.check_headers()
+    second.close()
+    researcher = Visit(chromium, base)
+    researcher.login("alice", password_of("alice"))
+    researcher.open(f"/console/permits/{pid}/exports/{ids['counts']}")
+    assert "fine to publish" in researcher.page.inner_text("main")
+    researcher.shot("researcher-export-released")
+    with researcher.page.expect_download() as info:
+        researcher.page.click("text=Download")
+    path = info.value.path()
+    assert Path(path).read_bytes() == b"group,count\na,25\nb,31\nc,40\n"
+    assert ("alice", "success", pid) in _audit(console["db"], "airlock.download")
+    assert researcher.open("/console/exports").status == 404  # the queue is for reviewers
+    researcher.check_headers()
+    researcher.close()

@@ -1,0 +1,167 @@
+"""Export review pages: the queue, a request's page with its file checks, the vote form, and
+researchers' downloads of released files.
+
+Contract
+--------
+* Everything goes through :class:`spe.airlock.service.AirlockService` (the app's instance,
+  ``spe.airlock.api.airlock_service``): ``get`` (authorises by permit, audits the read and hides
+  votes as the service decides), ``vote`` (hospital admins other than the requester, the
+  override reason the service asks for), ``download`` (persons the permit names, with their own
+  login), ``list_requests`` (one permit's requests).
+* The queue (hospital admins) is one indexed query over the requests in review, oldest first,
+  filtered by permit and age; reading it is audited as ``airlock.list`` with its filters.
+* A request or permit the person may not see is 404 (``permits.policy``); a refused vote shows
+  the service's reason, which names the rule and never echoes what was sent.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import select
+
+from spe.airlock.api import airlock_service
+from spe.airlock.models import ExportRequest
+from spe.airlock.states import State
+from spe.api.state import get_state
+from spe.audit import AuditAction
+from spe.auth.principal import Role
+from spe.errors import Conflict, Forbidden, InvalidInput, NotFound
+from spe.web import views
+from spe.web.views import _audit, _form, _login_redirect, _session, _valid_id, not_found, page
+
+router = views.router
+DECISIONS = ("approve", "reject", "return")
+
+
+@router.get("/console/exports")
+def queue(request: Request) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_redirect(request)
+    if Role.HOSPITAL_ADMIN not in session.principal.roles or session.principal.kind != "user":
+        return not_found(request, session)
+    state = get_state(request)
+    permit = request.query_params.get("permit_id") or None
+    wanted = request.query_params.get("state") or State.IN_REVIEW.value
+    try:
+        older = int(request.query_params.get("older_than_days") or 0)
+        if wanted not in {s.value for s in State} or not 0 <= older <= 3650 or \
+                (permit is not None and not _valid_id(permit)):
+            raise ValueError
+    except ValueError:
+        return page(request, "error.html", 400, session, title="Not shown",
+                    message="A filter is not valid.")
+    query = select(ExportRequest).where(ExportRequest.state == wanted)
+    if permit:
+        query = query.where(ExportRequest.permit_id == permit)
+    if older:
+        query = query.where(ExportRequest.created_at <= datetime.now(UTC) - timedelta(days=older))
+    with state.db.read() as s:
+        rows = [{"id": r.id, "permit_id": r.permit_id, "requester": r.requester,
+                 "state": r.state, "round": r.round, "created_at": r.created_at,
+                 "reviewers_required": r.reviewers_required}
+                for r in s.execute(query.order_by(ExportRequest.created_at).limit(200))
+                .scalars()]
+    _audit(state, session.principal, AuditAction.AIRLOCK_LIST, details={
+        "queue": True, "returned": len(rows),
+        "filters": {"permit_id": permit, "state": wanted, "older_than_days": older}})
+    return page(request, "queue.html", session=session, title="Export review queue",
+                rows=rows, filters={"permit_id": permit or "", "state": wanted,
+                                    "older_than_days": older or ""},
+                states=[s.value for s in State], now=datetime.now(UTC))
+
+
+def _view(request: Request, permit_id: str, request_id: str) -> tuple[Any, dict[str, Any] | None]:
+    session = _session(request)
+    if session is None or not _valid_id(permit_id) or not _valid_id(request_id):
+        return session, None
+    try:
+        return session, airlock_service(get_state(request)).get(session.principal, permit_id,
+                                                                 request_id)
+    except (NotFound, Forbidden):
+        return session, None
+
+
+@router.get("/console/permits/{permit_id}/exports/{request_id}")
+def request_page(request: Request, permit_id: str, request_id: str) -> Response:
+    session, view = _view(request, permit_id, request_id)
+    if session is None:
+        return _login_redirect(request)
+    if view is None:
+        return not_found(request, session)
+    return _render(request, session, view)
+
+
+def _render(request: Request, session: Any, view: dict[str, Any], status: int = 200,
+            error: str | None = None) -> HTMLResponse:
+    principal = session.principal
+    can_vote = (Role.HOSPITAL_ADMIN in principal.roles and principal.kind == "user"
+                and principal.username != view["requester"]
+                and view["state"] == State.IN_REVIEW.value and not view["you_voted"])
+    can_download = (Role.RESEARCHER in principal.roles and principal.kind == "user"
+                    and view["state"] == State.RELEASED.value)
+    return page(request, "export.html", status, session, title="Export request",
+                req=view, can_vote=can_vote, can_download=can_download, error=error,
+                decisions=DECISIONS)
+
+
+@router.post("/console/permits/{permit_id}/exports/{request_id}/vote")
+async def vote(request: Request, permit_id: str, request_id: str) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_redirect(request)
+    form = await _form(request, session)
+    if form is None:
+        return page(request, "error.html", 403, session, title="Refused",
+                    message="The form was not sent from this console; reload and try again.")
+    session, view = _view(request, permit_id, request_id)
+    if session is None or view is None:
+        return not_found(request, session)
+    decision = form.get("decision")
+    comment = (form.get("comment") or "").strip()[:2000] or None
+    override = (form.get("override_reason") or "").strip()[:2000] or None
+    if decision not in DECISIONS:
+        return _render(request, session, view, 400, "Choose approve, reject or return.")
+    try:
+        airlock_service(get_state(request)).vote(
+            session.principal, permit_id, request_id, decision,  # type: ignore[arg-type]
+            comment, form.get("shared") == "yes", override)
+    except (NotFound, Forbidden):
+        return not_found(request, session)
+    except (Conflict, InvalidInput) as exc:
+        return _render(request, session, view, 409, str(exc))
+    return views.redirect(request, f"/console/permits/{permit_id}/exports/{request_id}")
+
+
+@router.get("/console/permits/{permit_id}/exports/{request_id}/files/{file_id}")
+def download(request: Request, permit_id: str, request_id: str, file_id: str) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_redirect(request)
+    if not (_valid_id(permit_id) and _valid_id(request_id) and _valid_id(file_id)):
+        return not_found(request, session)
+    try:
+        found = airlock_service(get_state(request)).download(session.principal, permit_id,
+                                                             request_id, file_id)
+    except (NotFound, Forbidden):
+        return not_found(request, session)
+    except Conflict as exc:
+        return page(request, "error.html", 409, session, title="Not available",
+                    message=str(exc))
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in found.name)[:120] or "file"
+    return Response(found.data, media_type="application/octet-stream", headers={
+        **views._headers(get_state(request)),
+        "Content-Disposition": f'attachment; filename="{safe}"',
+        "X-Content-SHA256": found.sha256})
+
+
+def permit_requests(request: Request, principal: Any, permit_id: str) -> list[dict[str, Any]]:
+    """The permit's export requests for its page (empty when the person may not list them)."""
+    try:
+        return airlock_service(get_state(request)).list_requests(principal, permit_id)
+    except (NotFound, Forbidden):
+        return []
