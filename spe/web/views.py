@@ -276,7 +276,8 @@ def permit_page(request: Request, permit_id: str) -> Response:
 
     return page(request, "permit.html", session=session, title=f"Permit {permit.reference}",
                 permit=permit, versions=versions, svg=svg, cap=cap,
-                exports=permit_requests(request, session.principal, permit_id),
+                exports=(exports := permit_requests(request, session.principal, permit_id)),
+                export_states=sorted(Counter(r["state"] for r in exports).items()),
                 spent=points[-1][1] if points else 0.0, per_day=per_day, can_act=can_act,
                 actions=[a for a in ACTIONS if _allowed(a, permit.status.value)])
 
@@ -404,6 +405,25 @@ def audit_page(request: Request) -> Response:
     return page(request, "audit.html", session=session, title="Audit log",
                 entries=result.items, next_cursor=result.next_cursor, filters=filters,
                 query=query)
+
+
+@router.get("/console/audit/verify")
+def audit_verify_page(request: Request) -> Response:
+    """Verify the whole hash chain now (hospital admins and operators; audited)."""
+    session = _session(request)
+    if session is None:
+        return _login_redirect(request)
+    if not session.principal.roles & _ADMINS:
+        return not_found(request, session)
+    from spe.audit import verify_chain
+
+    state = get_state(request)
+    with state.db.read() as s:
+        report = verify_chain(s)
+    _audit(state, session.principal, AuditAction.AUDIT_READ,
+           details={"verify_chain": True, "ok": report.ok, "entries": report.entries})
+    return page(request, "verify.html", session=session, title="Audit chain verification",
+                report=report)
 
 
 # The export review pages register their routes on this router.

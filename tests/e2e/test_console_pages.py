@@ -281,6 +281,11 @@ def test_access_body_dashboard_suspend_and_csrf(console: dict[str, Any], chromiu
     visit.open(f"/console/permits/{ids['shared']}")
     main = visit.page.inner_text("main")
     assert "Queries per day" in main and "issue" in main
+    visit.page.click("text=This permit's audit trail")
+    trail = visit.page.inner_text("main")
+    assert "permit.issue" in trail and ids["beta"] not in trail
+    visit.shot("access-body-audit-trail")
+    visit.open(f"/console/permits/{ids['shared']}")
     assert visit.page.locator("svg.plot rect.mark").count() == 5
     visit.shot("access-body-dashboard")
     # a form without its CSRF token is refused (the page's cookies, no token)
@@ -330,6 +335,10 @@ def test_hospital_admin_pages_and_logout(console: dict[str, Any], chromium: Any)
     assert visit.page.locator("tbody tr").count() == 50
     visit.shot("admin-audit-filtered")
     assert visit.open("/console/audit?since=yesterday").status == 400
+    visit.open("/console/audit")
+    visit.page.click("text=Verify the hash chain now")
+    assert "Intact" in visit.page.inner_text("main")
+    visit.shot("admin-audit-verify")
     visit.open("/console")
     visit.page.click("button:has-text('Log out')")
     visit.page.wait_for_url(f"{console['base']}/console/logged-out")
