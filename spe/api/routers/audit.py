@@ -35,6 +35,7 @@ from sqlalchemy import select
 
 from permits.models import Permit
 from spe.api.deps import AppStateDep, IsoDateTime, PermitId
+from spe.api.problems import problem_responses
 from spe.api.routing import AuditedRoute
 from spe.api.state import AppState, StateKey
 from spe.audit import AuditAction, AuditEvent, Outcome, alerts, record
@@ -324,7 +325,7 @@ def list_checkpoints(state: AppStateDep, principal: Holder,
 
 
 @router.get("/v1/audit/checkpoints/latest", name=AuditAction.AUDIT_CHECKPOINTS.value,
-            response_model=CheckpointPublic)
+            response_model=CheckpointPublic, responses=problem_responses(404))
 def latest_checkpoint(state: AppStateDep, principal: Holder) -> CheckpointPublic:
     """The newest signed checkpoint."""
     _, log = _stores(state)
@@ -335,7 +336,7 @@ def latest_checkpoint(state: AppStateDep, principal: Holder) -> CheckpointPublic
 
 
 @router.post("/v1/audit/checkpoints", name=AuditAction.AUDIT_CHECKPOINT.value,
-             response_model=CheckpointPublic)
+             response_model=CheckpointPublic, responses=problem_responses(409))
 def new_checkpoint(state: AppStateDep, principal: Holder) -> CheckpointPublic:
     """Sign a checkpoint of the log as it is now (the last one when the log has not grown)."""
     cp = sign_checkpoint(state, principal.actor, principal.primary_role())
@@ -356,7 +357,7 @@ def consistency_proof(state: AppStateDep, principal: Holder,
 
 
 @router.get("/v1/audit/permits/{permit_id}/proofs", name=AuditAction.AUDIT_PROOF.value,
-            response_model=PermitProofs)
+            response_model=PermitProofs, responses=problem_responses(409))
 def permit_proofs(state: AppStateDep, principal: Prover, permit_id: PermitId,
                   size: Annotated[int, Query(ge=0, le=2**62,
                                              description="size of a signed checkpoint")]
