@@ -10,6 +10,10 @@ Contract
   login), ``list_requests`` (one permit's requests).
 * The queue (hospital admins) is one indexed query over the requests in review, oldest first,
   filtered by permit and age; reading it is audited as ``airlock.list`` with its filters.
+* For reviewers (hospital admins), a table file is rendered (first rows) with each count cell
+  below the permit's minimum cell count marked (text and a symbol, not colour alone) by the
+  airlock's own rules (``checks.count_columns``, ``sdc.below_threshold``), and a text file is
+  shown as text; the bytes are read from quarantine only after ``get`` authorised the request.
 * A request or permit the person may not see is 404 (``permits.policy``); a refused vote shows
   the service's reason, which names the rule and never echoes what was sent.
 """
@@ -23,6 +27,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 
+from spe.airlock import checks as airlock_checks
+from spe.airlock import sdc
 from spe.airlock.api import airlock_service
 from spe.airlock.models import ExportRequest
 from spe.airlock.states import State
@@ -96,6 +102,43 @@ def request_page(request: Request, permit_id: str, request_id: str) -> Response:
     return _render(request, session, view)
 
 
+PREVIEW_ROWS = 100
+PREVIEW_TEXT = 20_000
+
+
+def _previews(request: Request, view: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """file id -> {"table": (columns, rows of (value, small) pairs)} or {"text": str}."""
+    from permits.service import get_terms
+
+    state = get_state(request)
+    service = airlock_service(state)
+    with state.db.read() as s:
+        minimum = get_terms(s, view["permit_id"]).export.min_cell_count
+    out: dict[str, dict[str, Any]] = {}
+    for f in view["files"]:
+        try:
+            data = service.quarantine.get(view["id"], f["id"])
+            if f["kind"] in ("csv", "tsv", "parquet"):
+                table = airlock_checks.read_table(data, f["kind"])
+                counts = set(airlock_checks.count_columns(table))
+                rows = []
+                for _, row in table.head(PREVIEW_ROWS).iterrows():
+                    cells = []
+                    for column in table.columns:
+                        value = row[column]
+                        small = (str(column) in counts and isinstance(value, int | float)
+                                 and value > 0 and sdc.below_threshold(value, minimum))
+                        cells.append((value, small))
+                    rows.append(cells)
+                out[f["id"]] = {"table": ([str(c) for c in table.columns], rows),
+                                "minimum": minimum, "total": len(table)}
+            elif f["kind"] in ("txt", "json", "svg"):
+                out[f["id"]] = {"text": data[:PREVIEW_TEXT].decode("utf-8", "replace")}
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def _render(request: Request, session: Any, view: dict[str, Any], status: int = 200,
             error: str | None = None) -> HTMLResponse:
     principal = session.principal
@@ -104,9 +147,10 @@ def _render(request: Request, session: Any, view: dict[str, Any], status: int = 
                 and view["state"] == State.IN_REVIEW.value and not view["you_voted"])
     can_download = (Role.RESEARCHER in principal.roles and principal.kind == "user"
                     and view["state"] == State.RELEASED.value)
+    reviewer = Role.HOSPITAL_ADMIN in principal.roles and principal.kind == "user"
     return page(request, "export.html", status, session, title="Export request",
                 req=view, can_vote=can_vote, can_download=can_download, error=error,
-                decisions=DECISIONS)
+                decisions=DECISIONS, previews=_previews(request, view) if reviewer else {})
 
 
 @router.post("/console/permits/{permit_id}/exports/{request_id}/vote")

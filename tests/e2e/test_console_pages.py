@@ -361,6 +361,8 @@ def test_export_review_and_download(console: dict[str, Any], chromium: Any) -> N
     first.shot("admin-export-queue")
     first.open(f"/console/permits/{pid}/exports/{ids['small']}")
     assert first.page.locator("tr.failed").count() >= 1  # cell_counts failed
+    small = first.page.locator("td.small-cell")
+    assert small.count() == 1 and "below 10" in small.inner_text()  # the cell with count 3
     first.shot("admin-export-failed-check")
     first.open(f"/console/permits/{pid}/exports/{ids['counts']}")
     assert "counts.csv" in first.page.inner_text("main")
