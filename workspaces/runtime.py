@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -62,27 +63,44 @@ c.InteractiveShellApp.extensions = ["spe.client.magic"]
 
 #: The project's packages that ``pip install`` copies into the runtime (pyproject.toml).
 INSTALLED_PACKAGES = ("spe", "permits", "workspaces")
-_SKIP_DIRS = {"__pycache__"}
+_SKIP_DIRS = {"__pycache__", "node_modules"}
 
 
 def code_files(project: Path = ROOT) -> list[Path]:
-    """Every file of the project that the install puts into the runtime (code and data)."""
-    files = [project / "pyproject.toml"]
+    """Every file the project install puts into the runtime: the packages' Python modules,
+    their declared package data (``[tool.setuptools.package-data]``) and ``pyproject.toml``.
+    Build trees inside the packages (``node_modules``, caches) are not installed: not hashed."""
+    import tomllib
+
+    pyproject = project / "pyproject.toml"
+    meta = tomllib.loads(pyproject.read_text()) if pyproject.is_file() else {}
+    data = meta.get("tool", {}).get("setuptools", {}).get("package-data", {})
+    files = {pyproject}
     for package in INSTALLED_PACKAGES:
-        files += sorted(p for p in (project / package).rglob("*")
-                        if p.is_file() and not _SKIP_DIRS & set(p.relative_to(project).parts)
-                        and p.suffix not in (".pyc", ".pyo"))
-    return files
+        root = project / package
+        for dirpath, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
+            files.update(Path(dirpath) / n for n in names if n.endswith(".py"))
+        for pattern in data.get(package, []):
+            files.update(p for p in root.glob(pattern) if p.is_file())
+    return sorted(files)
+
+
+_DIGESTS: dict[tuple[tuple[str, int, int], ...], str] = {}
 
 
 def _client_digest(project: Path = ROOT) -> str:
     """Hash of the project code installed into the runtime (all of it: whatever runs inside
     the sandbox, the client, the Ray helper...), so any change is reinstalled."""
-    digest = hashlib.sha256()
-    for path in code_files(project):
-        if path.is_file():
+    files = [p for p in code_files(project) if p.is_file()]
+    key = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
+    if key not in _DIGESTS:  # unchanged files (same size and mtime) are not read again
+        digest = hashlib.sha256()
+        for path in files:
             digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+        _DIGESTS.clear()
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
 
 
 def _stamp(packages: tuple[str, ...], project: Path = ROOT) -> str:

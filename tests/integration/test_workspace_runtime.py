@@ -53,7 +53,10 @@ def _helper(rt: Path) -> str:
 def test_every_installed_package_is_hashed() -> None:
     files = {p.relative_to(runtime.ROOT).as_posix() for p in runtime.code_files()}
     assert {"workspaces/ray_head.py", "spe/client/__init__.py", "pyproject.toml"} <= files
-    assert not any("__pycache__" in f for f in files)
+    assert not any("__pycache__" in f or "node_modules" in f for f in files)
+    data = {p.relative_to(runtime.ROOT).as_posix()
+            for p in (runtime.ROOT / "spe" / "datasets" / "omop").glob("*.csv")}
+    assert data <= files  # declared package data is installed, so it is hashed
 
 
 def test_changed_ray_helper_is_reinstalled(tmp_path: Path) -> None:
