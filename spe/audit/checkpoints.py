@@ -24,9 +24,13 @@ Contract
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,11 +179,36 @@ class KeyStore:
 
 # The write-once file ------------------------------------------------------------------------
 
+_local = threading.local()
+_thread_lock = threading.RLock()
+
+
 class CheckpointLog:
     """``<data_dir>/audit/checkpoints.jsonl``: appended to, never rewritten."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "audit" / "checkpoints.jsonl"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise checkpoint creation (threads and processes), so checkpoints are appended
+        in the order of their sizes. Re-entrant within a thread."""
+        with _thread_lock:
+            depth = getattr(_local, "depth", 0)
+            _local.depth = depth + 1
+            try:
+                if depth:
+                    yield
+                    return
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(self.path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    yield
+                finally:
+                    os.close(fd)
+            finally:
+                _local.depth = depth
 
     def append(self, checkpoint: Checkpoint) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -106,7 +106,17 @@ def _permits_tree(heads: list[tuple[str, int, int]]) -> MerkleTree:
 
 def create_checkpoint(session: Session, keys: KeyStore, log: CheckpointLog,
                       origin: str) -> Checkpoint:
-    """Sign the log as it is now and append the checkpoint to the write-once file."""
+    """Sign the log as it is now and append the checkpoint to the write-once file.
+
+    Call it with a session opened inside ``log.locked()`` when checkpoints may be made
+    concurrently (the API does): a snapshot older than the last checkpoint is refused as a
+    removal otherwise."""
+    with log.locked():
+        return _create_checkpoint(session, keys, log, origin)
+
+
+def _create_checkpoint(session: Session, keys: KeyStore, log: CheckpointLog,
+                       origin: str) -> Checkpoint:
     size = current_size(session)
     tree = tree_at(session, size)
     last = log.last()

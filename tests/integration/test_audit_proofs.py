@@ -181,3 +181,34 @@ print(mod.main(['--url', 'http://127.0.0.1:1', '--permit', 'p', '--token-env', '
                          timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2" and "NO_SUCH_VAR" in out.stderr
+
+
+def test_concurrent_checkpoints_are_appended_in_size_order(db: Database, tmp_path: Path) -> None:
+    import threading
+
+    from spe.api.routers.audit import sign_checkpoint
+    from spe.api.state import AppState
+    from spe.config import Settings
+
+    state = AppState(settings=Settings(data_dir=tmp_path, database_url=db.url), db=db)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        _fill(db, 30)
+
+    def signer() -> None:
+        try:
+            for _ in range(5):
+                sign_checkpoint(state)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=signer)
+                                                   for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    sizes = [cp.size for cp in CheckpointLog(tmp_path).all()]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)

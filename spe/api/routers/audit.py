@@ -157,8 +157,8 @@ def sign_checkpoint(state: AppState, actor: str = "system", role: str | None = "
                     ) -> Checkpoint:
     """Sign a checkpoint now (unless the log has not grown since the last one); audited."""
     keys, log = _stores(state)
-    last = log.last()
-    with state.db.read() as session:
+    with log.locked(), state.db.read() as session:  # the snapshot is taken under the lock
+        last = log.last()
         if last is not None and current_size(session) == last.size:
             return last
         try:
