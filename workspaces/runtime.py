@@ -60,6 +60,10 @@ IPYTHON_CONFIG_TEXT = """\
 # Written by workspaces.runtime (the workspace runtime's build): edit that, not this file.
 c.InteractiveShellApp.extensions = ["spe.client.magic"]
 """
+#: Enables the workspace's Jupyter server extension (:mod:`workspaces.labserver`): the
+#: JupyterLab panel's only way to the SPE API, holding the workspace token server-side.
+SERVER_CONFIG = Path("etc") / "jupyter" / "jupyter_server_config.d" / "spe-workspace.json"
+SERVER_CONFIG_TEXT = '{"ServerApp": {"jpserver_extensions": {"workspaces.labserver": true}}}\n'
 
 #: The project's packages that ``pip install`` copies into the runtime (pyproject.toml).
 INSTALLED_PACKAGES = ("spe", "permits", "workspaces")
@@ -197,9 +201,10 @@ def _install_project(path: Path, project: Path) -> None:
         subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
                         "--force-reinstall", *map(str, Path(wheels).glob("*.whl"))],
                        check=True)
-    config = path / IPYTHON_CONFIG
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(IPYTHON_CONFIG_TEXT)
+    for config, text in ((IPYTHON_CONFIG, IPYTHON_CONFIG_TEXT),
+                         (SERVER_CONFIG, SERVER_CONFIG_TEXT)):
+        (path / config).parent.mkdir(parents=True, exist_ok=True)
+        (path / config).write_text(text)
     subprocess.run(helpers.argv("chmod", "-R", "a+rX,go-w", str(path)), check=True,
                    env=dict(helpers.HELPER_ENV))
 

@@ -31,6 +31,7 @@ import pytest
 
 from permits.terms import ComputeQuota
 from workspaces import runtime
+from workspaces.errors import StaleRuntime
 from workspaces.sandbox import Workspace
 from workspaces.settings import WorkspaceSettings
 
@@ -41,10 +42,19 @@ pytestmark = [
     pytest.mark.skipif(
         os.geteuid() != 0 or not all(shutil.which(t) for t in ("bwrap", "nft", "ip", "setpriv")),
         reason="the sandbox needs root, bubblewrap, nftables, iproute2 and setpriv"),
-    pytest.mark.skipif(not runtime.is_built(RUNTIME),
-                       reason="the workspace runtime is not built for the current code "
-                              "(python -m workspaces.runtime build var/runtime)"),
+    pytest.mark.skipif(not (RUNTIME / ".spe-runtime").is_file(),
+                       reason="no workspace runtime (python -m workspaces.runtime build "
+                              "var/runtime, run by scripts/setup.sh)"),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def current_runtime() -> None:
+    """The project's code as it is now in the runtime, as the spawner does before a start."""
+    try:
+        runtime.ensure_current(RUNTIME)
+    except StaleRuntime as exc:
+        pytest.skip(str(exc))
 
 #: Run inside the sandbox by the runtime's Python: starts a kernel from its spec, as JupyterLab
 #: does, runs one cell and prints what the cell showed.
