@@ -4,7 +4,7 @@ Contract
 --------
 * ``POST   /exports``                         researcher: open a draft (justification, DP
   release receipts as the query API returned them).
-* ``PUT    /exports/{id}/files/{name}``       researcher: the file's bytes as the body
+* ``POST   /exports/{id}/files?name=``        researcher: the file's bytes as the body
   (``application/octet-stream``) into quarantine; SHA-256 and size recorded and returned.
 * ``DELETE /exports/{id}/files/{file_id}``    researcher: remove a file from a draft.
 * ``POST   /exports/{id}/submit|withdraw|revise`` researcher: state changes.
@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Path, Request, Response
+from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -67,7 +67,7 @@ router = APIRouter(route_class=AuditedRoute, tags=["exports"], lifespan=lifespan
 
 ExportId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The export request's id.")]
 FileId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The file's id.")]
-FileName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100,
+FileName = Annotated[str, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", max_length=100,
                                description="A display name (the kind is decided from the "
                                "content, never from this name).")]
 _BASE = "/v1/permits/{permit_id}/exports"
@@ -127,15 +127,16 @@ def get_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: Permi
     return _json(_svc(state).get(principal, permit_id, export_id))
 
 
-@router.put(_BASE + "/{export_id}/files/{name}", name="airlock.upload",
-            operation_id="uploadExportFile", status_code=201,
-            summary="Upload a file's bytes into quarantine",
-            description="The body is the file (application/octet-stream), at most "
-            "max_request_bytes. Its SHA-256 and size are recorded; it never changes again.",
-            responses=_ERRORS,
-            openapi_extra={"requestBody": {"required": True, "content": {
-                "application/octet-stream": {"schema": {"type": "string",
-                                                        "format": "binary"}}}}})
+@router.post(_BASE + "/{export_id}/files", name="airlock.upload",
+             operation_id="uploadExportFile", status_code=201,
+             summary="Upload a file's bytes into quarantine",
+             description="The body is the file (application/octet-stream), at most "
+             "max_request_bytes; `name` is for display only. Its SHA-256 and size are recorded; "
+             "it never changes again.",
+             responses=_ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string",
+                                                         "format": "binary"}}}}})
 async def upload_file(request: Request, state: AppStateDep, principal: CurrentPrincipal,
                       permit_id: PermitId, export_id: ExportId, name: FileName) -> JSONResponse:
     data = await request.body()

@@ -214,7 +214,8 @@ class Client:
         for item in items:
             path = Path(item)
             name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)
-            self._exports("PUT", f"/{request['id']}/files/{name.lstrip('._-')[:100] or 'file'}",
+            self._exports("POST", f"/{request['id']}/files",
+                          params={"name": name.lstrip("._-")[:100] or "file"},
                           content=path.read_bytes(),
                           headers={"Content-Type": "application/octet-stream"})
         if not submit:

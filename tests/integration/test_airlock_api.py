@@ -59,7 +59,7 @@ def open_request(client: TestClient, h: dict[str, str], pid: str,
 
 def upload(client: TestClient, h: dict[str, str], pid: str, rid: str, name: str,
            data: bytes) -> dict[str, Any]:
-    r = client.put(f"{base(pid)}/{rid}/files/{name}", content=data, headers={
+    r = client.post(f"{base(pid)}/{rid}/files?name={name}", content=data, headers={
         **h, "Content-Type": "application/octet-stream"})
     assert r.status_code == 201, r.text
     return dict(r.json())
@@ -86,14 +86,14 @@ def test_review_flow_two_independent_reviewers(api_client: TestClient, user_head
     f = upload(api_client, alice, pid, rid, "figure.png", TABLE)  # a CSV named .png
     assert f["size"] == len(TABLE) and len(f["sha256"]) == 64
     # Only the requester changes the request; nobody votes on a draft.
-    assert api_client.put(f"{base(pid)}/{rid}/files/x.csv", content=b"a,b\n1,2\n",
+    assert api_client.post(f"{base(pid)}/{rid}/files?name=x.csv", content=b"a,b\n1,2\n",
                           headers=bob).status_code == 403
     assert vote(api_client, admin1, pid, rid, "approve").status_code == 409
     got = submit(api_client, alice, pid, rid)
     assert got["state"] == "in_review"
     assert got["files"][0]["kind"] == "csv" and got["files"][0]["outcome"] == "needs_review"
     # Immutable after submission.
-    assert api_client.put(f"{base(pid)}/{rid}/files/y.csv", content=b"a,b\n1,2\n",
+    assert api_client.post(f"{base(pid)}/{rid}/files?name=y.csv", content=b"a,b\n1,2\n",
                           headers=alice).status_code == 409
     # Researchers never vote, not even on their own request; nobody downloads before release.
     assert vote(api_client, alice, pid, rid, "approve").status_code == 403
@@ -251,13 +251,13 @@ def test_parquet_named_csv_and_limits(api_client: TestClient, user_headers: Head
     buf = io.BytesIO()
     pd.DataFrame({"group": ["a", "b"], "n": [40, 4]}).to_parquet(buf)
     upload(api_client, alice, pid, rid, "table.csv", buf.getvalue())
-    r = api_client.put(f"{base(pid)}/{rid}/files/more.csv", content=TABLE, headers=alice)
+    r = api_client.post(f"{base(pid)}/{rid}/files?name=more.csv", content=TABLE, headers=alice)
     assert r.status_code == 409 and "(1)" in r.json()["detail"]
     got = submit(api_client, alice, pid, rid)
     assert got["files"][0]["kind"] == "parquet"
     rid2 = open_request(api_client, alice, pid)
-    r = api_client.put(f"{base(pid)}/{rid2}/files/big.csv", content=b"a,n\n" + b"x,10\n" * 2000,
-                       headers=alice)
+    r = api_client.post(f"{base(pid)}/{rid2}/files?name=big.csv",
+                        content=b"a,n\n" + b"x,10\n" * 2000, headers=alice)
     assert r.status_code == 413
 
 

@@ -45,7 +45,7 @@ def draft(client: TestClient, h: dict[str, str], pid: str, data: bytes = SECRET_
                                      "receipts": receipts or []}, headers=h)
     assert r.status_code == 201, r.text
     rid = r.json()["id"]
-    r = client.put(f"{base(pid)}/{rid}/files/t.csv", content=data, headers=h)
+    r = client.post(f"{base(pid)}/{rid}/files?name=t.csv", content=data, headers=h)
     assert r.status_code == 201, r.text
     return rid, r.json()["id"]
 
@@ -101,7 +101,7 @@ def test_inputs_are_validated_and_refusals_do_not_echo(api_client: TestClient,
     alice = user_headers("alice")
     rid, _fid = draft(api_client, alice, pid)
     for name in ("..%2F..%2Fetc%2Fpasswd", ".hidden", "a" * 101, "x%00.csv", "t%20.csv"):
-        r = api_client.put(f"{base(pid)}/{rid}/files/{name}", content=b"a,n\nx,10\n",
+        r = api_client.post(f"{base(pid)}/{rid}/files?name={name}", content=b"a,n\nx,10\n",
                            headers=alice)
         assert r.status_code in (404, 422), (name, r.status_code)
     assert api_client.get(f"{base(pid)}/not-an-id", headers=alice).status_code == 422
