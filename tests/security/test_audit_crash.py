@@ -72,3 +72,64 @@ def test_sigkill_during_audited_acts(db: Database) -> None:
         assert logged == acts, "an act and its audit entry did not commit together"
         next_id = max(acts) + 1 if acts else next_id
     assert len(acked) >= KILLS
+
+
+PERMIT_CHILD = """
+import sys
+from permits.schemas import PermitCreate
+from permits.service import PermitService
+from permits.states import Action
+from spe.db import Database
+from tests.integration.test_permit_service import ALPHA, body
+
+db = Database(sys.argv[1])
+svc = PermitService(db)
+n = int(sys.argv[2])
+for i in range(n, n + 100000):
+    pid = svc.issue(ALPHA, PermitCreate.model_validate(body(reference=f"C/{i}/2026/FI"))).permit_id
+    print("issue", pid, flush=True)
+    for action in (Action.SUSPEND, Action.RESUME, Action.SUSPEND):
+        svc.transition(ALPHA, pid, action, reason="crash test")
+        print(action.value, pid, flush=True)
+"""
+
+
+def test_sigkill_during_permit_changes(db: Database) -> None:
+    """The same with real acts: permits issued, suspended and resumed by the permit service
+    (each change one permit version and one audit entry, in one transaction)."""
+    from permits.models import PermitVersion
+    from tests.integration.test_permit_service import register_dataset
+
+    register_dataset(db)
+    rng = random.Random(99)
+    acked: dict[str, int] = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    kills = max(5, KILLS // 2)
+    for k in range(kills):
+        child = subprocess.Popen([sys.executable, "-c", PERMIT_CHILD, db.url, str(k * 1000)],
+                                 stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout is not None
+        first = child.stdout.readline().split()
+        assert first and first[0] == "issue", "the permit writer did not start"
+        lines = [first]
+        time.sleep(rng.uniform(0, 0.5))
+        child.send_signal(signal.SIGKILL)
+        out, _ = child.communicate(timeout=30)
+        lines += [line.split() for line in out.splitlines() if line.strip()]
+        for _verb, pid in lines:
+            acked[pid] = acked.get(pid, 0) + 1
+        with db.read() as s:
+            report = verify_chain(s)
+            assert report.ok, (report.first_bad_seq, report.problem)
+            versions: dict[str, int] = {}
+            for pid in s.query(PermitVersion.permit_id):
+                versions[pid[0]] = versions.get(pid[0], 0) + 1
+            logged: dict[str, int] = {}
+            for e in s.query(AuditEntry).filter(
+                    AuditEntry.action.in_(("permit.issue", "permit.suspend", "permit.resume")),
+                    AuditEntry.outcome == "success"):
+                assert e.permit_id is not None
+                logged[e.permit_id] = logged.get(e.permit_id, 0) + 1
+        for pid, count in acked.items():
+            assert versions.get(pid, 0) >= count, "an acknowledged permit change is missing"
+        assert logged == versions, "a permit change and its audit entry did not commit together"
