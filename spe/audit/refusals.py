@@ -21,18 +21,19 @@ logger = logging.getLogger("spe.audit")
 
 
 def record_refusal(db: Database, action: AuditAction | str, *, actor: str | None,
-                   role: str | None, reason: str, status: int,
+                   role: str | None, reason: str, status: int | None = None,
                    permit_id: str | None = None, target: str | None = None,
                    request_id: str | None = None,
                    details: dict[str, Any] | None = None) -> None:
-    """Audit one refusal (``status`` >= 500 is recorded as a failure)."""
+    """Audit one refusal (``status`` >= 500 is recorded as a failure; ``status`` goes into
+    the details when given)."""
     try:
         event = AuditEvent(
             action=AuditAction(action), actor=actor or "anonymous", role=role,
             permit_id=permit_id, target=target or permit_id,
-            outcome=Outcome.FAILURE if status >= 500 else Outcome.REFUSED,
+            outcome=Outcome.FAILURE if status and status >= 500 else Outcome.REFUSED,
             reason=reason[:1000], request_id=request_id or "none",
-            details={"status": status, **(details or {})})
+            details={**({"status": status} if status else {}), **(details or {})})
         with db.write() as session:
             record(session, event)
     except Exception:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ from starlette.concurrency import run_in_threadpool
 from permits.terms import PermitTerms
 from spe.api.deps import PermitId
 from spe.api.problems import problem_responses
-from spe.api.state import get_state
-from spe.audit import AuditEvent, Outcome, record
+from spe.api.state import StateKey, get_state
+from spe.audit import record_refusal
 from spe.auth.deps import get_principal, require_role
 from spe.auth.principal import Principal, Role
 from spe.datasets.metadata import DatasetMetadata
@@ -137,29 +136,21 @@ def authorise_budget_read(principal: Principal, terms: PermitTerms) -> None:
 
 def _audit_refusal(request: Request, principal: Principal, permit_id: str, action: str,
                    reason: str, extra: dict[str, Any] | None = None) -> None:
-    with get_state(request).db.write() as session:
-        record(session, AuditEvent(
-            action=action, actor=principal.actor, role=principal.primary_role(),
-            permit_id=permit_id, target=permit_id, outcome=Outcome.REFUSED, reason=reason,
-            request_id=getattr(request.state, "request_id", None) or "none",
-            details={"principal_kind": principal.kind, **(extra or {})}))
+    """Record a refusal through the one refusal helper (``spe.audit.record_refusal``)."""
+    record_refusal(get_state(request).db, action, actor=principal.actor,
+                   role=principal.primary_role(), reason=reason, permit_id=permit_id,
+                   request_id=getattr(request.state, "request_id", None),
+                   details={"principal_kind": principal.kind, **(extra or {})})
 
 
-_LIMITS_LOCK = threading.Lock()
+#: The app's limits, one set per app (tests put their own with ``state.put(LIMITS_KEY, ...)``).
+LIMITS_KEY: StateKey[Limits] = StateKey("dp.limits")
 
 
 def limits_of(request: Request) -> Limits:
     """The app's :class:`~spe.dp.limits.Limits` (created on first use)."""
-    app_state = request.app.state
-    limits = getattr(app_state, "spe_dp_limits", None)
-    if limits is None:
-        with _LIMITS_LOCK:
-            limits = getattr(app_state, "spe_dp_limits", None)
-            if limits is None:
-                limits = Limits(get_state(request).settings)
-                app_state.spe_dp_limits = limits
-    assert isinstance(limits, Limits)
-    return limits
+    state = get_state(request)
+    return state.get_or_create(LIMITS_KEY, lambda: Limits(state.settings))
 
 
 def _token_key(principal: Principal) -> str:

@@ -319,13 +319,14 @@ def test_token_rate_limit_over_http(db: Database, api_settings: Settings, datase
     are folded into a count instead of one entry each; another token of the same permit is not
     affected. The answer is padded to the bucket over HTTP too."""
     from spe.api.app import create_app
+    from spe.dp.api import LIMITS_KEY
     from spe.dp.limits import Limits
 
     settings = api_settings.model_copy(update={"api_token_burst": 3,
                                                "api_token_requests_per_minute": 1.0,
                                                "dp_answer_time_bucket_seconds": 0.3})
     app = create_app(settings, db)
-    app.state.spe_dp_limits = Limits(settings, fold_seconds=3600)  # fold every retry here
+    app.state.spe.put(LIMITS_KEY, Limits(settings, fold_seconds=3600))  # fold every retry
     with TestClient(app) as client:
         permits = Permits(client.post, client_headers("hdab-alpha"))
         try:
