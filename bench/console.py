@@ -81,6 +81,7 @@ def admin_cookie(db: Database) -> str:
 
 
 def timed(client: TestClient, path: str, rounds: int) -> tuple[float, float]:
+    client.get(path)  # warm-up: templates compiled, caches filled
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
