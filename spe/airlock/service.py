@@ -337,7 +337,16 @@ class AirlockService:
                        "A reviewer asked for changes.")
 
     # -- reading ---------------------------------------------------------------------------
+    def _close_if_ended(self, principal: Principal, permit_id: str) -> None:
+        """A permit changed by another process (whose event this one did not see) still
+        closes its open requests before anyone reads them."""
+        with self.db.read() as s:
+            terms = self._terms(s, principal, permit_id)
+        if terms.status not in (PermitStatus.ACTIVE, PermitStatus.PENDING):
+            self.close_for_permit(permit_id)
+
     def list_requests(self, principal: Principal, permit_id: str) -> list[dict[str, Any]]:
+        self._close_if_ended(principal, permit_id)
         with self.db.write() as s:
             self._terms(s, principal, permit_id)
             rows = s.execute(select(ExportRequest).where(ExportRequest.permit_id == permit_id)
@@ -347,6 +356,7 @@ class AirlockService:
             return [self._view(s, principal, r) for r in rows]
 
     def get(self, principal: Principal, permit_id: str, request_id: str) -> dict[str, Any]:
+        self._close_if_ended(principal, permit_id)
         with self.db.write() as s:
             self._terms(s, principal, permit_id)
             req = self._load(s, permit_id, request_id)
