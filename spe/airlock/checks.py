@@ -220,7 +220,8 @@ def check_encoded(table: pd.DataFrame) -> Check:
         if series.dtype.kind in "biufcmM":
             continue
         values = series.dropna().astype(str)
-        hits = values[values.str.len().ge(24) & values.str.fullmatch(_B64)]
+        long = values[values.str.len().ge(24)]  # the cheap filter first
+        hits = long[long.str.fullmatch(_B64)]
         if hits.empty:
             continue
         suspicious += len(hits)
