@@ -13,7 +13,10 @@ Contract
 * For reviewers (hospital admins), a table file is rendered (first rows) with each count cell
   below the permit's minimum cell count marked (text and a symbol, not colour alone) by the
   airlock's own rules (``checks.count_columns``, ``sdc.below_threshold``), and a text file is
-  shown as text; the bytes are read from quarantine only after ``get`` authorised the request.
+  shown as text; a PNG, JPEG or GIF is shown through ``.../preview/{file}`` (same checks, its
+  sniffed type, ``Content-Security-Policy: default-src 'none'; sandbox``, never SVG or PDF,
+  which can carry script); the bytes are read from quarantine only after ``get`` authorised
+  the request.
 * A request or permit the person may not see is 404 (``permits.policy``); a refused vote shows
   the service's reason, which names the rule and never echoes what was sent.
 """
@@ -103,6 +106,7 @@ def request_page(request: Request, permit_id: str, request_id: str) -> Response:
 
 
 PREVIEW_ROWS = 100
+IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "gif": "image/gif"}
 PREVIEW_TEXT = 20_000
 
 
@@ -132,7 +136,9 @@ def _previews(request: Request, view: dict[str, Any]) -> dict[str, dict[str, Any
                     rows.append(cells)
                 out[f["id"]] = {"table": ([str(c) for c in table.columns], rows),
                                 "minimum": minimum, "total": len(table)}
-            elif f["kind"] in ("txt", "json", "svg"):
+            elif f["kind"] in IMAGE_TYPES:
+                out[f["id"]] = {"image": True}
+            elif f["kind"] in ("txt", "md", "json", "svg"):
                 out[f["id"]] = {"text": data[:PREVIEW_TEXT].decode("utf-8", "replace")}
         except (OSError, ValueError):
             continue
@@ -201,6 +207,31 @@ def download(request: Request, permit_id: str, request_id: str, file_id: str) ->
         **views._headers(get_state(request)),
         "Content-Disposition": f'attachment; filename="{safe}"',
         "X-Content-SHA256": found.sha256})
+
+
+@router.get("/console/permits/{permit_id}/exports/{request_id}/preview/{file_id}")
+def preview(request: Request, permit_id: str, request_id: str, file_id: str) -> Response:
+    """An image file of a request, for its reviewers (hospital admins)."""
+    session, view = _view(request, permit_id, request_id)
+    if session is None:
+        return _login_redirect(request)
+    principal = session.principal
+    if view is None or Role.HOSPITAL_ADMIN not in principal.roles or principal.kind != "user":
+        return not_found(request, session)
+    found = next((f for f in view["files"] if f["id"] == file_id), None)
+    if found is None or found["kind"] not in IMAGE_TYPES:
+        return not_found(request, session)
+    try:
+        data = airlock_service(get_state(request)).quarantine.get(request_id, file_id)
+    except OSError:
+        return not_found(request, session)
+    if airlock_checks.sha256(data) != found["sha256"]:
+        return page(request, "error.html", 409, session, title="Withheld",
+                    message="The file no longer matches its recorded hash.")
+    return Response(data, media_type=IMAGE_TYPES[found["kind"]], headers={
+        **views._headers(get_state(request)),
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+        "Content-Disposition": "inline"})
 
 
 def permit_requests(request: Request, principal: Any, permit_id: str) -> list[dict[str, Any]]:

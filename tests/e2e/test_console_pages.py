@@ -70,6 +70,20 @@ BETA = Principal(subject="b", username="hdab-beta", kind="service",
                  roles=frozenset({Role.ACCESS_BODY}), access_body="hdab-beta")
 
 
+def _png() -> bytes:
+    """A 40x20 grey PNG (a figure a researcher asks to export)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + bytes([120, 120, 120]) * 40 for _ in range(20))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 20, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
 def officer_password(name: str) -> str:
     return f"{name}-dev-password"
 
@@ -112,7 +126,8 @@ def console(tmp_path_factory: pytest.TempPathFactory, keycloak_url_module: str
     alice = Principal(subject="alice", username="alice", kind="user",
                       roles=frozenset({Role.RESEARCHER}))
     for key, name, data in (("counts", "counts.csv", b"group,count\na,25\nb,31\nc,40\n"),
-                            ("small", "small.csv", b"group,count\na,3\nb,31\n")):
+                            ("small", "small.csv", b"group,count\na,3\nb,31\n"),
+                            ("figure", "figure.png", _png())):
         made = airlock.create(alice, ids["exports"], f"figures for the paper ({name})", [])
         airlock.upload(alice, ids["exports"], made["id"], name, data)
         airlock.submit(alice, ids["exports"], made["id"])
@@ -357,13 +372,20 @@ def test_export_review_and_download(console: dict[str, Any], chromium: Any) -> N
     first.login("hadmin", password_of("hadmin"))
     first.open("/console/exports")
     queue = first.page.inner_text("main")
-    assert ids["counts"][:12] in queue and ids["small"][:12] in queue
+    assert all(ids[k][:12] in queue for k in ("counts", "small", "figure"))
     first.shot("admin-export-queue")
     first.open(f"/console/permits/{pid}/exports/{ids['small']}")
     assert first.page.locator("tr.failed").count() >= 1  # cell_counts failed
     small = first.page.locator("td.small-cell")
     assert small.count() == 1 and "below 10" in small.inner_text()  # the cell with count 3
     first.shot("admin-export-failed-check")
+    first.open(f"/console/permits/{pid}/exports/{ids['figure']}")
+    image = first.page.locator("img.preview")
+    assert image.evaluate("i => i.complete && i.naturalWidth") == 40  # served by the SPE
+    first.shot("admin-export-image")
+    shown = first.page.request.get(
+        f"{base}/console/permits/{pid}/exports/{ids['figure']}/preview/x")
+    assert shown.status == 404
     first.open(f"/console/permits/{pid}/exports/{ids['counts']}")
     assert "counts.csv" in first.page.inner_text("main")
     first.shot("admin-export-request")
