@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from permits import events
@@ -95,6 +95,11 @@ class VoteIn(_Strict):
     override_reason: str | None = Field(
         None, min_length=10, max_length=4000,
         description="Required to approve over a failed check or to reject when all passed.")
+    files: dict[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")],
+                Literal["approve", "reject", "return"]] | None = Field(
+        None, max_length=1000,
+        description="Per-file decisions where they differ from `decision` (file id -> "
+        "decision). A file is released only when every reviewer approves it.")
 
 
 def _svc(state: AppState) -> AirlockService:
@@ -181,7 +186,8 @@ def revise_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: Pe
 def vote_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
                 export_id: ExportId, body: VoteIn) -> JSONResponse:
     return _json(_svc(state).vote(principal, permit_id, export_id, body.decision,
-                                  body.comment, body.shared, body.override_reason))
+                                  body.comment, body.shared, body.override_reason,
+                                  body.files))
 
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")

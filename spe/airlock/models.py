@@ -61,6 +61,9 @@ class ExportVote(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     override_reason: Mapped[str | None] = mapped_column(Text)
+    #: {file id: decision} when the reviewer decided files differently (None: ``decision``
+    #: for every file).
+    files: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -40,7 +40,7 @@ from spe.auth.principal import SYSTEM, Principal, Role
 from spe.config import Settings
 from spe.db import Database
 from spe.db.base import utcnow
-from spe.errors import Conflict, Forbidden, NotFound, PayloadTooLarge
+from spe.errors import Conflict, Forbidden, InvalidInput, NotFound, PayloadTooLarge
 
 logger = logging.getLogger("spe.airlock")
 
@@ -286,8 +286,9 @@ class AirlockService:
 
     # -- reviewers -------------------------------------------------------------------------
     def vote(self, principal: Principal, permit_id: str, request_id: str, decision: Decision,
-             comment: str | None, shared: bool, override_reason: str | None
-             ) -> dict[str, Any]:
+             comment: str | None, shared: bool, override_reason: str | None,
+             files: dict[str, Decision] | None = None) -> dict[str, Any]:
+        """One reviewer's vote: ``decision`` for every file, except those ``files`` names."""
         with self.db.write() as s:
             terms = self._terms(s, principal, permit_id)
             if Role.HOSPITAL_ADMIN not in principal.roles or principal.kind != "user":
@@ -301,40 +302,58 @@ class AirlockService:
             votes = self._votes(s, req)
             if any(v.reviewer == principal.username for v in votes):
                 raise Conflict("You have already voted on this request.")
-            files = self._files(s, req.id)
-            failed = any(f.outcome == chk.FAIL or any(c["outcome"] == chk.FAIL for c in f.checks)
-                         for f in files)
-            passed = all(f.outcome == chk.PASS for f in files)
-            if decision == "approve" and failed and not override_reason:
-                raise Conflict("A check failed on this request: approving it needs a written "
-                               "override_reason.")
-            if decision == "reject" and passed and not override_reason:
-                raise Conflict("Every check passed: rejecting needs a written override_reason.")
+            rows = self._files(s, req.id)
+            unknown = sorted(set(files or {}) - {f.id for f in rows})
+            if unknown:
+                raise InvalidInput("The vote names files that are not in this request.",
+                                   errors=[{"loc": ["body", "files"],
+                                            "msg": f"{len(unknown)} unknown file ids"}])
+            per_file = {f.id: (files or {}).get(f.id, decision) for f in rows}
+            for f in rows:
+                failed = f.outcome == chk.FAIL or any(c["outcome"] == chk.FAIL
+                                                      for c in f.checks)
+                if per_file[f.id] == "approve" and failed and not override_reason:
+                    raise Conflict(f"A check failed on file {f.id}: approving it needs a "
+                                   "written override_reason.")
+                if per_file[f.id] == "reject" and f.outcome == chk.PASS and not override_reason:
+                    raise Conflict(f"Every check passed on file {f.id}: rejecting it needs a "
+                                   "written override_reason.")
             s.add(ExportVote(request_id=req.id, round=req.round, reviewer=principal.username,
                              decision=decision, comment=comment, shared=shared,
-                             override_reason=override_reason))
+                             override_reason=override_reason,
+                             files=per_file if files else None))
             s.flush()
             self._audit(s, principal, AuditAction.AIRLOCK_VOTE, permit_id, req.id,
                         {"decision": decision, "round": req.round, "shared": shared,
-                         "override": bool(override_reason)})
+                         "override": bool(override_reason), "files": per_file})
+            files_ = rows
             votes = self._votes(s, req)
             if len(votes) >= req.reviewers_required:
-                self._decide(s, req, files, votes)
+                self._decide(s, req, files_, votes)
             return self._view(s, principal, req)
 
     def _decide(self, s: Session, req: ExportRequest, files: list[ExportFile],
                 votes: list[ExportVote]) -> None:
-        decisions = {v.decision for v in votes}
-        if decisions == {"approve"}:
-            self._move(s, SYSTEM, req, State.APPROVED,
-                       f"Approved by {len(votes)} independent reviewers.")
-            self._move(s, SYSTEM, req, State.RELEASED)
-            self._release(s, req, files)
-        elif "reject" in decisions:
-            self._move(s, SYSTEM, req, State.REJECTED, "Rejected by a reviewer.")
-        else:
+        """Consolidate: a file is released only when every vote approves it; any request for
+        changes returns the request; otherwise the approved files are released (the others
+        are not) or, when none is approved, the request is rejected."""
+        def said(v: ExportVote, file_id: str) -> str:
+            return (v.files or {}).get(file_id, v.decision)
+
+        per_file = {f.id: {said(v, f.id) for v in votes} for f in files}
+        approved = [f for f in files if per_file[f.id] == {"approve"}]
+        if any("return" in d for d in per_file.values()):
             self._move(s, SYSTEM, req, State.RETURNED_FOR_CHANGES,
                        "A reviewer asked for changes.")
+        elif approved:
+            held = len(files) - len(approved)
+            self._move(s, SYSTEM, req, State.APPROVED,
+                       f"Approved by {len(votes)} independent reviewers"
+                       + (f"; {held} files rejected and not released." if held else "."))
+            self._move(s, SYSTEM, req, State.RELEASED)
+            self._release(s, req, approved)
+        else:
+            self._move(s, SYSTEM, req, State.REJECTED, "Rejected by the reviewers.")
 
     # -- reading ---------------------------------------------------------------------------
     def _close_if_ended(self, principal: Principal, permit_id: str) -> None:
@@ -378,9 +397,11 @@ class AirlockService:
                 raise NotFound(f"No file {file_id} in this request.")
             released = s.execute(select(ExportRelease).where(
                 ExportRelease.file_id == file_id)).scalar_one_or_none()
-            if req.state != State.RELEASED.value or released is None:
+            if req.state != State.RELEASED.value:
                 raise Conflict(f"This request is {req.state}: only released files can be "
                                "downloaded.")
+            if released is None:
+                raise Conflict("The reviewers did not approve this file; it was not released.")
             data = self.quarantine.get(req.id, row.id)
             if chk.sha256(data) != row.sha256:
                 raise Conflict("The file no longer matches its recorded hash; it is withheld.")
@@ -474,5 +495,6 @@ def _vote_view(v: ExportVote, *, private: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"decision": v.decision, "comment": v.comment,
                            "created_at": v.created_at.isoformat()}
     if private:
-        out.update(reviewer=v.reviewer, shared=v.shared, override_reason=v.override_reason)
+        out.update(reviewer=v.reviewer, shared=v.shared, override_reason=v.override_reason,
+                   files=v.files)
     return out

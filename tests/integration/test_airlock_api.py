@@ -291,3 +291,25 @@ def test_notebook_client_export_exports_withdraw(api_client: TestClient, api_set
     with pytest.raises(SPEClientError) as err:
         client.withdraw(got["id"])
     assert err.value.status == 409
+
+
+def test_reviewers_decide_per_file(api_client: TestClient, user_headers: Headers,
+                                   permits: PermitService) -> None:
+    pid = issue(permits, export_policy={"reviewers": 2, "allowed_kinds": ["csv", "txt"]})
+    alice = user_headers("alice")
+    admin1, admin2 = user_headers("hadmin"), user_headers("hadmin2")
+    rid = open_request(api_client, alice, pid)
+    good = upload(api_client, alice, pid, rid, "t.csv", TABLE)
+    note = upload(api_client, alice, pid, rid, "note.txt", b"methods, with a name in it\n")
+    assert submit(api_client, alice, pid, rid)["state"] == "in_review"
+    r = vote(api_client, admin1, pid, rid, "approve", files={"0" * 32: "approve"})
+    assert r.status_code == 422
+    r = vote(api_client, admin1, pid, rid, "approve", files={note["id"]: "reject"})
+    assert r.status_code == 200 and r.json()["state"] == "in_review"
+    r = vote(api_client, admin2, pid, rid, "approve")
+    assert r.status_code == 200 and r.json()["state"] == "released"
+    assert "1 files rejected" in r.json()["reason"]
+    ok = api_client.get(f"{base(pid)}/{rid}/files/{good['id']}/content", headers=alice)
+    assert ok.status_code == 200 and ok.content == TABLE
+    held = api_client.get(f"{base(pid)}/{rid}/files/{note['id']}/content", headers=alice)
+    assert held.status_code == 409
