@@ -63,6 +63,21 @@ if ! .venv/bin/python scripts/supply_chain.py npm-verify 2>/dev/null; then
   npm ci --no-audit --no-fund --silent
   .venv/bin/python scripts/supply_chain.py npm-verify
 fi
+# The workspaces' JupyterLab extension (TypeScript: the permit panel and "Request export"): its
+# npm packages from its own package-lock.json (npm ci, integrity checked), built with JupyterLab's
+# builder into var/labextension, which the runtime's build installs. Rebuilt when its sources
+# change.
+lab=workspaces/labextension
+lab_want=$(cat "$lab/package.json" "$lab/package-lock.json" "$lab/tsconfig.json" "$lab"/src/* \
+  "$lab"/style/* | sha256sum | cut -c1-16)
+if [ ! -f var/labextension/package.json ] || [ "$(cat var/.labextension-built 2>/dev/null)" != "$lab_want" ]; then
+  mkdir -p var
+  (cd "$lab" && rm -rf lib tsconfig.tsbuildinfo && npm ci --no-audit --no-fund --silent \
+    && node_modules/.bin/tsc && PATH="$PWD/../../.venv/bin:$PATH" jupyter labextension build .) \
+    >var/labextension-build.log 2>&1 || { tail -30 var/labextension-build.log >&2
+      echo "setup: the JupyterLab extension did not build (var/labextension-build.log)" >&2; exit 1; }
+  echo "$lab_want" > var/.labextension-built
+fi
 # The workspace runtime: a venv from the system Python that sandboxed servers can read, its
 # packages from the hashed lock requirements/runtime.txt.
 .venv/bin/python -m workspaces.runtime build var/runtime >/dev/null

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,12 @@ SERVER_CONFIG_TEXT = '{"ServerApp": {"jpserver_extensions": {"workspaces.labserv
 #: The project's packages that ``pip install`` copies into the runtime (pyproject.toml).
 INSTALLED_PACKAGES = ("spe", "permits", "workspaces")
 _SKIP_DIRS = {"__pycache__", "node_modules"}
+#: The prebuilt JupyterLab extension (the side panel and "Request export"): built from
+#: ``workspaces/labextension`` by scripts/setup.sh (npm and JupyterLab's builder) into this
+#: folder, copied into the runtime by the build. Its package.json names the build's hashed
+#: bundle, so it is part of the stamp: a rebuilt extension is reinstalled.
+LABEXTENSION_BUILD = Path("var") / "labextension"
+LABEXTENSION_NAME = "@spe/workspace-labextension"
 
 
 def code_files(project: Path = ROOT) -> list[Path]:
@@ -87,6 +94,8 @@ def code_files(project: Path = ROOT) -> list[Path]:
             files.update(Path(dirpath) / n for n in names if n.endswith(".py"))
         for pattern in data.get(package, []):
             files.update(p for p in root.glob(pattern) if p.is_file())
+    if (project / LABEXTENSION_BUILD / "package.json").is_file():
+        files.add(project / LABEXTENSION_BUILD / "package.json")
     return sorted(files)
 
 
@@ -205,6 +214,11 @@ def _install_project(path: Path, project: Path) -> None:
                          (SERVER_CONFIG, SERVER_CONFIG_TEXT)):
         (path / config).parent.mkdir(parents=True, exist_ok=True)
         (path / config).write_text(text)
+    built = project / LABEXTENSION_BUILD
+    target = path / "share" / "jupyter" / "labextensions" / LABEXTENSION_NAME
+    if (built / "package.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(built, target)
     subprocess.run(helpers.argv("chmod", "-R", "a+rX,go-w", str(path)), check=True,
                    env=dict(helpers.HELPER_ENV))
 

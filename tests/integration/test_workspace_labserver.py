@@ -188,3 +188,13 @@ def test_panel_routes_answer_from_the_api(permit: tuple[Permits, str, str],
 
         for text in seen:  # the workspace token never reaches the browser
             assert token not in text and server_url not in text
+
+
+@pytest.mark.skipif(not (runtime.ROOT / runtime.LABEXTENSION_BUILD / "package.json").is_file(),
+                    reason="the JupyterLab extension is built by scripts/setup.sh (npm)")
+def test_runtime_serves_the_prebuilt_extension() -> None:
+    out = subprocess.run([str(RUNTIME / "bin" / "jupyter"), "labextension", "list"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    line = next(ln for ln in (out.stdout + out.stderr).splitlines()
+                if runtime.LABEXTENSION_NAME in ln)
+    assert "enabled" in line and "OK" in line, line
