@@ -81,7 +81,8 @@ def live_api(db: Database, api_settings: Settings, tmp_path: Path) -> Iterator[s
         thread.join(timeout=30)
 
 
-def _schemathesis(url: str, token: str, report: Path) -> subprocess.CompletedProcess[str]:
+def _schemathesis(url: str, token: str, report: Path, workdir: Path
+                  ) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("schemathesis")
     config = Path(__file__).parents[1] / "fuzz" / "schemathesis.toml"
     command = [str(exe), "--config-file", str(config), "run", f"{url}/openapi.json",
@@ -92,8 +93,9 @@ def _schemathesis(url: str, token: str, report: Path) -> subprocess.CompletedPro
                "--report", "junit", "--report-junit-path", str(report),
                "--no-color", "-H", f"Authorization: Bearer {token}"]
     # The token goes to the child's argv only (a loopback server, a short-lived test token).
+    # Run in a scratch folder: schemathesis keeps a cache (.schemathesis/) in its working dir.
     return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False,
-                          env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
+                          cwd=workdir, env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"})
 
 
 def test_fuzz_api_as_each_role(live_api: str, user_token: Callable[[str], str],
@@ -112,7 +114,7 @@ def test_fuzz_api_as_each_role(live_api: str, user_token: Callable[[str], str],
             token = client_token(name) if kind == "client" else user_token(name)
             logs = Path(os.environ.get("SPE_FUZZ_LOG_DIR") or tmp_path)
             logs.mkdir(parents=True, exist_ok=True)
-            result = _schemathesis(live_api, token, logs / f"{role}.xml")
+            result = _schemathesis(live_api, token, logs / f"{role}.xml", tmp_path)
             (logs / f"{role}.log").write_text(result.stdout + result.stderr)
             tail = "\n".join(result.stdout.splitlines()[-60:])
             counts = re.findall(r"(\d+ (?:passed|failed|errors?|skipped))", result.stdout)
