@@ -182,8 +182,11 @@ def callback(request: Request, code: str | None = None, state: str | None = None
            details={"kind": session.principal.kind})
     response = redirect(request, _safe_next(next_path))
     response.delete_cookie(LOGIN_COOKIE, path="/console/callback")
+    # Lax, not Strict: the first page after login is reached through a redirect chain that
+    # started at Keycloak (another site in production), where browsers withhold Strict cookies.
+    # Cross-site posts still carry no cookie, and every form needs its CSRF token anyway.
     response.set_cookie(COOKIE, token, max_age=app_state.settings.console_session_seconds,
-                        httponly=True, secure=_secure(app_state), samesite="strict", path="/")
+                        httponly=True, secure=_secure(app_state), samesite="lax", path="/")
     return response
 
 

@@ -276,10 +276,16 @@ def test_researcher_sees_own_permits_only(console: dict[str, Any], chromium: Any
     assert title.startswith("Privacy budget spent")
     visit.shot("researcher-permit")
     assert visit.page.locator("a.button").count() == 0  # no actions for researchers
+    cookie = next(c for c in visit.context.cookies() if c["name"] == "spe_console")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     for other in (ids["carol"], ids["beta"]):
         assert visit.open(f"/console/permits/{other}").status == 404
         assert visit.open(f"/console/permits/{other}/suspend").status == 404
     assert visit.open("/console/datasets").status == 404
+    # another permit's export request, or a request named under another permit: 404
+    assert visit.open(f"/console/permits/{ids['carol']}/exports/{ids['counts']}").status == 404
+    assert visit.open(f"/console/permits/{ids['beta']}/exports/{ids['counts']}/files/x"
+                      ).status == 404
     visit.check_headers()
     visit.close()
 
