@@ -78,12 +78,14 @@ def openapi() -> None:
 
 
 def _register() -> None:
+    from spe.airlock import cli as airlock_cli
     from spe.auth import cli as auth_cli
     from spe.cli import datasets as datasets_cli
     from spe.cli import doctor as doctor_cli
     from spe.cli import incident as incident_cli
     from spe.cli import up as up_cli
 
+    app.add_typer(airlock_cli.app, name="airlock")
     app.add_typer(auth_cli.app, name="auth")
     app.add_typer(datasets_cli.app, name="datasets")
     app.add_typer(incident_cli.app, name="incident")
