@@ -14,7 +14,8 @@ Contract
   ``/access-bodies/``) acts for that access body: their principal is the access body's
   (``kind`` ``service``, ``access_body`` set), named by the officer's username, so the permit
   policy and the audit log treat the act as the access body's, done by that person.
-* :func:`load` returns the live session (expired rows are deleted); :func:`end` deletes it and
+* :func:`load` returns the live session (expired rows are deleted; every new login also
+  deletes all expired rows, so abandoned logins do not pile up); :func:`end` deletes it and
   returns Keycloak's end-session URL (``id_token_hint``), so logout ends the Keycloak session too.
 """
 
@@ -30,6 +31,7 @@ from urllib.parse import urlencode
 
 import httpx
 import jwt
+from sqlalchemy import delete
 
 from spe.api.state import AppState
 from spe.auth.keycloak_tokens import principal_from_claims, realm_issuer
@@ -87,6 +89,8 @@ def begin_login(state: AppState, next_path: str) -> tuple[str, str]:
         hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     now = _now()
     with state.db.write() as s:
+        # expired rows (abandoned logins, old sessions) go here, by the expiry index
+        s.execute(delete(WebSession).where(WebSession.expires_at < now))
         s.add(WebSession(id=_hash(token), kind="login", csrf=secrets.token_urlsafe(32),
                          created_at=now, expires_at=now + timedelta(seconds=LOGIN_SECONDS),
                          data={"verifier": verifier, "state": oauth_state, "nonce": nonce,

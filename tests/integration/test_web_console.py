@@ -149,6 +149,10 @@ def test_expired_session_is_refused_and_deleted(app_client: tuple[TestClient, Da
     assert client.get("/console").status_code == 303
     with db.read() as s:
         assert s.get(WebSession, auth._hash(token)) is None
+    stale, _ = _session(db, roles=["researcher"], expired=True)
+    client.get("/console/login")  # a new login sweeps every expired row
+    with db.read() as s:
+        assert s.get(WebSession, auth._hash(stale)) is None
 
 
 def test_researcher_gets_404_for_admin_pages(app_client: tuple[TestClient, Database]) -> None:
