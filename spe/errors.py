@@ -10,8 +10,11 @@ from typing import Any
 
 
 class SPEError(Exception):
-    """Base class. ``status`` is the HTTP status, ``code`` a stable machine-readable slug."""
+    """Base class. ``status`` is the HTTP status, ``code`` a stable machine-readable slug.
+    ``audited`` is set by code that has already recorded this refusal in the audit log, so the
+    audited route (``spe.api.routing.AuditedRoute``) does not record it a second time."""
 
+    audited = False
     status = 500
     code = "internal-error"
     title = "Internal error"

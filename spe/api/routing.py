@@ -6,10 +6,11 @@ Contract
   :class:`~spe.audit.actions.AuditAction` value (``permit.read``, ``dp.query``, ...); a name
   that is not one is refused when the route is declared, so a new router adds its actions to
   the enum first.
-* Any refusal of the route (an :class:`~spe.errors.SPEError` or a schema error) is written to
-  the audit log through :func:`spe.audit.record_refusal` with the caller (when known), the
-  action, the permit id (the ``permit_id`` path parameter, if any) and the reason: where and
-  what was wrong, never the offending values or the body.
+* Any refusal of the route (an :class:`~spe.errors.SPEError` or a schema error) that its code
+  has not recorded already (``SPEError.audited``) is written to the audit log through
+  :func:`spe.audit.record_refusal` with the caller (when known), the action, the permit id
+  (the ``permit_id`` path parameter, if any) and the reason: where and what was wrong, never
+  the offending values or the body.
 * Each route documents the problems it can give: those its dependencies imply (401/403 with
   authentication, 404/422 with path parameters, 413/422 with a body, 422 with any parameter)
   are added to the ``responses`` the router declared (see :func:`implied_problems`), as
@@ -130,7 +131,8 @@ class AuditedRoute(APIRoute):
             try:
                 return await original(request)
             except (SPEError, RequestValidationError) as exc:
-                await run_in_threadpool(audit_refusal, request, action, exc)
+                if not getattr(exc, "audited", False):
+                    await run_in_threadpool(audit_refusal, request, action, exc)
                 raise
 
         return handler

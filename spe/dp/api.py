@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from permits.terms import PermitTerms
 from spe.api.deps import PermitId
 from spe.api.problems import problem_responses
+from spe.api.routing import AuditedRoute
 from spe.api.state import StateKey, get_state
 from spe.audit import record_refusal
 from spe.auth.deps import get_principal, require_role
@@ -53,9 +54,11 @@ from spe.dp.service import (
     padding_left,
     run_query,
 )
-from spe.errors import Forbidden, InvalidInput, NotFound
+from spe.errors import Forbidden, InvalidInput, NotFound, SPEError
 
-router = APIRouter(tags=["dp-queries"])
+#: Audited routes: refusals this module or the service already recorded are marked
+#: ``audited``; the rest (a wrong role, no token, a schema error) the route records.
+router = APIRouter(tags=["dp-queries"], route_class=AuditedRoute)
 
 
 class QueryBody(BaseModel):
@@ -174,6 +177,7 @@ def _admit(request: Request, principal: Principal, permit_id: str, action: str,
                 extra["dry_run"] = dry_run
             _audit_refusal(request, principal, permit_id, action, err.detail,
                            {**extra, **_sql_details(limits, permit_id, sql)})
+        err.audited = True  # written, or counted in the token's next entry (folded)
         raise
     folded = limits.take_folded(key)
     if folded:
@@ -205,6 +209,7 @@ def _checked(request: Request, principal: Principal, permit_id: str, action: str
         check(principal, terms)
     except (Forbidden, NotFound) as err:
         _audit_refusal(request, principal, permit_id, action, err.detail)
+        err.audited = True
         raise
     return terms
 
@@ -270,8 +275,12 @@ def _post_query(permit_id: str, body: QueryBody, request: Request,
                            max_rows_per_person=body.max_rows_per_person,
                            max_groups_per_person=body.max_groups_per_person,
                            idempotency_key=idempotency_key)
-        return run_query(state.db, state.settings, terms, caller, req, _opener(request),
-                         limits, pad=False)
+        try:
+            return run_query(state.db, state.settings, terms, caller, req, _opener(request),
+                             limits, pad=False)
+        except SPEError as err:  # run_query audits every refusal and failure itself
+            err.audited = True
+            raise
     finally:
         limits.leave(key)
 
