@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -321,6 +322,28 @@ def check_differencing(table: pd.DataFrame, ctx: Context) -> Check:
                  "earlier release of this permit.")
 
 
+def check_acro_evidence(data: bytes) -> Check | None:
+    """An ACRO ``results.json`` (outputs each with a ``status``): the researcher's own
+    disclosure checks, summarised for reviewers and never trusted for release."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, dict) or not results or not all(
+            isinstance(v, dict) and isinstance(v.get("status"), str) for v in results.values()):
+        return None
+    counts: dict[str, int] = {}
+    for output in results.values():
+        status = str(output["status"])[:20]
+        counts[status] = counts.get(status, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    return Check("acro_evidence", REVIEW, f"ACRO results from the researcher's own checks: "
+                 f"{len(results)} outputs ({summary}). Shown to reviewers as evidence; the "
+                 "airlock never releases on them.",
+                 details={"outputs": len(results), "status": counts})
+
+
 # The whole file ---------------------------------------------------------------------------
 
 def check_file(data: bytes, ctx: Context) -> FileVerdict:
@@ -356,6 +379,9 @@ def check_file(data: bytes, ctx: Context) -> FileVerdict:
             results.extend(check_disclosure(table, ctx))
             results.append(check_differencing(table, ctx))
     elif receipt is None or receipt.outcome != PASS:
+        evidence = check_acro_evidence(data) if sniffed.kind == "json" else None
+        if evidence is not None:
+            results.append(evidence)
         results.append(Check("human_review", REVIEW, f"{sniffed.kind} files (images, documents, "
                              "free text, models) are checked by reviewers, never released "
                              "automatically."))

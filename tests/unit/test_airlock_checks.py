@@ -151,3 +151,18 @@ def test_already_released_hash_is_recognised() -> None:
     data = b"sex,n\nF,40\nM,50\n"
     v = check_file(data, ctx(released_hashes=frozenset({sha256(data)})))
     assert outcomes(v)["already_released"] == "pass"
+
+
+def test_acro_results_are_evidence_for_reviewers_only() -> None:
+    import json
+
+    doc = {"version": "0.4", "results": {
+        "output_0": {"status": "pass", "type": "table", "summary": "pass"},
+        "output_1": {"status": "fail", "type": "table", "summary": "fail; threshold: 2 cells"},
+    }}
+    v = check_file(json.dumps(doc).encode(), ctx(allowed_kinds=KINDS | {"json"}))
+    assert v.outcome == "needs_review"
+    evidence = next(c for c in v.checks if c.name == "acro_evidence")
+    assert evidence.details == {"outputs": 2, "status": {"fail": 1, "pass": 1}}
+    plain = check_file(b'{"coef": [0.1]}', ctx(allowed_kinds=KINDS | {"json"}))
+    assert "acro_evidence" not in outcomes(plain)
