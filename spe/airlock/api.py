@@ -15,8 +15,9 @@ Contract
 
 Every route is an :class:`~spe.api.routing.AuditedRoute` (refusals audited); the service
 audits every act. At start the router subscribes to the permit event stream (suspended,
-revoked, expired: open requests are rejected) and closes requests of permits that ended while
-the API was down.
+revoked, expired: open requests are rejected), closes requests of permits that ended while
+the API was down, and starts the durable follower of the event outbox
+(``spe.airlock.follower``) for changes made by other processes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from permits import events
+from spe.airlock.follower import EventFollower
 from spe.airlock.service import AirlockService
 from spe.api.deps import AppStateDep, CurrentPrincipal, PermitId
 from spe.api.problems import problem_responses
@@ -56,11 +58,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             service.close_for_permit(event.permit_id)
 
     unsubscribe = events.subscribe(on_event)
+    follower = EventFollower(service)
     try:
         await run_in_threadpool(service.close_ended)
+        follower.start()
         yield
     finally:
         unsubscribe()
+        follower.stop()
 
 
 router = APIRouter(route_class=AuditedRoute, tags=["exports"], lifespan=lifespan)

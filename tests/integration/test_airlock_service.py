@@ -95,3 +95,22 @@ def test_disguised_files_are_never_released_automatically(
     assert got["files"][0]["outcome"] != "pass"
     with db.read() as s:
         assert verify_chain(s).ok
+
+
+def test_follower_reads_the_outbox_after_its_cursor(
+        setup: tuple[PermitService, AirlockService, str], tmp_path: Path) -> None:
+    from spe.airlock.follower import EventFollower
+
+    permits, airlock, pid = setup
+    follower = EventFollower(airlock, tmp_path / "cursor")
+    assert follower.run_once() >= 1          # the issue event; nothing to close
+    req = airlock.create(ALICE, pid, "aggregates for the paper", [])
+    permits.transition(ALPHA, pid, Action.SUSPEND, reason="investigation by the body")
+    assert follower.run_once() == 1          # no subscriber in this process saw it
+    from spe.airlock.models import ExportRequest
+
+    with airlock.db.read() as s:
+        row = s.get(ExportRequest, req["id"])
+        assert row is not None and row.state == "rejected"
+    assert follower.run_once() == 0          # the cursor survived
+    assert EventFollower(airlock, tmp_path / "cursor").run_once() == 0
