@@ -77,7 +77,8 @@ class Lab:
 
 
 @contextlib.contextmanager
-def _start_lab(tmp: Path, api_url: str, permit_id: str, token: str) -> Iterator[Lab]:
+def _start_lab(tmp: Path, api_url: str, permit_id: str, token: str,
+               app: str = "jupyter-server") -> Iterator[Lab]:
     home, root = tmp / "home", tmp / "home" / "work"
     root.mkdir(parents=True)
     token_file = home / ".spe" / "token"
@@ -89,7 +90,7 @@ def _start_lab(tmp: Path, api_url: str, permit_id: str, token: str) -> Iterator[
            "SPE_TOKEN_FILE": str(token_file), "JUPYTER_CONFIG_DIR": str(home / ".jupyter")}
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen(
-        [str(RUNTIME / "bin" / "jupyter-server"), "--no-browser", "--allow-root",
+        [str(RUNTIME / "bin" / app), "--no-browser", "--allow-root",
          "--ip=127.0.0.1", f"--port={port}", f"--ServerApp.root_dir={root}",
          f"--IdentityProvider.token={login}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
