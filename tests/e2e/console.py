@@ -28,14 +28,9 @@ def ensure_console_realm(admin: Any) -> None:
     client = next(c for c in realm["clients"] if c["clientId"] == CONSOLE_CLIENT)
     if not admin.get_client_id(CONSOLE_CLIENT):
         admin.create_client(client, skip_exists=True)
-    parent = admin.get_group_by_path("/access-bodies") if _has_group(admin, "/access-bodies") \
-        else None
-    if parent is None:
-        parent_id = admin.create_group({"name": "access-bodies"}, skip_exists=True)
-        parent = admin.get_group_by_path("/access-bodies")
-        parent_id = parent["id"]
-    else:
-        parent_id = parent["id"]
+    if not _has_group(admin, "/access-bodies"):
+        admin.create_group({"name": "access-bodies"}, skip_exists=True)
+    parent_id = admin.get_group_by_path("/access-bodies")["id"]
     for body in sorted(set(OFFICERS.values())):
         if not _has_group(admin, f"/access-bodies/{body}"):
             admin.create_group({"name": body}, parent=parent_id, skip_exists=True)
