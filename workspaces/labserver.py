@@ -8,12 +8,14 @@ browser.
 
 Contract (every route needs the server's own login, like the rest of JupyterLab's API):
 
-- ``GET  <base_url>spe/overview``: ``{"permit": ..., "budget": ..., "exports": ...}`` where
+- ``GET  <base_url>spe/overview``: ``{"permit", "budget", "queries", "exports"}`` where
   ``permit`` holds only what the panel shows (reference, title, status, period, datasets with
   their tables and columns, access mode, conditions), ``budget`` the permit's privacy budget,
-  and ``exports`` this permit's export requests (state, files, checks, shared comments). A part
-  the API refuses is ``{"error": {"status": ..., "title": ..., "detail": ...}}`` instead, so
-  a suspended permit still shows what can be shown.
+  ``queries`` the permit's recent DP queries with their cost (newest first, from the
+  budget's charges), and ``exports`` this permit's export requests (state, files, checks,
+  shared comments). A part the API refuses is
+  ``{"error": {"status": ..., "title": ..., "detail": ...}}`` instead, so a suspended permit
+  still shows what can be shown.
 - ``POST <base_url>spe/exports`` with ``{"paths": [...], "justification": "..."}``: files of the
   server's root directory (paths as the file browser names them, relative to the root; a path
   leaving the root, a link or a directory is refused with 400) sent through the airlock
@@ -53,7 +55,8 @@ def _error(exc: Exception) -> dict[str, Any]:
 
 def _overview(client: Client) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, read in (("permit", _permit), ("budget", _budget), ("exports", _exports)):
+    for key, read in (("permit", _permit), ("budget", _budget), ("queries", _queries),
+                      ("exports", _exports)):
         try:
             out[key] = read(client)
         except Exception as exc:  # noqa: BLE001 - one part refused, the others still shown
@@ -75,6 +78,10 @@ def _permit(client: Client) -> dict[str, Any]:
 
 def _budget(client: Client) -> dict[str, Any]:
     return dict(client.budget(plot=False).data)
+
+
+def _queries(client: Client) -> list[dict[str, Any]]:
+    return list(_get(client, f"/v1/permits/{client.permit_id}/budget/charges")["items"])
 
 
 def _exports(client: Client) -> list[dict[str, Any]]:

@@ -213,3 +213,15 @@ def check_ledger(session: Session, permit_id: str) -> bool:
         return int(row[2]) == 0
     return (int(row[0]) == account.spent_epsilon_units
             and int(row[1]) == account.spent_delta_units and int(row[2]) == account.queries)
+
+
+def recent_charges(session: Session, permit_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    """The permit's newest charges (one per DP query), newest first: when, what it cost and
+    its state (``released``: answered; ``failed``: refunded; ``reserved``: running). No SQL
+    text and no person: only what the budget itself records."""
+    rows = session.execute(
+        select(BudgetCharge).where(BudgetCharge.permit_id == permit_id)
+        .order_by(BudgetCharge.created_at.desc(), BudgetCharge.id).limit(limit)).scalars()
+    return [{"id": c.id, "created_at": c.created_at, "state": c.state,
+             "epsilon": from_eps_units(c.epsilon_units),
+             "delta": from_delta_units(c.delta_units)} for c in rows]

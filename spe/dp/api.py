@@ -45,11 +45,12 @@ from spe.auth.deps import get_principal, require_role
 from spe.auth.principal import Principal, Role
 from spe.datasets.metadata import DatasetMetadata
 from spe.dp.limits import Limits, RateLimited
-from spe.dp.schemas import BudgetStatus, QueryAnswer
+from spe.dp.schemas import BudgetCharges, BudgetStatus, QueryAnswer
 from spe.dp.service import (
     Caller,
     QueryFailed,
     QueryRequest,
+    budget_charges,
     budget_status,
     padding_left,
     run_query,
@@ -300,5 +301,24 @@ def get_budget(permit_id: PermitId, request: Request,
         terms = _checked(request, principal, permit_id, "dp.budget", authorise_budget_read)
         actor = principal.actor if Role.RESEARCHER in principal.roles else None
         return budget_status(get_state(request).db, terms, actor)
+    finally:
+        limits.leave(key)
+
+
+@router.get(
+    "/v1/permits/{permit_id}/budget/charges", name="dp.budget",
+    operation_id="listBudgetCharges", summary="List a permit's recent DP queries and their cost",
+    description="The newest 50 charges to the permit's privacy budget, newest first: when, "
+    "the epsilon and delta each cost, and its state (released, failed and refunded, or "
+    "reserved while running). No SQL text and no person. Readable by whoever may read the "
+    "budget; 404 for anyone else. 429 over the token's rate limit.",
+    response_model=BudgetCharges,
+    responses=problem_responses(401, 403, 404, 422, 429))
+def get_budget_charges(permit_id: PermitId, request: Request,
+                       principal: Principal = Depends(get_principal)) -> dict[str, Any]:
+    limits, key = _admit(request, principal, permit_id, "dp.budget")
+    try:
+        terms = _checked(request, principal, permit_id, "dp.budget", authorise_budget_read)
+        return budget_charges(get_state(request).db, terms)
     finally:
         limits.leave(key)

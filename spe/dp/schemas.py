@@ -7,6 +7,7 @@ later reaches the client (and is then added here).
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,29 @@ class Cost(BaseModel):
     epsilon: float = Field(ge=0, description="epsilon charged (or that would be charged)")
     delta: float = Field(ge=0, description="delta charged (non-zero only when group keys are "
                          "thresholded)")
+
+
+class BudgetCharge(BaseModel):
+    """One DP query as the budget recorded it (no SQL text, no person)."""
+
+    id: str
+    created_at: datetime
+    state: str = Field(description="released (answered), failed (refunded) or reserved "
+                       "(running)")
+    epsilon: float = Field(ge=0)
+    delta: float = Field(ge=0)
+
+
+class BudgetCharges(BaseModel):
+    """A permit's newest DP queries, newest first, with what each cost."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "permit_id": "3f0c7f6e-3c5b-4c43-9d59-2b1f1cf0a3d2", "items": [{
+            "id": "8c1e0f3a9b2d4c5e6f708192a3b4c5d6", "created_at": "2026-03-01T10:00:00Z",
+            "state": "released", "epsilon": 0.2, "delta": 0.0}]}]})
+
+    permit_id: str
+    items: list[BudgetCharge]
 
 
 class BudgetStatus(BaseModel):

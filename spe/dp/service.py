@@ -352,3 +352,10 @@ def budget_status(db: Database, terms: PermitTerms, actor: str | None = None
                   ) -> dict[str, Any]:
     with db.read() as session:
         return ledger.snapshot(session, terms, actor).as_dict()
+
+
+def budget_charges(db: Database, terms: PermitTerms, limit: int = 50) -> dict[str, Any]:
+    """The permit's newest DP queries as the budget recorded them (time, cost, state)."""
+    with db.read() as session:
+        return {"permit_id": terms.permit_id,
+                "items": ledger.recent_charges(session, terms.permit_id, limit)}

@@ -4,7 +4,8 @@ A real JupyterLab from the workspace runtime (with the prebuilt SPE extension an
 extension its configuration enables) talks to a real uvicorn-served SPE API with a workspace
 token from the token file. The browser opens the SPE panel (permit reference, datasets and
 columns, budget), requests the export of a file from the file browser's context menu (the
-justification dialog, then the request's state in the panel), and the workspace token appears
+justification dialog, then the request's state in the panel), sees the recent queries with
+their cost and the spending plot, and the workspace token appears
 in no page, no local or session storage and no request the browser makes. Screenshots are kept
 under var/screenshots/lab/.
 
@@ -91,6 +92,8 @@ def test_panel_and_request_export(permit: tuple[Permits, str, str],  # noqa: F81
         assert "PERMIT" in text.upper() and "dpdemo" in text and "gender_concept_id" in text
         assert "Epsilon left" in text and "0.800 of 1" in text
         assert "None yet" in text  # no export request so far
+        assert "epsilon 0.2 (released)" in panel.locator('[data-spe="queries"]').inner_text()
+        assert panel.locator('[data-spe="spending-plot"] path').count() == 1
         page.screenshot(path=str(SHOTS / "panel.png"))
 
         # Request export from the file browser's context menu; the panel then shows it.

@@ -156,6 +156,9 @@ def test_panel_routes_answer_from_the_api(permit: tuple[Permits, str, str],
         b = overview["budget"]
         assert b["epsilon_total"] == pytest.approx(1.0)
         assert b["epsilon_spent"] == pytest.approx(0.2) and b["queries"] == 1
+        [query] = overview["queries"]
+        assert query["epsilon"] == pytest.approx(0.2) and query["state"] == "released"
+        assert set(query) == {"id", "created_at", "state", "epsilon", "delta"}  # no SQL, person
 
         # Files outside the workspace's root are refused before anything is sent.
         outside = tmp_path / "secret.csv"

@@ -58,6 +58,13 @@ interface IBudget {
   max_epsilon_per_query: number;
   queries: number;
 }
+interface IQuery {
+  id: string;
+  created_at: string;
+  state: string;
+  epsilon: number;
+  delta: number;
+}
 interface IExportFile {
   name: string;
   kind: string | null;
@@ -76,6 +83,7 @@ interface IExport {
 interface IOverview {
   permit: IPermit | IProblem;
   budget: IBudget | IProblem;
+  queries: IQuery[] | IProblem;
   exports: IExport[] | IProblem;
 }
 
@@ -113,6 +121,52 @@ function el(tag: string, text?: string, cls?: string): HTMLElement {
 
 function day(iso: string): string {
   return iso ? iso.slice(0, 10) : '?';
+}
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+
+/** Cumulative epsilon spent over time (answered queries) against the permit's cap. */
+function spendingPlot(queries: IQuery[], budget: IBudget): SVGSVGElement {
+  const width = 220;
+  const height = 70;
+  const svg = document.createElementNS(SVG_NS, 'svg');
+  svg.setAttribute('width', String(width));
+  svg.setAttribute('height', String(height));
+  svg.setAttribute('data-spe', 'spending-plot');
+  svg.setAttribute('role', 'img');
+  svg.setAttribute('aria-label', 'Epsilon spent over time against the cap');
+  const points = queries
+    .filter(q => q.state !== 'failed')
+    .map(q => ({ t: Date.parse(q.created_at), e: q.epsilon }))
+    .sort((a, b) => a.t - b.t);
+  const cap = Math.max(budget.epsilon_total, 1e-9);
+  const t0 = points.length ? points[0].t : Date.now();
+  const t1 = Math.max(Date.now(), t0 + 1);
+  const x = (t: number): number => 4 + ((width - 8) * (t - t0)) / (t1 - t0);
+  const y = (e: number): number => height - 4 - ((height - 12) * Math.min(e, cap)) / cap;
+  const line = (x1: number, y1: number, x2: number, y2: number, cls: string): void => {
+    const l = document.createElementNS(SVG_NS, 'line');
+    l.setAttribute('x1', String(x1));
+    l.setAttribute('y1', String(y1));
+    l.setAttribute('x2', String(x2));
+    l.setAttribute('y2', String(y2));
+    l.setAttribute('class', cls);
+    svg.appendChild(l);
+  };
+  line(4, y(cap), width - 4, y(cap), 'spe-plot-cap');
+  // Spending before the oldest query shown (older ones are not listed) is the baseline.
+  let total = budget.epsilon_spent - points.reduce((acc, p) => acc + p.e, 0);
+  let path = `M ${x(t0)} ${y(Math.max(total, 0))}`;
+  for (const p of points) {
+    total += p.e;
+    path += ` H ${x(p.t)} V ${y(total)}`;
+  }
+  path += ` H ${x(t1)}`;
+  const spent = document.createElementNS(SVG_NS, 'path');
+  spent.setAttribute('d', path);
+  spent.setAttribute('class', 'spe-plot-spent');
+  svg.appendChild(spent);
+  return svg;
 }
 
 /** The side panel: permit, budget, exports; refreshed on demand and every 30 s. */
@@ -163,7 +217,8 @@ export class SPEPanel extends Widget {
       return;
     }
     this.renderPermit(overview.permit);
-    this.renderBudget(overview.budget);
+    this.renderBudget(overview.budget, overview.queries);
+    this.renderQueries(overview.queries);
     this.renderExports(overview.exports);
     const refreshed = el('p', `Updated ${new Date().toLocaleTimeString()}`, 'spe-muted');
     root.appendChild(refreshed);
@@ -256,7 +311,7 @@ export class SPEPanel extends Widget {
     return null;
   }
 
-  private renderBudget(budget: IBudget | IProblem): void {
+  private renderBudget(budget: IBudget | IProblem, queries: IQuery[] | IProblem): void {
     if (isProblem(budget)) {
       this.problem('Privacy budget', budget);
       return;
@@ -271,6 +326,9 @@ export class SPEPanel extends Widget {
     leftBar.style.width = `${(100 * budget.epsilon_remaining) / total}%`;
     bar.append(spent, leftBar);
     root.appendChild(bar);
+    if (!isProblem(queries) && queries.length) {
+      root.appendChild(spendingPlot(queries, budget));
+    }
     const dl = el('dl');
     const pairs: [string, string][] = [
       ['Epsilon left', `${budget.epsilon_remaining.toPrecision(3)} of ${budget.epsilon_total}`],
@@ -284,6 +342,26 @@ export class SPEPanel extends Widget {
     }
     dl.setAttribute('data-spe', 'budget');
     root.appendChild(dl);
+  }
+
+  private renderQueries(queries: IQuery[] | IProblem): void {
+    if (isProblem(queries)) {
+      this.problem('Recent queries', queries);
+      return;
+    }
+    const root = this.node;
+    root.appendChild(el('h3', 'Recent queries'));
+    if (!queries.length) {
+      root.appendChild(el('p', 'No DP query yet (%%dp in a notebook cell).', 'spe-muted'));
+      return;
+    }
+    const list = el('ul');
+    list.setAttribute('data-spe', 'queries');
+    for (const q of queries.slice(0, 10)) {
+      const when = new Date(q.created_at).toLocaleString();
+      list.appendChild(el('li', `${when}: epsilon ${q.epsilon} (${q.state})`));
+    }
+    root.appendChild(list);
   }
 
   private renderExports(exports: IExport[] | IProblem): void {
