@@ -4,7 +4,7 @@ Load it once per notebook (the workspace runtime loads it in every kernel)::
 
     %load_ext spe.client.magic
 
-then write SQL in a cell::
+then write SQL in a cell (``%%spe_sql`` is the same magic)::
 
     %%dp --epsilon 0.2 --out by_gender
     SELECT gender_concept_id, COUNT(*) AS n FROM person GROUP BY 1
@@ -91,3 +91,4 @@ def _summary(df: Any) -> str:
 
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(DPMagics)
+    ipython.magics_manager.register_alias("spe_sql", "dp", "cell")

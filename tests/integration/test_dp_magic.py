@@ -50,7 +50,7 @@ def test_dp_cell_magic(shell: Any, server_url: str, db: Database,  # noqa: F811
             assert "cost: epsilon 0.2" in out and "budget left: epsilon 0.8" in out
             assert token not in out
 
-            priced = shell.run_cell_magic("dp", "--dry-run --epsilon 0.3", SQL)
+            priced = shell.run_cell_magic("spe_sql", "--dry-run --epsilon 0.3", SQL)
             assert "dry run (free)" in capsys.readouterr().out
             assert priced["cost"]["epsilon"] == pytest.approx(0.3)
 

@@ -120,7 +120,7 @@ PYTHON_ANALYSIS = textwrap.dedent("""
         "ols_treated": float(ols.params["treated"]),
         "logit_treated": float(logit.coef_[0][1]),
         "ttest_p": float(ttest.pvalue),
-        "dp_magic": "dp" in get_ipython().magics_manager.magics["cell"],
+        "dp_magic": {"dp", "spe_sql"} <= set(get_ipython().magics_manager.magics["cell"]),
     }))
 """)
 
