@@ -5,7 +5,8 @@ extension its configuration enables) talks to a real uvicorn-served SPE API with
 token from the token file. The browser opens the SPE panel (permit reference, datasets and
 columns, budget), requests the export of a file from the file browser's context menu (the
 justification dialog, then the request's state in the panel), sees the recent queries with
-their cost and the spending plot, and the workspace token appears
+their cost and the spending plot, sees the request released after two hospital admins
+approve it through the API (with the comment they shared), and the workspace token appears
 in no page, no local or session storage and no request the browser makes. Screenshots are kept
 under var/screenshots/lab/.
 
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from spe.client import Client
@@ -67,7 +69,7 @@ def chromium() -> Iterator[Any]:
 
 def test_panel_and_request_export(permit: tuple[Permits, str, str],  # noqa: F811
                                   server_url: str,  # noqa: F811
-                                  chromium: Any, tmp_path: Path) -> None:
+                                  user_headers: Any, chromium: Any, tmp_path: Path) -> None:
     _permits, pid, token = permit
     Client(server_url, token, pid).sql(SQL, epsilon=0.2)
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,23 @@ def test_panel_and_request_export(permit: tuple[Permits, str, str],  # noqa: F81
         state = panel.locator('[data-spe="export-state"]').first
         state.wait_for(timeout=60_000)
         assert "table.csv" in panel.inner_text()
+        assert "in_review" in state.inner_text()
         page.screenshot(path=str(SHOTS / "export-requested.png"))
+
+        # Two hospital admins approve through the API; the panel shows the decision and the
+        # comment they shared.
+        [request] = httpx.get(f"{server_url}/v1/permits/{pid}/exports", timeout=60,
+                              headers=user_headers("alice")).json()["items"]
+        for admin, comment in (("hadmin", "Aggregated, fine."), ("hadmin2", None)):
+            r = httpx.post(f"{server_url}/v1/permits/{pid}/exports/{request['id']}/votes",
+                           json={"decision": "approve", "comment": comment, "shared": True},
+                           headers=user_headers(admin), timeout=60)
+            assert r.status_code == 200, r.text
+        panel.locator('[data-spe="refresh"]').click()
+        panel.locator('[data-spe="export-state"]', has_text="released").wait_for(
+            timeout=60_000)
+        assert "Reviewer (approve): Aggregated, fine." in panel.inner_text()
+        page.screenshot(path=str(SHOTS / "export-released.png"))
 
         # The workspace token is in no page, storage or request.
         storage = page.evaluate("() => JSON.stringify([Object.entries(localStorage), "

@@ -212,6 +212,10 @@ export class SPEPanel extends Widget {
     root.replaceChildren();
     const head = el('h2', 'Secure processing environment');
     root.appendChild(head);
+    const refresh = el('button', 'Refresh', 'jp-Button jp-mod-styled jp-mod-reject');
+    refresh.setAttribute('data-spe', 'refresh');
+    refresh.addEventListener('click', () => void this.refresh());
+    root.appendChild(refresh);
     if (!overview) {
       root.appendChild(el('p', failure, 'spe-error'));
       return;
@@ -328,6 +332,7 @@ export class SPEPanel extends Widget {
     root.appendChild(bar);
     if (!isProblem(queries) && queries.length) {
       root.appendChild(spendingPlot(queries, budget));
+      root.appendChild(el('div', 'Epsilon spent over time; dashed: the cap', 'spe-muted'));
     }
     const dl = el('dl');
     const pairs: [string, string][] = [
