@@ -37,7 +37,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
-from spe.client import Client, SPEClientError, _problem, connect
+from spe.client import Client, SPEClientError, connect
 
 #: The permit's fields the panel shows (nothing else of the permit is passed to the browser).
 PERMIT_FIELDS = ("id", "reference", "title", "status", "valid_from", "valid_until", "datasets",
@@ -64,15 +64,8 @@ def _overview(client: Client) -> dict[str, Any]:
     return out
 
 
-def _get(client: Client, path: str) -> Any:
-    resp = client._send("GET", path)
-    if resp.status_code >= 400:
-        raise SPEClientError(resp.status_code, _problem(resp))
-    return resp.json()
-
-
 def _permit(client: Client) -> dict[str, Any]:
-    permit = _get(client, f"/v1/permits/{client.permit_id}")
+    permit = client.permit()
     return {k: permit.get(k) for k in PERMIT_FIELDS}
 
 
@@ -81,7 +74,7 @@ def _budget(client: Client) -> dict[str, Any]:
 
 
 def _queries(client: Client) -> list[dict[str, Any]]:
-    return list(_get(client, f"/v1/permits/{client.permit_id}/budget/charges")["items"])
+    return client.queries()
 
 
 def _exports(client: Client) -> list[dict[str, Any]]:

@@ -194,6 +194,21 @@ class Client:
             budget.plot()
         return budget
 
+    def _get(self, path: str) -> Any:
+        resp = self._send("GET", path)
+        if resp.status_code >= 400:
+            raise SPEClientError(resp.status_code, _problem(resp))
+        return resp.json()
+
+    def permit(self) -> dict[str, Any]:
+        """The workspace's permit as the API shows it (terms, datasets and columns, status)."""
+        return dict(self._get(f"/v1/permits/{self.permit_id}"))
+
+    def queries(self) -> list[dict[str, Any]]:
+        """The permit's recent DP queries as its budget recorded them (time, cost, state),
+        newest first."""
+        return list(self._get(f"/v1/permits/{self.permit_id}/budget/charges")["items"])
+
     # -- the airlock -----------------------------------------------------------------------
     def _exports(self, method: str, path: str = "", **kwargs: Any) -> Any:
         resp = self._send(method, f"/v1/permits/{self.permit_id}/exports{path}", **kwargs)

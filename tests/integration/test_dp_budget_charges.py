@@ -49,6 +49,8 @@ def test_recent_charges(server_url: str, db: Database,  # noqa: F811
             assert all(c["state"] == "released" for c in body["items"])
             assert all(set(c) == {"id", "created_at", "state", "epsilon", "delta"}
                        for c in body["items"])  # no SQL text, no person
+            assert nb.queries() == body["items"]  # the notebook client reads the same
+            assert nb.permit()["reference"] == "DP/0015/2026/FI"
             # The access body reads it as it reads the budget; another permit's workspace
             # does not see it exists; no token: 401.
             assert http.get(url, headers=client_headers("hdab-alpha")).status_code == 200
