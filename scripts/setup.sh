@@ -76,6 +76,8 @@ if [ ! -f var/labextension/package.json ] || [ "$(cat var/.labextension-built 2>
     && node_modules/.bin/tsc && PATH="$PWD/../../.venv/bin:$PATH" jupyter labextension build .) \
     >var/labextension-build.log 2>&1 || { tail -30 var/labextension-build.log >&2
       echo "setup: the JupyterLab extension did not build (var/labextension-build.log)" >&2; exit 1; }
+  .venv/bin/python scripts/supply_chain.py npm-verify --lock "$lab/package-lock.json" \
+    --modules "$lab/node_modules"
   echo "$lab_want" > var/.labextension-built
 fi
 # The workspace runtime: a venv from the system Python that sandboxed servers can read, its
@@ -89,6 +91,8 @@ mkdir -p var/sbom
 .venv/bin/python scripts/supply_chain.py sbom --env var/runtime --lock requirements/runtime.txt \
   --name spe-workspace-runtime -o var/sbom/workspace-runtime.cdx.json
 .venv/bin/python scripts/supply_chain.py npm-sbom -o var/sbom/npm.cdx.json
+.venv/bin/python scripts/supply_chain.py npm-sbom --lock workspaces/labextension/package-lock.json \
+  -o var/sbom/labextension-npm.cdx.json
 if [ "${SPE_SKIP_AUDIT:-0}" != "1" ]; then
   .venv/bin/python scripts/supply_chain.py audit --lock requirements/dev.txt \
     -o var/sbom/vulnerabilities-project.json --timeout 60
