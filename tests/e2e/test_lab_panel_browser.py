@@ -6,7 +6,8 @@ token from the token file. The browser opens the SPE panel (permit reference, da
 columns, budget), requests the export of a file from the file browser's context menu (the
 justification dialog, then the request's state in the panel), sees the recent queries with
 their cost and the spending plot, sees the request released after two hospital admins
-approve it through the API (with the comment they shared), and the workspace token appears
+approve it through the API (with the comment they shared), runs a ``%%dp`` cell in a new
+notebook and sees the budget follow, and the workspace token appears
 in no page, no local or session storage and no request the browser makes. Screenshots are kept
 under var/screenshots/lab/.
 
@@ -128,6 +129,26 @@ def test_panel_and_request_export(permit: tuple[Permits, str, str],  # noqa: F81
             timeout=60_000)
         assert "Reviewer (approve): Aggregated, fine." in panel.inner_text()
         page.screenshot(path=str(SHOTS / "export-released.png"))
+
+        # A %%dp cell in a new notebook (the magic is loaded in every kernel): the noisy table,
+        # its cost, and the panel's budget follows.
+        page.locator(".jp-LauncherCard", has_text="Python 3").first.click()
+        editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+        editor.wait_for(timeout=120_000)
+        page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
+        editor.click()
+        page.keyboard.type("%%dp --epsilon 0.3\n" + SQL)
+        page.keyboard.press("Shift+Enter")
+        output = page.locator(".jp-OutputArea-output", has_text="cost: epsilon 0.3")
+        try:
+            output.wait_for(timeout=60_000)
+        finally:
+            page.screenshot(path=str(SHOTS / "notebook-dp-cell.png"))
+        assert "gender_concept_id" in page.locator(".jp-OutputArea").first.inner_text()
+        panel.locator('[data-spe="refresh"]').click()
+        panel.get_by_text("0.500 of 1").wait_for(timeout=60_000)
+        assert panel.locator('[data-spe="queries"] li').count() == 2
+        page.screenshot(path=str(SHOTS / "notebook-dp-cell.png"))
 
         # The workspace token is in no page, storage or request.
         storage = page.evaluate("() => JSON.stringify([Object.entries(localStorage), "
