@@ -113,6 +113,8 @@ def test_panel_and_request_export(permit: tuple[Permits, str, str],  # noqa: F81
         state.wait_for(timeout=60_000)
         assert "table.csv" in panel.inner_text()
         assert "in_review" in state.inner_text()
+        # Each file shows its check outcome.
+        assert "table.csv: " in panel.locator('[data-spe="export-file"]').first.inner_text()
         page.screenshot(path=str(SHOTS / "export-requested.png"))
 
         # Two hospital admins approve through the API; the panel shows the decision and the

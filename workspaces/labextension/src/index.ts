@@ -70,6 +70,7 @@ interface IExportFile {
   kind: string | null;
   outcome: string | null;
   size: number;
+  checks: { name: string; outcome: string; reason: string }[];
 }
 interface IExport {
   id: string;
@@ -390,6 +391,14 @@ export class SPEPanel extends Widget {
       const state = el('span', req.state, `spe-status spe-status-${req.state}`);
       state.setAttribute('data-spe', 'export-state');
       box.appendChild(state);
+      for (const f of req.files) {
+        const line = el('div', `${f.name}: ${f.outcome ?? 'not checked yet'}`, 'spe-muted');
+        line.setAttribute('data-spe', 'export-file');
+        box.appendChild(line);
+        for (const c of (f.checks || []).filter(c => c.outcome !== 'pass')) {
+          box.appendChild(el('div', `  ${c.name} (${c.outcome}): ${c.reason}`, 'spe-muted'));
+        }
+      }
       if (req.reason) {
         box.appendChild(el('div', req.reason, 'spe-muted'));
       }
