@@ -10,9 +10,9 @@ then write SQL in a cell (``%%spe_sql`` is the same magic)::
     SELECT gender_concept_id, COUNT(*) AS n FROM person GROUP BY 1
 
 The cell shows the noisy table, what it cost and what remains of the permit's budget, and
-leaves the DataFrame in ``by_gender`` (and in ``_``). ``--dry-run`` prices the query without
-running it (free). The connection is :func:`spe.client.connect` (the workspace's environment);
-errors are the API's problems, shown without a traceback.
+leaves the DataFrame in ``by_gender`` (and always in ``dp_last``). ``--dry-run`` prices the
+query without running it (free). The connection is :func:`spe.client.connect` (the
+workspace's environment); errors are the API's problems, shown without a traceback.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class DPMagics(Magics):
         except SPEClientError as err:
             print(f"%%dp refused: {err}")
             return None
+        self.shell.user_ns["dp_last"] = df  # type: ignore[union-attr]
         if args.out:
             if not args.out.isidentifier():
                 print(f"%%dp: --out must be a Python name, not {args.out!r}")
@@ -76,7 +77,7 @@ class DPMagics(Magics):
                 self.shell.user_ns[args.out] = df  # type: ignore[union-attr]
         display(df)
         print(_summary(df))
-        return None if args.out else df
+        return None  # displayed above (not twice); the DataFrame is in --out and `dp_last`
 
 
 def _summary(df: Any) -> str:
