@@ -86,6 +86,7 @@ def up(
         url = _start_keycloak(s.keycloak_port)
         rows.append(("keycloak", url or "not bundled in this checkout"))
     rows.append(("SPE API", s.api_base_url + "/docs"))
+    rows.append(("SPE console", s.api_base_url + "/register  (log in for admins, access bodies)"))
     hub_process = None
     if hub:
         where, hub_process = _start_hub(s, hub_url.rstrip("/"))
