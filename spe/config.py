@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 DEV_SECRET = "dev-only-insecure-secret-change-me"  # noqa: S105 - refused outside dev
+DEV_CONSOLE_CLIENT_SECRET = "spe-console-dev-secret"  # noqa: S105 - refused outside dev
 DEV_KEYCLOAK_ADMIN_PASSWORD = "admin"  # noqa: S105 - refused outside dev
 
 Profile = Literal["dev", "test", "prod"]
@@ -197,7 +198,7 @@ class Settings(BaseSettings):
         "confidential). Enforced: the console logs in only through this client.",
     )
     console_client_secret: SecretStr = Field(
-        SecretStr("spe-console-dev-secret"),
+        SecretStr(DEV_CONSOLE_CLIENT_SECRET),
         description="Secret of console_client_id. Enforced: outside the dev profile the "
         "console refuses to log anyone in while it is the default.",
     )

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spe.config import DEV_SECRET, Settings
+from spe.config import DEV_CONSOLE_CLIENT_SECRET, DEV_SECRET, Settings
 
 SANDBOX_PROGRAMS = ("bwrap", "nft", "setpriv", "ip", "losetup", "mkfs.ext4")
 
@@ -39,11 +39,16 @@ def _profile(s: Settings) -> Check:
 
 def _secrets(s: Settings) -> Check:
     secret = s.secret_key.get_secret_value()
-    ok = secret != DEV_SECRET and len(secret) >= 32
-    return Check("server secret", ok,
-                 "a strong secret_key is set" if ok else "the development secret_key",
-                 "put a random secret_key of at least 32 characters in the settings file "
-                 "(SPE_CONFIG, readable by the service user only)")
+    weak = []
+    if secret == DEV_SECRET or len(secret) < 32:
+        weak.append("the development secret_key")
+    if s.console_client_secret.get_secret_value() == DEV_CONSOLE_CLIENT_SECRET:
+        weak.append("the development console_client_secret (the console logs nobody in)")
+    return Check("server secrets", not weak,
+                 "strong secrets are set" if not weak else "; ".join(weak),
+                 "put a random secret_key of at least 32 characters and the console client's "
+                 "own secret in the settings file (SPE_CONFIG, readable by the service user "
+                 "only)")
 
 
 def _database(s: Settings) -> Check:

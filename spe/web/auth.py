@@ -37,7 +37,7 @@ from spe.api.state import AppState
 from spe.auth.keycloak_tokens import principal_from_claims, realm_issuer
 from spe.auth.principal import Principal, Role
 from spe.auth.validator import get_validator
-from spe.config import Settings
+from spe.config import DEV_CONSOLE_CLIENT_SECRET, Settings
 from spe.errors import NotAuthenticated
 from spe.web.models import WebSession
 
@@ -75,7 +75,7 @@ class ConsoleSession:
 
 def _check_configured(settings: Settings) -> None:
     if settings.profile != "dev" and \
-            settings.console_client_secret.get_secret_value() == "spe-console-dev-secret":
+            settings.console_client_secret.get_secret_value() == DEV_CONSOLE_CLIENT_SECRET:
         raise NotAuthenticated("The console is not configured: set console_client_secret.")
 
 

@@ -21,6 +21,7 @@ def _prod(tmp_path: Path, **extra: object) -> Settings:
         "profile": "prod", "data_dir": tmp_path / "var",
         "secret_key": secrets.token_urlsafe(48),
         "keycloak_admin_password": secrets.token_urlsafe(24),
+        "console_client_secret": secrets.token_urlsafe(24),
         "database_url": "postgresql+psycopg://spe@db.internal:5432/spe",
         "public_url": "https://spe.example.org", "keycloak_url": "https://id.example.org",
     }
@@ -40,6 +41,7 @@ def test_a_production_profile_passes_its_controls(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("switch_off", "name"), [
     ({"profile": "test"}, "production profile"),
+    ({"console_client_secret": "spe-console-dev-secret"}, "server secrets"),
     ({"database_url": None}, "control database on PostgreSQL"),
     ({"public_url": "http://spe.example.org"}, "TLS for the API"),
     ({"keycloak_url": None}, "Keycloak in production mode over TLS"),
@@ -67,7 +69,7 @@ def test_development_install_fails_with_the_list(tmp_path: Path,
         get_settings.cache_clear()
     assert res.exit_code == 1
     checks = {c["name"]: c for c in json.loads(res.output)}
-    for name in ("production profile", "server secret", "control database on PostgreSQL",
+    for name in ("production profile", "server secrets", "control database on PostgreSQL",
                  "TLS for the API", "encryption at rest"):
         assert checks[name]["ok"] is False and checks[name]["fix"], name
 
