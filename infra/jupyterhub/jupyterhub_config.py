@@ -113,9 +113,12 @@ c.Spawner.env_keep = []  # nothing of the hub's environment enters a workspace
 # JupyterLab plugins whose commands move files out through the browser: Download and Copy
 # Download Link (file browser, documents) and Export Notebook As (nbconvert). Hidden here, for
 # the researcher's sake only: the browser gate refuses their routes whatever the server says.
+# The news announcements are off too: a workspace has no Internet, so the prompt to fetch
+# news could only fail.
 HIDDEN_LAB_PLUGINS = ("@jupyterlab/docmanager-extension:download",
                       "@jupyterlab/filebrowser-extension:download",
-                      "@jupyterlab/notebook-extension:export")
+                      "@jupyterlab/notebook-extension:export",
+                      "@jupyterlab/apputils-extension:announcements")
 server_tornado_settings = {
     "headers": {"Content-Security-Policy":
                 "frame-ancestors 'self'; report-uri /api/security/csp-report",
