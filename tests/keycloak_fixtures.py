@@ -200,6 +200,33 @@ def api_client(api_app: FastAPI) -> Iterator[TestClient]:
         yield client
 
 
+@pytest.fixture
+def server_url(api_app: FastAPI) -> Iterator[str]:
+    """``api_app`` served by uvicorn on a free loopback port, in a thread."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(api_app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
 class RealmForgeKey:
     """A key the test session adds to the realm (lowest priority, so Keycloak never signs with
     it) so tests can forge tokens the realm's JWKS vouches for: expired, wrong issuer, ..."""

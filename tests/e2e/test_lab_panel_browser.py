@@ -35,7 +35,6 @@ from tests.integration.test_dp_api import (  # noqa: F401 - fixtures used by nam
     api_settings,
     dataset,
     omop_source,
-    server_url,
 )
 from tests.integration.test_workspace_labserver import (  # noqa: F401 - fixtures used by name
     RUNTIME,
@@ -69,7 +68,7 @@ def chromium() -> Iterator[Any]:
 
 
 def test_panel_and_request_export(permit: tuple[Permits, str, str],  # noqa: F811
-                                  server_url: str,  # noqa: F811
+                                  server_url: str,
                                   user_headers: Any, chromium: Any, tmp_path: Path) -> None:
     _permits, pid, token = permit
     Client(server_url, token, pid).sql(SQL, epsilon=0.2)

@@ -4,16 +4,11 @@ cursor pagination, checkpoints for access bodies, and `verify-remote` against a 
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from spe.audit import AuditEvent, record
@@ -114,27 +109,6 @@ def test_checkpoints_and_proofs_for_access_bodies(api_client: TestClient,
     assert [c["size"] for c in listed] == [r2["size"]]
     assert api_client.get("/v1/audit/consistency", params={"first": 5, "second": 10**9},
                           headers=alpha).status_code == 422
-
-
-@pytest.fixture
-def server_url(api_app: FastAPI) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(api_app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 class Withholding(vr.Remote):

@@ -19,13 +19,12 @@ from tests.integration.test_dp_api import (  # noqa: F401 - fixtures used by nam
     api_settings,
     dataset,
     omop_source,
-    server_url,
 )
 
 pytestmark = pytest.mark.keycloak
 
 
-def test_recent_charges(server_url: str, db: Database,  # noqa: F811
+def test_recent_charges(server_url: str, db: Database,
                         api_settings: Settings, dataset: str,  # noqa: F811
                         client_headers: Any) -> None:
     with httpx.Client(base_url=server_url, timeout=60) as http:

@@ -17,7 +17,6 @@ from tests.integration.test_dp_api import (  # noqa: F401 - fixtures used by nam
     _workspace_token,
     dataset,
     omop_source,
-    server_url,
 )
 
 
@@ -28,7 +27,7 @@ def api_settings(api_settings: Settings) -> Settings:
                                            "api_token_requests_per_minute": 60.0})
 
 
-def test_client_retries_after_429(server_url: str, db: Database,  # noqa: F811
+def test_client_retries_after_429(server_url: str, db: Database,
                                   api_settings: Settings, dataset: str,  # noqa: F811
                                   client_headers: Any) -> None:
     with httpx.Client(base_url=server_url, timeout=60) as http:

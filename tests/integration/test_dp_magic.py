@@ -20,7 +20,6 @@ from tests.integration.test_dp_api import (  # noqa: F401 - fixtures used by nam
     api_settings,
     dataset,
     omop_source,
-    server_url,
 )
 
 
@@ -31,7 +30,7 @@ def shell() -> Any:
     return ip
 
 
-def test_dp_cell_magic(shell: Any, server_url: str, db: Database,  # noqa: F811
+def test_dp_cell_magic(shell: Any, server_url: str, db: Database,
                        api_settings: Settings, dataset: str,  # noqa: F811
                        client_headers: Any, capsys: pytest.CaptureFixture[str]) -> None:
     with httpx.Client(base_url=server_url, timeout=60) as http:

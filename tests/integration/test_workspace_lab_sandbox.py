@@ -33,7 +33,6 @@ from tests.integration.test_dp_api import (  # noqa: F401 - fixtures used by nam
     api_settings,
     dataset,
     omop_source,
-    server_url,
 )
 from tests.integration.test_workspace_labserver import (  # noqa: F401 - fixtures used by name
     RUNTIME,
@@ -94,7 +93,7 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.fixture
-def workspace(tmp_path: Path, server_url: str) -> Iterator[Workspace]:  # noqa: F811
+def workspace(tmp_path: Path, server_url: str) -> Iterator[Workspace]:
     port = urlsplit(server_url).port
     assert port is not None
     settings = WorkspaceSettings(runtime_dir=RUNTIME, allowed_host_ports=(port,),

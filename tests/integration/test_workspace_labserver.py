@@ -33,7 +33,6 @@ from tests.integration.test_dp_api import (  # noqa: F401 - fixtures
     api_settings,
     dataset,
     omop_source,
-    server_url,
 )
 from workspaces import labserver, runtime
 from workspaces.errors import StaleRuntime
@@ -118,7 +117,7 @@ def _start_lab(tmp: Path, api_url: str, permit_id: str, token: str,
 
 
 @pytest.fixture
-def permit(server_url: str, db: Database,  # noqa: F811
+def permit(server_url: str, db: Database,
            api_settings: Settings, dataset: str,  # noqa: F811
            client_headers: Any) -> Iterator[tuple[Permits, str, str]]:
     with httpx.Client(base_url=server_url, timeout=60) as http:
@@ -132,7 +131,7 @@ def permit(server_url: str, db: Database,  # noqa: F811
 
 
 def test_panel_routes_answer_from_the_api(permit: tuple[Permits, str, str],
-                                          server_url: str,  # noqa: F811
+                                          server_url: str,
                                           tmp_path: Path) -> None:
     permits, pid, token = permit
     Client(server_url, token, pid).sql(SQL, epsilon=0.2)  # spend some of the budget
