@@ -17,7 +17,9 @@ Contract of ``ingest(db, settings, name, source, principal)``:
   A linked table's rows are resolved through its declared foreign-key path to their person,
   stored in the hidden ``LINKED_PERSON_COLUMN``; a row that reaches no person is an
   ``IngestError`` naming its line. Every per-person and linked table gets ``ROW_RANK_COLUMN``:
-  a uniformly random rank of the row among the person's rows (1..n), computed once here.
+  a uniformly random rank of the row among the person's rows (1..n), computed once here; such
+  tables (but ``person``, one row per person) are stored ordered by that rank, so the DP
+  engine's truncation filter (rank <= k) reads only the row groups that can pass it.
 * Dates and timestamps must lie in the years 1 to 9999 (CSV and Parquet alike).
 * Atomic: the database is built in a temporary file in the store directory (mode 0700), moved to
   ``<name>.duckdb`` (mode 0600) and registered — ``DatasetRecord`` row plus a ``dataset.ingest``
@@ -514,11 +516,16 @@ def _build_checked(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSp
         joins, person = _link_parts(spec, tuple(meta.link), built, "s")
         source = (f"(SELECT s.*, {person} AS {_q(LINKED_PERSON_COLUMN)} FROM {source} AS s "
                   f"{joins})")
+    order = ""
     if unit is not None:
         # Window ORDER BY may not be volatile: draw the random key in a subquery.
         source = f"(SELECT *, random() AS _spe_draw FROM {source})"
+        if spec.primary_key != [unit]:
+            # Stored in rank order: a query's truncation filter (rank <= k) then reads a prefix
+            # of the table and DuckDB skips the row groups above k by their min/max.
+            order = f" ORDER BY {_q(ROW_RANK_COLUMN)}"
     con.execute(f"CREATE TABLE {_q(spec.name)} AS SELECT "
-                f"{', '.join(_final_columns(sf, spec, unit))} FROM {source}")
+                f"{', '.join(_final_columns(sf, spec, unit))} FROM {source}{order}")
     if sf.kind != "parquet":
         _check_rejects(con, sf, spec, stage)
     checks = ["count(*)"]

@@ -29,8 +29,10 @@ MEAS_CONCEPTS = [3004249, 3012888, 3027018, 3020891, 3025315]
 
 
 def _rank_sql(table: str, seed: int) -> str:
-    return (f"CREATE TABLE {table} AS SELECT *, CAST(row_number() OVER (PARTITION BY person_id "
-            f"ORDER BY hash(_rid, {seed})) AS INTEGER) AS {ROW_RANK_COLUMN} FROM _{table}; "
+    # Stored in rank order, as ingest stores them (see spe.datasets.ingest).
+    return (f"CREATE TABLE {table} AS SELECT * FROM (SELECT *, CAST(row_number() OVER "
+            f"(PARTITION BY person_id ORDER BY hash(_rid, {seed})) AS INTEGER) AS "
+            f"{ROW_RANK_COLUMN} FROM _{table}) ORDER BY {ROW_RANK_COLUMN}; "
             f"DROP TABLE _{table};")
 
 

@@ -98,6 +98,12 @@ def check_ingested(db: Database, settings: Settings, name: str, rows: dict[str, 
                     f"FROM {table} GROUP BY person_id) WHERE lo <> 1 OR hi <> n OR d <> n"
                 ).fetchone()[0]
                 assert bad == 0, table
+                if tmeta.unique_key != [tmeta.privacy_unit]:  # stored in rank order
+                    unordered = con.execute(
+                        f"SELECT count(*) FROM (SELECT {ROW_RANK_COLUMN} AS r, "
+                        f"lag({ROW_RANK_COLUMN}) OVER (ORDER BY rowid) AS p FROM {table}) "
+                        "WHERE r < p").fetchone()[0]
+                    assert unordered == 0, table
     finally:
         con.close()
 
