@@ -135,6 +135,49 @@ def _quantised_finite(x: str, lo: float, hi: float, grid: float, bound: int) -> 
             f"ELSE CAST(round({x} / {grid!r}) AS {t}) END)")
 
 
+#: Keeps the rows whose value is neither NULL nor NaN: in DuckDB NaN sorts above +inf and
+#: equals itself, so ``x < NaN`` is false for NaN (and NULL) and true for every other value,
+#: infinities included. One comparison with a constant: DuckDB pushes it into the scan.
+NUMBER_ROWS = "x < CAST('nan' AS DOUBLE)"
+#: Sums of integer-valued DOUBLEs are exact (in any order, in parallel) while every partial
+#: sum stays below 2^53 in magnitude.
+EXACT_DOUBLE_SUM = 2**53
+
+
+def _power_of_two(value: float) -> bool:
+    return value > 0 and math.frexp(value)[0] == 0.5
+
+
+def _quantised_sum(plan: QueryPlan, x: str, lo: float, hi: float, grid: float,
+                   bound: int) -> str:
+    """``SUM(round(clamp(x) / grid))`` for rows neither NULL nor NaN: the exact integer.
+
+    As :func:`_quantised_finite` (same per-row integers: DuckDB's ``round``, half away from
+    zero, of the clamped value over the grid); when the plan bounds the rows it reads
+    (``plan.max_rows``) so that ``bound * max_rows < 2^53``, each row's integer is kept as a
+    DOUBLE (``x * (1 / grid)``: exact, the grid is a power of two) and summed as DOUBLE, which
+    is then exact and cheaper than an integer cast per row; otherwise as integers.
+    """
+    if not _double_sums(plan, grid, bound):
+        return f"SUM({_quantised_finite(x, lo, hi, grid, bound)})"
+    lo_d, hi_d, inv = _dbl(lo), _dbl(hi), _dbl(1.0 / grid)
+    return (f"SUM(CASE WHEN {x} < {lo_d} THEN round({lo_d} * {inv}) "
+            f"WHEN {x} > {hi_d} THEN round({hi_d} * {inv}) ELSE round({x} * {inv}) END)")
+
+
+def _rounded_sum(plan: QueryPlan, v: str, grid: float, bound: int) -> str:
+    """``SUM(round(v / grid))`` of an already clamped ``v`` (|round| <= bound), as
+    :func:`_q_sum`; summed as DOUBLE under the same condition as :func:`_quantised_sum`."""
+    if not _double_sums(plan, grid, bound):
+        return _q_sum(v, grid, bound)
+    return f"SUM(round({v} * {_dbl(1.0 / grid)}))"
+
+
+def _double_sums(plan: QueryPlan, grid: float, bound: int) -> bool:
+    return (plan.max_rows is not None and bound * plan.max_rows < EXACT_DOUBLE_SUM
+            and _power_of_two(grid))
+
+
 def needs_row_stats(plan: QueryPlan) -> bool:
     """Whether the release reads the truncated row statistics (threshold or row aggregates)."""
     return not plan.public_keys or any(a.kind not in ("count_distinct", "quantile")
@@ -164,7 +207,8 @@ def row_stats_sql(plan: QueryPlan, min_rows: int | None = None,
 
     One-pass form (every value aggregate has the same input expression and ``rows`` is not
     read, e.g. ``AVG(x) ... GROUP BY public key``): rows whose value is NULL or NaN are
-    filtered out (``x IS NOT NULL AND NOT isnan(x)``) before aggregating. Such rows add
+    filtered out (:data:`NUMBER_ROWS`) before aggregating, and sums are quantised by
+    :func:`_quantised_sum`. Such rows add
     nothing to COUNT(clamp(x)) nor to any sum of it (the clamped value is NULL), so on the
     remaining rows ``nvals = COUNT(*)`` and the sums are the same integers as in the general
     form: the statistics, their sensitivity (a person still has at most K truncated rows) and
@@ -197,19 +241,18 @@ def row_stats_sql(plan: QueryPlan, min_rows: int | None = None,
             stats.append("COUNT(*)")
             names.append(f"nvals{i}")
             if agg.kind in ("sum", "avg", "variance", "stddev"):
-                q = _quantised_finite("x", agg.lower, agg.upper, mech.sum_grid(agg),
-                                      mech.row_bound(agg))
-                stats.append(f"SUM({q})")
+                stats.append(_quantised_sum(plan, "x", agg.lower, agg.upper,
+                                            mech.sum_grid(agg), mech.row_bound(agg)))
                 names.append(f"sum{i}")
             if agg.kind in ("variance", "stddev"):
                 v = _clamp_finite("x", agg.lower, agg.upper)
-                stats.append(_q_sum(f"{v} * {v}", mech.sq_grid(agg),
-                                    mech.row_bound(agg, squared=True)))
+                stats.append(_rounded_sum(plan, f"{v} * {v}", mech.sq_grid(agg),
+                                          mech.row_bound(agg, squared=True)))
                 names.append(f"sumsq{i}")
         inner = ", ".join([*_key_cols(plan), f"{x_sql} AS x"])
         outer = ", ".join([*gs, *stats])
         sql = (f"SELECT {outer} FROM (SELECT {inner} FROM {plan.join_sql} WHERE {where}) "
-               f"AS _spe_rows WHERE x IS NOT NULL AND NOT isnan(x){_group_by(plan)}")
+               f"AS _spe_rows WHERE {NUMBER_ROWS}{_group_by(plan)}")
         return sql + _bounded(min_rows, limit), names
     inputs_sql: list[str] = []
     clamped: list[str] = []

@@ -131,11 +131,13 @@ def compile_plan(select: exp.Select, meta: DatasetMetadata, terms: PermitTerms, 
                      f"({work:,}) exceed {MAX_PLAN_WORK:,}",
                      "group by fewer or coarser keys, or ask for fewer quantiles")
     post = _compile_post(select, ctx, aggregates, keys, key_nodes)
+    person_rows = [ctx.table_meta(r).row_count for r in ctx.refs if r.person_level]
     return QueryPlan(
         dataset=meta.name, tables=tuple(ctx.refs), join_sql=join_sql, truncation_sql=trunc,
         where_sql=where_sql, keys=tuple(keys), aggregates=tuple(aggregates),
         columns=tuple(columns), post=post, rows_per_person=k_total, groups_per_person=m,
         epsilon=float(epsilon), delta=float(delta),
+        max_rows=k_total * min(person_rows) if person_rows else None,
     )
 
 

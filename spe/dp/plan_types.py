@@ -14,7 +14,6 @@ from spe.dp.sqltext import quote_ident
 __all__ = ["AggKind", "Aggregate", "GroupKey", "PostStep", "QueryPlan", "TableRef"]
 
 
-
 @dataclass(frozen=True)
 class TableRef:
     alias: str  # generated alias t0, t1, ...
@@ -75,6 +74,10 @@ class QueryPlan:
     epsilon: float
     delta: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Upper bound on the truncated (joined) rows any statistic reads, from metadata: K times
+    #: the fewest rows of a person-level table (a person has at most K joined rows and appears
+    #: in every person-level table). None when unknown.
+    max_rows: int | None = None
 
     @property
     def public_keys(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -11,7 +12,7 @@ import pytest
 from spe.config import Settings
 from spe.datasets.metadata import DatasetMetadata
 from spe.dp import duck
-from spe.dp.engine import distinct_sql, needs_row_stats, row_stats_sql
+from spe.dp.engine import NUMBER_ROWS, distinct_sql, needs_row_stats, row_stats_sql
 from spe.dp.runner import prepare
 from spe.dp.testing import make_dataset, make_terms
 
@@ -109,13 +110,21 @@ HOSTILE = ("INSERT INTO _measurement SELECT 900000 + i, 900000 + i, 1 + i % 7, 3
     "SELECT measurement_concept_id, VARIANCE(value_as_number / 2) FROM measurement "
     "GROUP BY 1",
 ])
-def test_one_pass_stats_equal_the_clamped_reference(tmp_path: Path, sql: str) -> None:
+@pytest.mark.parametrize("double_sums", [True, False])
+def test_one_pass_stats_equal_the_clamped_reference(tmp_path: Path, sql: str,
+                                                     double_sums: bool) -> None:
     """The one-pass form (NULL/NaN rows filtered, clamp by comparisons) gives the same
-    integers as the reference: COUNT and quantised sums of clamp_sql over truncated rows."""
+    integers as the reference: COUNT and quantised sums of clamp_sql over truncated rows,
+    whether the quantised values are summed as DOUBLE (rows bounded by the plan) or as
+    integers (no bound)."""
     meta = make_dataset(tmp_path / "d.duckdb", persons=60, extra_sql=HOSTILE)
     plan = _plan(meta, sql, max_rows_per_person=50)  # every hostile row is kept
+    assert plan.max_rows == 50 * meta.tables["measurement"].row_count
+    if not double_sums:
+        plan = replace(plan, max_rows=None)
     stats_sql, names = row_stats_sql(plan)
-    assert "rows" not in names and "isnan(x)" in stats_sql  # the one-pass form is used
+    assert "rows" not in names and NUMBER_ROWS in stats_sql  # the one-pass form is used
+    assert ("CAST(round(" not in stats_sql.split(" FROM ")[0]) == double_sums
     con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
     nk = len(plan.keys)
     got = {tuple(r[:nk]): dict(zip(names, r[nk:], strict=True))
