@@ -154,10 +154,17 @@ class Settings(BaseSettings):
         "policy sets max_files. Enforced: a further upload is refused (409).",
     )
     airlock_max_bytes: int = Field(
-        16_000_000, ge=1024,
+        256_000_000, ge=1024,
         description="Most bytes the files of one export request may hold together, unless the "
-        "permit's export policy sets max_bytes. Enforced at upload (413); one upload is also "
-        "bounded by max_request_bytes.",
+        "permit's export policy sets max_bytes. Enforced at upload (413, audited), while the "
+        "file streams in.",
+    )
+    airlock_max_file_bytes: int = Field(
+        128_000_000, ge=1024,
+        description="Most bytes one exported file may hold (a 100 MB CSV fits). Enforced on the "
+        "upload route, which alone is exempt from max_request_bytes: a larger declared "
+        "Content-Length is refused at once, a chunked body is cut at the limit (413, "
+        "audited); the file streams to quarantine, never held in memory.",
     )
     airlock_max_rows: int = Field(
         5000, ge=1,

@@ -5,7 +5,10 @@ Contract
 * ``POST   /exports``                         researcher: open a draft (justification, DP
   release receipts as the query API returned them).
 * ``POST   /exports/{id}/files?name=``        researcher: the file's bytes as the body
-  (``application/octet-stream``) into quarantine; SHA-256 and size recorded and returned.
+  (``application/octet-stream``) streamed into quarantine while hashed; SHA-256 and size
+  recorded and returned. This route alone takes bodies past ``max_request_bytes`` (up to
+  ``airlock_max_file_bytes``, see ``spe.api.middleware.StreamedRoute``); the permit's limits
+  are checked before the first byte is read and again when the file is recorded.
 * ``DELETE /exports/{id}/files/{file_id}``    researcher: remove a file from a draft.
 * ``POST   /exports/{id}/submit|withdraw|revise`` researcher: state changes.
 * ``POST   /exports/{id}/votes``              hospital admin other than the requester.
@@ -15,8 +18,9 @@ Contract
 
 Every route is an :class:`~spe.api.routing.AuditedRoute` (refusals audited); the service
 audits every act. At start the router subscribes to the permit event stream (suspended,
-revoked, expired: open requests are rejected), closes requests of permits that ended while
-the API was down, and starts the durable follower of the event outbox
+revoked, expired: open requests are rejected), finishes or removes uploads a crash
+interrupted (``Quarantine.sweep``), closes requests of permits that ended while the API was
+down, and starts the durable follower of the event outbox
 (``spe.airlock.follower``) for changes made by other processes.
 """
 
@@ -35,10 +39,12 @@ from starlette.concurrency import run_in_threadpool
 from permits import events
 from spe.airlock.follower import EventFollower
 from spe.airlock.service import AirlockService
+from spe.airlock.storage import CHUNK
 from spe.api.deps import AppStateDep, CurrentPrincipal, PermitId
 from spe.api.problems import problem_responses
 from spe.api.routing import AuditedRoute
 from spe.api.state import AppState, StateKey
+from spe.errors import PayloadTooLarge
 
 AIRLOCK_SERVICE: StateKey[AirlockService] = StateKey("airlock.service")
 ENDING = frozenset({events.EventKind.SUSPENDED, events.EventKind.REVOKED,
@@ -60,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     unsubscribe = events.subscribe(on_event)
     follower = EventFollower(service)
     try:
+        await run_in_threadpool(service.sweep_quarantine)
         await run_in_threadpool(service.close_ended)
         follower.start()
         yield
@@ -76,6 +83,8 @@ FileName = Annotated[str, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", ma
                                description="A display name (the kind is decided from the "
                                "content, never from this name).")]
 _BASE = "/v1/permits/{permit_id}/exports"
+#: The upload route's path, streamed past the API-wide body limit (``spe.api.app``).
+UPLOAD_PATH = re.compile(r"/v1/permits/[^/]+/exports/[0-9a-f]{32}/files")
 _ERRORS = problem_responses(401, 403, 404, 409, 413, 422)
 
 
@@ -140,18 +149,39 @@ def get_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: Permi
 @router.post(_BASE + "/{export_id}/files", name="airlock.upload",
              operation_id="uploadExportFile", status_code=201,
              summary="Upload a file's bytes into quarantine",
-             description="The body is the file (application/octet-stream), at most "
-             "max_request_bytes; `name` is for display only. Its SHA-256 and size are recorded; "
-             "it never changes again.",
+             description="The body is the file (application/octet-stream), streamed to "
+             "quarantine: at most airlock_max_file_bytes and what the request's byte limit "
+             "leaves (the API-wide max_request_bytes does not apply here); `name` is for "
+             "display only. Its SHA-256 and size are recorded; it never changes again.",
              responses=_ERRORS,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/octet-stream": {"schema": {"type": "string",
                                                          "format": "binary"}}}}})
 async def upload_file(request: Request, state: AppStateDep, principal: CurrentPrincipal,
                       permit_id: PermitId, export_id: ExportId, name: FileName) -> JSONResponse:
-    data = await request.body()
-    view = await run_in_threadpool(_svc(state).upload, principal, permit_id, export_id,
-                                   name, data)
+    svc = _svc(state)
+    limit = await run_in_threadpool(svc.upload_limit, principal, permit_id, export_id)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The file is larger than the {limit} bytes this request can "
+                              "still take.")
+    staged = await run_in_threadpool(svc.stage, export_id, limit)
+    try:
+        pending = bytearray()
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= CHUNK:
+                await run_in_threadpool(staged.write, bytes(pending))
+                pending.clear()
+        if pending:
+            await run_in_threadpool(staged.write, bytes(pending))
+        view = await run_in_threadpool(svc.record_upload, principal, permit_id, export_id,
+                                       name, staged)
+    except OverflowError:
+        raise PayloadTooLarge(f"The file is larger than the {limit} bytes this request can "
+                              "still take.") from None
+    finally:
+        await run_in_threadpool(staged.discard)  # a no-op once published
     return _json(view, 201)
 
 

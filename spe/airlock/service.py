@@ -34,7 +34,7 @@ from permits.terms import PermitStatus, PermitTerms
 from spe.airlock import checks as chk
 from spe.airlock.models import ExportFile, ExportRelease, ExportRequest, ExportVote
 from spe.airlock.states import OPEN, State, check
-from spe.airlock.storage import Quarantine
+from spe.airlock.storage import Quarantine, Staged
 from spe.audit import AuditAction, AuditEvent, Outcome, record
 from spe.auth.principal import SYSTEM, Principal, Role
 from spe.config import Settings
@@ -147,35 +147,84 @@ class AirlockService:
                 e.max_bytes or self.settings.airlock_max_bytes,
                 e.max_rows or self.settings.airlock_max_rows)
 
-    def upload(self, principal: Principal, permit_id: str, request_id: str, name: str,
-               data: bytes) -> dict[str, Any]:
-        file_id = uuid.uuid4().hex
-        digest = chk.sha256(data)
+    def _room(self, terms: PermitTerms, req: ExportRequest, files: list[ExportFile]) -> int:
+        """Bytes one more file of ``req`` may hold; raises when it can take no file."""
+        self._check_usable(terms)
+        check(State(req.state), State.SUBMITTED)  # only a draft takes files
+        max_files, max_bytes, _rows = self._limits(terms)
+        if len(files) >= max_files:
+            raise Conflict(f"This request already has {len(files)} files, the most the "
+                           f"permit allows ({max_files}). Submit it and open another.")
+        room = min(self.settings.airlock_max_file_bytes,
+                   max_bytes - sum(f.size for f in files))
+        if room <= 0:
+            raise PayloadTooLarge(f"The request's files already hold the {max_bytes} bytes "
+                                  "the permit allows.")
+        return room
+
+    def upload_limit(self, principal: Principal, permit_id: str, request_id: str) -> int:
+        """Authorise an upload before its bytes arrive: the most bytes the file may hold
+        (``airlock_max_file_bytes`` and what the request's byte limit leaves)."""
         with self.db.write() as s:
             terms, req = self._own(s, principal, permit_id, request_id)
-            self._check_usable(terms)
-            check(State(req.state), State.SUBMITTED)  # only a draft takes files
-            files = self._files(s, req.id)
-            max_files, max_bytes, _rows = self._limits(terms)
-            if len(files) >= max_files:
-                raise Conflict(f"This request already has {len(files)} files, the most the "
-                               f"permit allows ({max_files}). Submit it and open another.")
-            total = sum(f.size for f in files) + len(data)
-            if total > max_bytes:
-                raise PayloadTooLarge(f"The request's files would hold {total} bytes, more "
-                                      f"than the {max_bytes} the permit allows.")
-            if not data:
+            return self._room(terms, req, self._files(s, req.id))
+
+    def stage(self, request_id: str, limit: int) -> Staged:
+        """A quarantine file for an upload of at most ``limit`` bytes (call
+        :meth:`upload_limit` first); :meth:`record_upload` or ``discard`` it."""
+        return self.quarantine.stage(request_id, uuid.uuid4().hex, limit)
+
+    def record_upload(self, principal: Principal, permit_id: str, request_id: str, name: str,
+                      staged: Staged) -> dict[str, Any]:
+        """Record a fully staged file (limits checked again under the request's lock) with
+        its audit entry; the file takes its final name only after the commit. The caller
+        discards ``staged`` if this raises."""
+        file_id = staged.final.name
+        with self.db.write() as s:
+            terms, req = self._own(s, principal, permit_id, request_id)
+            room = self._room(terms, req, self._files(s, req.id))
+            if staged.size > room:
+                raise PayloadTooLarge(f"The file holds more than the {room} bytes this "
+                                      "request can still take.")
+            if not staged.size:
                 raise Conflict("The file is empty.")
-            self.quarantine.put(req.id, file_id, data)
-            row = ExportFile(id=file_id, request_id=req.id, name=name, sha256=digest,
-                             size=len(data))
+            staged.seal()
+            row = ExportFile(id=file_id, request_id=req.id, name=name, sha256=staged.sha256,
+                             size=staged.size)
             s.add(row)
             req.updated_at = utcnow()
             s.flush()
             self._audit(s, principal, AuditAction.AIRLOCK_UPLOAD, permit_id, req.id,
-                        {"file_id": file_id, "name": name, "sha256": digest,
-                         "size": len(data), "workspace": principal.workspace_id})
-            return _file_view(row)
+                        {"file_id": file_id, "name": name, "sha256": staged.sha256,
+                         "size": staged.size, "workspace": principal.workspace_id})
+            view = _file_view(row)
+        staged.publish()
+        return view
+
+    def upload(self, principal: Principal, permit_id: str, request_id: str, name: str,
+               data: bytes) -> dict[str, Any]:
+        """:meth:`upload_limit`, :meth:`stage` and :meth:`record_upload` for bytes in hand."""
+        limit = self.upload_limit(principal, permit_id, request_id)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"The file holds more than the {limit} bytes this request "
+                                  "can still take.")
+        staged = self.stage(request_id, limit)
+        try:
+            staged.write(data)
+            return self.record_upload(principal, permit_id, request_id, name, staged)
+        finally:
+            staged.discard()  # a no-op once published
+
+    def sweep_quarantine(self) -> tuple[int, int]:
+        """Finish uploads a crash interrupted (see :meth:`Quarantine.sweep`)."""
+        with self.db.read() as s:
+            known = {(r, f) for r, f in s.execute(
+                select(ExportFile.request_id, ExportFile.id))}
+        published, deleted = self.quarantine.sweep(lambda r, f: (r, f) in known)
+        if published or deleted:
+            logger.info("quarantine swept", extra={"fields": {"published": published,
+                                                              "deleted": deleted}})
+        return published, deleted
 
     def remove_file(self, principal: Principal, permit_id: str, request_id: str,
                     file_id: str) -> None:

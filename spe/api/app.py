@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 import spe
 from spe.api import docs, problems
-from spe.api.middleware import RequestContextMiddleware
+from spe.api.middleware import RequestContextMiddleware, StreamedRoute
 from spe.api.routers import health
 from spe.api.state import AppState
 from spe.config import Settings, get_settings
@@ -29,7 +29,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     problems.install(app)
     docs.install(app)
 
-    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes,
+                       streamed=_streamed_routes(settings))
 
     app.include_router(health.router)
     for router in _package_routers():
@@ -49,6 +50,13 @@ def _document(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _streamed_routes(settings: Settings) -> list[StreamedRoute]:
+    """Routes that take large bodies as a stream, each with its own limit."""
+    from spe.airlock import api as airlock_api
+
+    return [StreamedRoute("POST", airlock_api.UPLOAD_PATH, settings.airlock_max_file_bytes)]
 
 
 def _package_routers() -> list:  # type: ignore[type-arg]

@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,10 +230,12 @@ class Client:
         for item in items:
             path = Path(item)
             name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)
-            self._exports("POST", f"/{request['id']}/files",
-                          params={"name": name.lstrip("._-")[:100] or "file"},
-                          content=path.read_bytes(),
-                          headers={"Content-Type": "application/octet-stream"})
+            with path.open("rb") as fh:  # streamed, never read whole into memory
+                self._exports("POST", f"/{request['id']}/files",
+                              params={"name": name.lstrip("._-")[:100] or "file"},
+                              content=iter(partial(fh.read, 1 << 20), b""),
+                              headers={"Content-Type": "application/octet-stream",
+                                       "Content-Length": str(path.stat().st_size)})
         if not submit:
             return self._exports("GET", f"/{request['id']}")  # type: ignore[no-any-return]
         return self._exports("POST", f"/{request['id']}/submit")  # type: ignore[no-any-return]

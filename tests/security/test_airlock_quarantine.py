@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -47,3 +48,28 @@ def test_links_are_not_followed(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         q.put(rid, fid, b"x")
     assert target.read_bytes() == b"not quarantined"
+
+
+def test_staged_upload_and_start_sweep(tmp_path: Path) -> None:
+    """A staged file is invisible under its final name until published; the start sweep
+    publishes what the database recorded and deletes the rest (after the grace period)."""
+    q = Quarantine(tmp_path / "q")
+    rid, kept, lost, fresh = (uuid.uuid4().hex for _ in range(4))
+    for fid in (kept, lost, fresh):
+        staged = q.stage(rid, fid, 10)
+        staged.write(b"abc")
+        with pytest.raises(OverflowError):
+            staged.write(b"x" * 8)
+        staged.seal()
+        assert not q.exists(rid, fid)
+    old = time.time() - 7200
+    for fid in (kept, lost):
+        os.utime(tmp_path / "q" / rid / f"{fid}.part", (old, old))
+    assert q.sweep(lambda r, f: f == kept) == (1, 1)
+    assert q.get(rid, kept) == b"abc"
+    assert not (tmp_path / "q" / rid / f"{lost}.part").exists()
+    assert (tmp_path / "q" / rid / f"{fresh}.part").exists()  # maybe in flight elsewhere
+    staged = q.stage(rid, uuid.uuid4().hex, 10)
+    staged.write(b"a")
+    staged.discard()
+    assert sorted(p.name for p in (tmp_path / "q" / rid).iterdir()) == [kept, f"{fresh}.part"]
