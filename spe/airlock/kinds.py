@@ -36,6 +36,10 @@ _IMAGES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a",
            (b"GIF89a", "gif"), (b"%PDF-", "pdf"))
 
 
+#: Bytes of a text file that decide its kind (the table parser then reads them all).
+SAMPLE = 65536
+
+
 @dataclass(frozen=True)
 class Sniffed:
     kind: str
@@ -75,8 +79,8 @@ def _safetensors(data: bytes) -> bool:
 def _delimited(text: str) -> str | None:
     """'csv' or 'tsv' when ``text`` parses as a table of at least two columns and one data
     row with the same number of fields on every line; None otherwise."""
-    if len(text) > 65536:  # a sample decides the dialect; the table parse reads it all
-        text = text[:65536].rsplit("\n", 1)[0]
+    if len(text) > SAMPLE:  # a sample decides the dialect; the table parse reads it all
+        text = text[:SAMPLE].rsplit("\n", 1)[0]
     if len(text.splitlines()) < 2:
         return None
     for delimiter, kind in ((",", "csv"), ("\t", "tsv")):
@@ -121,14 +125,13 @@ def sniff(data: bytes) -> Sniffed:
         return Sniffed("safetensors")
     if b"\x00" in data:
         return Sniffed("unknown")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
+    text = _head_text(data)
+    if text is None:
         return Sniffed("unknown")
     stripped = text.lstrip("\ufeff \t\r\n")
     if stripped.startswith(("{", "[")):
         try:
-            doc = json.loads(stripped)
+            doc = json.loads(data.decode("utf-8").lstrip("\ufeff \t\r\n"))
         except ValueError:
             doc = None
         if doc is not None:
@@ -140,5 +143,24 @@ def sniff(data: bytes) -> Sniffed:
         return Sniffed("unknown")
     table = _delimited(text)
     if table is not None:
-        return Sniffed(table)
+        return Sniffed(table)  # the table parser reads (and validates) every byte
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Sniffed("unknown")
     return Sniffed("txt")
+
+
+def _head_text(data: bytes) -> str | None:
+    """The first ``SAMPLE`` bytes as text, ending at a line end when the file is longer;
+    None when they are not UTF-8."""
+    head = data[:SAMPLE]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if len(data) <= SAMPLE or err.start < SAMPLE - 3:
+            return None
+        text = head[:err.start].decode("utf-8")  # a character cut by the sample's end
+    if len(data) > SAMPLE:
+        text = text.rsplit("\n", 1)[0]
+    return text

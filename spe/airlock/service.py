@@ -279,8 +279,8 @@ class AirlockService:
             if rel.kind in ("csv", "tsv", "parquet"):
                 try:
                     data = self.quarantine.get(rel.request_id, rel.file_id)
-                    tables.append(chk.ReleasedTable(rel.request_id, rel.file_id,
-                                                    chk.read_table(data, rel.kind)))
+                    tables.append(chk.ReleasedTable(rel.request_id, rel.file_id, chk.read_table(
+                        data, rel.kind, self.quarantine.path(rel.request_id, rel.file_id))))
                 except (OSError, ValueError):
                     logger.warning("released table unreadable for differencing",
                                    extra={"fields": {"file_id": rel.file_id}})
@@ -299,7 +299,7 @@ class AirlockService:
                     "integrity", chk.FAIL, "The quarantined bytes no longer match the hash "
                     "recorded at upload; an operator must investigate.", blocking=True),))
             else:
-                verdict = chk.check_file(data, ctx)
+                verdict = chk.check_file(data, ctx, self.quarantine.path(req.id, f.id))
             f.kind, f.outcome = verdict.kind, verdict.outcome
             f.checks = [c.as_dict() for c in verdict.checks]
             verdicts.append(verdict)
