@@ -71,6 +71,7 @@ class FileKind(StrEnum):
     JPEG = "jpeg"
     SVG = "svg"
     PDF = "pdf"
+    XLSX = "xlsx"
 
 
 DEFAULT_FILE_KINDS = [FileKind.CSV, FileKind.PARQUET, FileKind.PNG, FileKind.PDF, FileKind.TXT]

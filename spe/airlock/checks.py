@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spe.airlock import kinds, sdc
+from spe.airlock import kinds, sdc, xlsx
 from spe.dp import receipt as receipts
 
 Outcome = Literal["pass", "fail", "needs_review"]
@@ -93,7 +93,7 @@ class FileVerdict:
 # Permit kinds (permits.schemas.FileKind) that each sniffed kind satisfies.
 _PERMIT_KIND = {"csv": "csv", "tsv": "tsv", "parquet": "parquet", "json": "json",
                 "txt": "txt", "md": "txt", "png": "png", "jpeg": "jpeg", "svg": "svg",
-                "pdf": "pdf"}
+                "pdf": "pdf", "xlsx": "xlsx"}
 
 _ID_NAME = re.compile(
     r"^(?:(?:person|patient|subject|participant|visit_occurrence|visit|provider|care_site)"
@@ -414,6 +414,40 @@ def check_acro_evidence(data: bytes) -> Check | None:
 
 # The whole file ---------------------------------------------------------------------------
 
+def read_tables(data: bytes, kind: str, path: Path | None = None) -> dict[str, pa.Table]:
+    """The tables of a file: one (named "") for CSV, TSV and Parquet, one per sheet for XLSX;
+    raises ValueError when it does not parse."""
+    if kind == "xlsx":
+        return xlsx.sheets(data)
+    return {"": read_arrow(data, kind, path)}
+
+
+def _check_table(table: pa.Table, ctx: Context, receipt: Check | None) -> list[Check]:
+    out: list[Check] = []
+    rows = table.num_rows
+    if rows > ctx.max_rows:
+        out.append(Check("rows", FAIL, f"{rows} rows, more than the {ctx.max_rows} "
+                         "this permit allows: export aggregates, not row-level data.",
+                         blocking=True, details={"rows": rows}))
+    else:
+        out.append(Check("rows", PASS, f"{rows} rows (limit {ctx.max_rows}).",
+                         details={"rows": rows}))
+    out.append(check_encoded(table))
+    if receipt is None or receipt.outcome != PASS:
+        out.extend(check_identifiers(table))
+        out.extend(check_disclosure(table, ctx))
+        out.append(check_differencing(table, ctx))
+    return out
+
+
+def _in_sheet(sheet: str, found: list[Check]) -> list[Check]:
+    """A workbook sheet's checks name the sheet (a plain table's are unchanged)."""
+    if not sheet:
+        return found
+    return [Check(c.name, c.outcome, f"Sheet {sheet[:31]}: {c.reason}", c.blocking,
+                  {**c.details, "sheet": sheet[:31]}) for c in found]
+
+
 def check_file(data: bytes, ctx: Context, path: Path | None = None) -> FileVerdict:
     """Check ``data``; ``path``, when given, holds the same bytes on disk (the quarantine
     file) for the table parser to read directly."""
@@ -430,25 +464,14 @@ def check_file(data: bytes, ctx: Context, path: Path | None = None) -> FileVerdi
         results.append(seen)
     if sniffed.kind in kinds.TABLE_KINDS:
         try:
-            table = read_arrow(data, sniffed.kind, path)
+            tables = read_tables(data, sniffed.kind, path)
         except ValueError:
             results.append(Check("table_parse", FAIL, f"The file looks like {sniffed.kind} but "
                                  "does not parse as a table with the same columns on every "
                                  "row.", blocking=True))
             return FileVerdict(sniffed.kind, FAIL, tuple(results))
-        rows = table.num_rows
-        if rows > ctx.max_rows:
-            results.append(Check("rows", FAIL, f"{rows} rows, more than the {ctx.max_rows} "
-                                 "this permit allows: export aggregates, not row-level data.",
-                                 blocking=True, details={"rows": rows}))
-        else:
-            results.append(Check("rows", PASS, f"{rows} rows (limit {ctx.max_rows}).",
-                                 details={"rows": rows}))
-        results.append(check_encoded(table))
-        if receipt is None or receipt.outcome != PASS:
-            results.extend(check_identifiers(table))
-            results.extend(check_disclosure(table, ctx))
-            results.append(check_differencing(table, ctx))
+        for sheet, table in tables.items():
+            results.extend(_in_sheet(sheet, _check_table(table, ctx, receipt)))
     elif receipt is None or receipt.outcome != PASS:
         evidence = check_acro_evidence(data) if sniffed.kind == "json" else None
         if evidence is not None:

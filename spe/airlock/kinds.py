@@ -4,7 +4,8 @@ Contract: :func:`sniff` looks at a file's bytes (magic numbers, then a real pars
 a :class:`Sniffed` with the ``kind`` and, for refused content, ``refused`` set to why. Archives
 (zip, gzip, bzip2, xz, 7z, rar, tar), executables (ELF, PE, Mach-O, scripts with ``#!``),
 pickles (and PyTorch checkpoints, NumPy arrays) and notebooks with outputs are refused whatever
-their name. XLSX is a zip and is refused as an archive until it can be parsed safely.
+their name. A zip that is an XLSX workbook (``spe.airlock.xlsx``) is a table when it holds
+plain cells only, refused when it carries macros, external links or embedded objects.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 
 #: Kinds the airlock can name (a superset of ``permits.schemas.FileKind``).
-TABLE_KINDS = frozenset({"csv", "tsv", "parquet"})
+TABLE_KINDS = frozenset({"csv", "tsv", "parquet", "xlsx"})
 REVIEW_KINDS = frozenset({"png", "jpeg", "gif", "pdf", "svg", "txt", "md", "json", "notebook",
                           "safetensors", "unknown"})
 
@@ -109,6 +110,12 @@ def _notebook(doc: object) -> Sniffed | None:
 
 def sniff(data: bytes) -> Sniffed:
     """The kind of ``data`` from its content (see the module docstring)."""
+    if data.startswith(b"PK\x03\x04"):
+        from spe.airlock import xlsx  # it imports this module
+
+        book = xlsx.inspect(data)
+        if book is not None:
+            return Sniffed("xlsx", book.refused)
     bad = dangerous(data)
     if bad is not None:
         return Sniffed(bad.split(" ")[0].lower(), f"{bad} content is never exported")

@@ -276,11 +276,14 @@ class AirlockService:
             ExportRelease.permit_id == terms.permit_id)).scalars().all()
         tables = []
         for rel in released:
-            if rel.kind in ("csv", "tsv", "parquet"):
+            if rel.kind in ("csv", "tsv", "parquet", "xlsx"):
                 try:
                     data = self.quarantine.get(rel.request_id, rel.file_id)
-                    tables.append(chk.ReleasedTable(rel.request_id, rel.file_id, chk.read_table(
-                        data, rel.kind, self.quarantine.path(rel.request_id, rel.file_id))))
+                    for sheet, table in chk.read_tables(data, rel.kind, self.quarantine.path(
+                            rel.request_id, rel.file_id)).items():
+                        tables.append(chk.ReleasedTable(
+                            rel.request_id, rel.file_id + (f" sheet {sheet}" if sheet else ""),
+                            table.to_pandas()))
                 except (OSError, ValueError):
                     logger.warning("released table unreadable for differencing",
                                    extra={"fields": {"file_id": rel.file_id}})
