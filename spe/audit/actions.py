@@ -89,6 +89,7 @@ class AuditAction(StrEnum):
     AIRLOCK_RELEASE = "airlock.release"
     AIRLOCK_CLOSE = "airlock.close"
     AIRLOCK_DOWNLOAD = "airlock.download"
+    AIRLOCK_PURGE = "airlock.purge"
     # the audit log itself
     AUDIT_READ = "audit.read"
     AUDIT_KEYS = "audit.keys"
@@ -182,6 +183,9 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.AIRLOCK_CLOSE: "open export requests were rejected because their permit ended "
     "or was suspended",
     AuditAction.AIRLOCK_DOWNLOAD: "a released file was downloaded (or the download refused)",
+    AuditAction.AIRLOCK_PURGE: "quarantined bytes of a rejected, withdrawn or closed export "
+    "request (or its unreleased files) were deleted after the retention period; the records "
+    "and hashes stay",
     AuditAction.AUDIT_READ: "audit entries were read through the API (the filters are "
     "recorded, not the entries)",
     AuditAction.AUDIT_KEYS: "the public checkpoint keys were listed",
