@@ -166,6 +166,20 @@ class Settings(BaseSettings):
         "Content-Length is refused at once, a chunked body is cut at the limit (413, "
         "audited); the file streams to quarantine, never held in memory.",
     )
+    airlock_retention_days: float = Field(
+        180.0, ge=0, le=3650,
+        description="Days the quarantined bytes of export files that were not released (the "
+        "request rejected, withdrawn or closed with its permit, or the file refused by the "
+        "reviewers) are kept after the request's last change. Enforced: the API's purge "
+        "(every airlock_purge_interval_seconds) deletes them, audited as airlock.purge; the "
+        "requests, files' hashes and sizes and the audit entries stay; released files are "
+        "kept for the ledger (differencing reads them).",
+    )
+    airlock_purge_interval_seconds: float = Field(
+        3600.0, ge=0, le=86400,
+        description="How often the API deletes quarantined files past airlock_retention_days. "
+        "Enforced by a background task of the API; 0 turns it off.",
+    )
     airlock_max_rows: int = Field(
         5000, ge=1,
         description="Most rows a table in an export may have, unless the permit's export policy "

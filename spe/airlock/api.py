@@ -20,12 +20,16 @@ Every route is an :class:`~spe.api.routing.AuditedRoute` (refusals audited); the
 audits every act. At start the router subscribes to the permit event stream (suspended,
 revoked, expired: open requests are rejected), finishes or removes uploads a crash
 interrupted (``Quarantine.sweep``), closes requests of permits that ended while the API was
-down, and starts the durable follower of the event outbox
+down, deletes quarantined files past their retention (now and every
+``airlock_purge_interval_seconds``: ``AirlockService.purge_expired``), and starts the durable
+follower of the event outbox
 (``spe.airlock.follower``) for changes made by other processes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +50,7 @@ from spe.api.routing import AuditedRoute
 from spe.api.state import AppState, StateKey
 from spe.errors import PayloadTooLarge
 
+logger = logging.getLogger("spe.airlock")
 AIRLOCK_SERVICE: StateKey[AirlockService] = StateKey("airlock.service")
 ENDING = frozenset({events.EventKind.SUSPENDED, events.EventKind.REVOKED,
                     events.EventKind.EXPIRED})
@@ -65,14 +70,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     unsubscribe = events.subscribe(on_event)
     follower = EventFollower(service)
+    purger: asyncio.Task[None] | None = None
     try:
         await run_in_threadpool(service.sweep_quarantine)
         await run_in_threadpool(service.close_ended)
         follower.start()
+        interval = app.state.spe.settings.airlock_purge_interval_seconds
+        if interval > 0:
+            purger = asyncio.create_task(_purge_every(service, interval))
         yield
     finally:
         unsubscribe()
         follower.stop()
+        if purger is not None:
+            purger.cancel()
+
+
+async def _purge_every(service: AirlockService, interval: float) -> None:
+    """Delete quarantined files past their retention now and every ``interval`` seconds."""
+    while True:
+        try:
+            await run_in_threadpool(service.purge_expired)
+        except Exception:  # the next round tries again; the API stays up
+            logger.exception("airlock purge failed")
+        await asyncio.sleep(interval)
 
 
 router = APIRouter(route_class=AuditedRoute, tags=["exports"], lifespan=lifespan)

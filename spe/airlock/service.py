@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import select
@@ -501,6 +502,37 @@ class AirlockService:
             permits = sorted(set(s.execute(select(ExportRequest.permit_id).where(
                 ExportRequest.state.in_([st.value for st in OPEN]))).scalars()))
         return sum(self.close_for_permit(p) for p in permits)
+
+    # -- retention -------------------------------------------------------------------------
+    def purge_expired(self, now: datetime | None = None) -> int:
+        """Delete the quarantined bytes of files that were not released, once their request
+        (rejected, withdrawn, closed, or released without them) has not changed for
+        ``airlock_retention_days``. Each request's deletion is audited (``airlock.purge``,
+        every file's id, hash and size) and committed before the bytes go; rows, hashes and
+        released files stay (the ledger). Returns the number of files deleted."""
+        cutoff = (now or utcnow()) - timedelta(days=self.settings.airlock_retention_days)
+        finished = [State.REJECTED.value, State.WITHDRAWN.value, State.RELEASED.value]
+        doomed: list[tuple[str, str]] = []
+        with self.db.write() as s:
+            rows = s.execute(select(ExportRequest).where(
+                ExportRequest.state.in_(finished), ExportRequest.updated_at < cutoff)
+                .order_by(ExportRequest.updated_at)).scalars().all()
+            for req in rows:
+                released = set(s.execute(select(ExportRelease.file_id).where(
+                    ExportRelease.request_id == req.id)).scalars())
+                files = [f for f in self._files(s, req.id)
+                         if f.id not in released and self.quarantine.exists(req.id, f.id)]
+                if not files:
+                    continue
+                self._audit(s, SYSTEM, AuditAction.AIRLOCK_PURGE, req.permit_id, req.id,
+                            {"state": req.state, "retention_days":
+                             self.settings.airlock_retention_days,
+                             "files": [{"file_id": f.id, "sha256": f.sha256, "size": f.size}
+                                       for f in files]})
+                doomed.extend((req.id, f.id) for f in files)
+        for request_id, file_id in doomed:
+            self.quarantine.remove(request_id, file_id)
+        return len(doomed)
 
     # -- views -----------------------------------------------------------------------------
     @staticmethod
