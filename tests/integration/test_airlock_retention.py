@@ -74,8 +74,8 @@ def test_unreleased_bytes_go_after_retention(airlock: tuple[AirlockService, str]
 
     with db.read() as s:
         rows = {f.id: f for f in s.execute(select(ExportFile)).scalars()}
-        purges = [e for e in s.execute(select(AuditEntry).where(
-            AuditEntry.action == "airlock.purge")).scalars()]
+        purges = list(s.execute(select(AuditEntry).where(
+            AuditEntry.action == "airlock.purge")).scalars())
     assert rows[w_file].sha256 and rows[refused].size > 0  # the records stay
     assert sorted(f["file_id"] for e in purges for f in e.details["files"]) == \
         sorted([w_file, refused])
