@@ -33,6 +33,8 @@ from permits.policy import check_see
 from permits.service import get_terms
 from permits.terms import PermitStatus, PermitTerms
 from spe.airlock import checks as chk
+from spe.airlock.acro_evidence import AcroResults
+from spe.airlock.acro_evidence import parse as parse_acro
 from spe.airlock.models import ExportFile, ExportRelease, ExportRequest, ExportVote
 from spe.airlock.states import OPEN, State, check
 from spe.airlock.storage import Quarantine, Staged
@@ -46,6 +48,8 @@ from spe.errors import Conflict, Forbidden, InvalidInput, NotFound, PayloadTooLa
 logger = logging.getLogger("spe.airlock")
 
 Decision = Literal["approve", "reject", "return"]
+#: Largest file read as a possible ACRO ``results.json``.
+ACRO_RESULTS_MAX = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,7 @@ class AirlockService:
                           released_hashes=frozenset(r.sha256 for r in released),
                           released_tables=tables)
         verdicts = []
+        acro = self._acro_results(req, files)
         for f in files:
             data = self.quarantine.get(req.id, f.id)
             if chk.sha256(data) != f.sha256:  # quarantine changed under us: never pass
@@ -304,6 +309,7 @@ class AirlockService:
                     "recorded at upload; an operator must investigate.", blocking=True),))
             else:
                 verdict = chk.check_file(data, ctx, self.quarantine.path(req.id, f.id))
+                verdict = _with_acro(verdict, f, files, acro)
             f.kind, f.outcome = verdict.kind, verdict.outcome
             f.checks = [c.as_dict() for c in verdict.checks]
             verdicts.append(verdict)
@@ -312,6 +318,20 @@ class AirlockService:
                          "outcome": verdict.outcome, "round": req.round,
                          "checks": {c.name: c.outcome for c in verdict.checks}})
         return verdicts
+
+    def _acro_results(self, req: ExportRequest, files: list[ExportFile]
+                      ) -> dict[str, AcroResults]:
+        """The request's ACRO ``results.json`` files (file id -> parsed), if any."""
+        found: dict[str, AcroResults] = {}
+        for f in files:
+            if f.size > ACRO_RESULTS_MAX:
+                continue
+            data = self.quarantine.get(req.id, f.id)
+            if data.lstrip()[:1] == b"{" and chk.sha256(data) == f.sha256:
+                parsed = parse_acro(data)
+                if parsed is not None:
+                    found[f.id] = parsed
+        return found
 
     def _release(self, s: Session, req: ExportRequest, files: list[ExportFile]) -> None:
         for f in files:
@@ -568,6 +588,28 @@ class AirlockService:
             "created_at": req.created_at.isoformat(), "updated_at": req.updated_at.isoformat(),
             "files": [_file_view(f) for f in files], "votes": shown,
         }
+
+
+def _with_acro(verdict: chk.FileVerdict, f: ExportFile, files: list[ExportFile],
+               acro: dict[str, AcroResults]) -> chk.FileVerdict:
+    """Add the researcher's ACRO evidence to a file's checks; the verdict stays ours."""
+    extra: list[chk.Check] = []
+    for results_id, results in acro.items():
+        if f.id == results_id:
+            missing = results.missing({g.name for g in files})
+            extra.append(chk.Check(
+                "acro_bundle", chk.REVIEW if missing else chk.PASS,
+                f"ACRO's results.json names {len(results.by_file)} files; "
+                + (f"{len(missing)} are not in this request: {', '.join(missing[:10])}."
+                   if missing else "all are in this request."),
+                details={"files": sorted(results.by_file)[:200], "missing": missing[:200]}))
+        else:
+            evidence = results.evidence(f.name)
+            if evidence is not None:
+                extra.append(evidence)
+    if not extra:
+        return verdict
+    return chk.FileVerdict(verdict.kind, verdict.outcome, verdict.checks + tuple(extra))
 
 
 def _file_view(f: ExportFile) -> dict[str, Any]:

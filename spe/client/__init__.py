@@ -19,6 +19,7 @@ raised as :class:`SPEClientError` carrying the server's problem details.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 import uuid
@@ -221,14 +222,17 @@ class Client:
                receipts: list[dict[str, Any]] | None = None, submit: bool = True
                ) -> dict[str, Any]:
         """Send files out through the airlock: their bytes go to quarantine, then (with
-        ``submit``) the automated checks run. A file saved with :func:`save_release` from a DP
-        answer is released at once when its receipt (``df.attrs["receipt"]``) is given; the
-        rest wait for reviewers. Returns the request with each file's check results."""
+        ``submit``) the automated checks run. A folder is an ACRO output folder (written by
+        ``acro.finalise(folder, "json")``): its ``results.json`` and the files it names are
+        sent, and ACRO's checks are shown to the reviewers as your evidence. A file saved with
+        :func:`save_release` from a DP answer is released at once when its receipt
+        (``df.attrs["receipt"]``) is given; the rest wait for reviewers. Returns the request
+        with each file's check results."""
         items = [paths] if isinstance(paths, str | Path) else list(paths)
+        files = [f for item in items for f in _export_files(Path(item))]
         request = self._exports("POST", json={"justification": justification,
                                               "receipts": receipts or []})
-        for item in items:
-            path = Path(item)
+        for path in files:
             name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)
             with path.open("rb") as fh:  # streamed, never read whole into memory
                 self._exports("POST", f"/{request['id']}/files",
@@ -247,6 +251,28 @@ class Client:
     def withdraw(self, export_id: str) -> dict[str, Any]:
         """Withdraw one of your export requests (before it is decided)."""
         return self._exports("POST", f"/{export_id}/withdraw")  # type: ignore[no-any-return]
+
+
+def _export_files(path: Path) -> list[Path]:
+    """``path`` itself, or for an ACRO output folder its results.json and the files it names
+    (plain names inside the folder only)."""
+    if not path.is_dir():
+        return [path]
+    results = path / "results.json"
+    if not results.is_file():
+        raise ValueError(f"{path} is a folder without an ACRO results.json: name the files")
+    doc = json.loads(results.read_text(encoding="utf-8"))
+    names: list[str] = []
+    for output in (doc.get("results") or {}).values():
+        for entry in output.get("files") or []:
+            name = str(entry.get("name", ""))
+            if name and Path(name).name == name and name not in names:
+                names.append(name)
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise ValueError(f"ACRO's results.json names files missing from {path}: "
+                         + ", ".join(missing[:5]))
+    return [results] + [path / n for n in names]
 
 
 def _problem(resp: httpx.Response) -> dict[str, Any]:
