@@ -61,7 +61,7 @@ def _quarantined(settings: Settings) -> list[Path]:
 
 def _refusals(db: Database, status: int) -> list[AuditEntry]:
     with db.read() as s:
-        return [e for e in s.execute(select(AuditEntry)).scalars()
+        return [e for e in s.execute(select(AuditEntry).order_by(AuditEntry.seq)).scalars()
                 if e.outcome == "refused" and (e.details or {}).get("status") == status]
 
 
@@ -95,7 +95,10 @@ def test_large_file_streams_in_and_limits_hold(api_client: TestClient, user_head
     r = api_client.post(f"{url}?name=over.csv", content=_chunks(over), headers=octet)
     assert r.status_code == 413, r.text
     assert r.headers["content-type"] == "application/problem+json"
-    assert len(_refusals(db, 413)) == before + 2
+    refused = _refusals(db, 413)[before:]
+    # Both cut by the middleware at the route's limit (the chunked body before the route's
+    # own counter, which writes in 1 MiB blocks, reached it), both audited.
+    assert [e.action for e in refused] == ["api.request", "api.request"], refused
     assert _quarantined(api_settings) == stored  # nothing left behind
 
     # The 1 MB limit still holds on every other route, this one's JSON sibling included.
@@ -109,7 +112,7 @@ def test_large_file_streams_in_and_limits_hold(api_client: TestClient, user_head
 
 
 def test_permit_byte_limit_refuses_before_and_while_streaming(
-        api_client: TestClient, user_headers: Headers, api_settings: Settings,
+        api_client: TestClient, user_headers: Headers, api_settings: Settings, db: Database,
         permits: PermitService) -> None:  # noqa: F811
     pid = issue(permits, export_policy={"max_bytes": 1_500_000})
     alice = user_headers("alice")
@@ -125,6 +128,8 @@ def test_permit_byte_limit_refuses_before_and_while_streaming(
                         headers=octet)
     assert r.status_code == 413
     assert len(_quarantined(api_settings)) == 1
+    # The permit's limit is the route's own: both refusals audited under airlock.upload.
+    assert [e.action for e in _refusals(db, 413)][-2:] == ["airlock.upload"] * 2
 
 
 def test_no_orphan_when_the_record_is_refused(api_client: TestClient, user_headers: Headers,
