@@ -123,7 +123,8 @@ def _previews(request: Request, view: dict[str, Any]) -> dict[str, dict[str, Any
         try:
             data = service.quarantine.get(view["id"], f["id"])
             if f["kind"] in ("csv", "tsv", "parquet"):
-                table = airlock_checks.read_table(data, f["kind"])
+                table = airlock_checks.read_table(
+                    data, f["kind"], service.quarantine.path(view["id"], f["id"]))
                 counts = set(airlock_checks.count_columns(table))
                 rows = []
                 for _, row in table.head(PREVIEW_ROWS).iterrows():
