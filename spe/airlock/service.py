@@ -552,6 +552,8 @@ class AirlockService:
                 doomed.extend((req.id, f.id) for f in files)
         for request_id, file_id in doomed:
             self.quarantine.remove(request_id, file_id)
+        for request_id in {r for r, _ in doomed}:
+            self.quarantine.prune(request_id)
         return len(doomed)
 
     # -- views -----------------------------------------------------------------------------

@@ -144,15 +144,18 @@ class Quarantine:
         return self._path(request_id, file_id).exists()
 
     def remove(self, request_id: str, file_id: str) -> bool:
-        """Delete a file (True when there was one); its request folder goes when empty."""
-        path = self._path(request_id, file_id)
+        """Delete a file (True when there was one)."""
         try:
-            path.unlink()
+            self._path(request_id, file_id).unlink()
         except FileNotFoundError:
             return False
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()
         return True
+
+    def prune(self, request_id: str) -> None:
+        """Remove a finished request's folder when it holds nothing any more."""
+        folder = self._path(request_id, "0" * 32).parent
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
     def sweep(self, known: Callable[[str, str], bool], grace_seconds: float = 3600.0
               ) -> tuple[int, int]:
