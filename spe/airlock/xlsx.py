@@ -9,8 +9,10 @@ Contract
   content type: ``.xlsm``), external links or relationships that point outside the file,
   embedded objects (OLE, ActiveX, media, drawings), any part outside the allow-list of plain
   workbook parts, any part that is itself an archive, executable or pickle, bytes before or
-  after the zip (a polyglot), or an expansion past :data:`MAX_RATIO` or :data:`MAX_EXPANDED`
-  (a zip bomb). Nothing is parsed as XML before these checks pass.
+  after the zip (a polyglot), an expansion past :data:`MAX_RATIO` or :data:`MAX_EXPANDED`
+  (a zip bomb), and text the checked cell values would not show: formulas, defined names,
+  hidden sheets, rows or columns, shared strings no cell uses. Nothing is parsed as XML
+  before these checks pass (they search the parts' bytes).
 * :func:`sheets` reads an accepted workbook with openpyxl (read-only, cached values, no
   links) into one Arrow table per sheet: the first row is the header; a column whose values
   do not share one type becomes text. Raises ValueError when it cannot be read.
@@ -31,7 +33,7 @@ MAX_RATIO = 100
 MAX_EXPANDED = 512 * 1024 * 1024
 
 _ALLOWED = re.compile(
-    r"^(?:\[Content_Types\]\.xml|_rels/\.rels|docProps/(?:app|core|custom)\.xml|"
+    r"^(?:\[Content_Types\]\.xml|_rels/\.rels|docProps/(?:app|core)\.xml|"
     r"xl/workbook\.xml|xl/_rels/workbook\.xml\.rels|xl/worksheets/sheet\d+\.xml|"
     r"xl/worksheets/_rels/sheet\d+\.xml\.rels|xl/styles\.xml|xl/sharedStrings\.xml|"
     r"xl/theme/theme\d+\.xml|xl/calcChain\.xml|xl/tables/table\d+\.xml|xl/metadata\.xml)$")
@@ -84,9 +86,46 @@ def inspect(data: bytes) -> Inspected | None:
         for name in names:
             if name.endswith(".rels") and b'TargetMode="External"' in archive.read(name):
                 return Inspected("a workbook with links to outside files or addresses")
+        hidden = _hidden_content(archive, names)
+        if hidden is not None:
+            return Inspected(hidden)
     except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
         return Inspected("a workbook whose parts cannot be read")
     return Inspected()
+
+
+_FORMULA = re.compile(rb"<(?:\w+:)?f[\s>/]")
+_DEFINED_NAME = re.compile(rb"<(?:\w+:)?definedName[\s>]")
+_HIDDEN_SHEET = re.compile(rb'\sstate="(?:hidden|veryHidden)"')
+_HIDDEN_CELLS = re.compile(rb'\shidden="(?:1|true)"')
+_SHARED = re.compile(rb"<(?:\w+:)?si[\s>]")
+_SHARED_REF = re.compile(rb'<(?:\w+:)?c\s[^>]*\bt="s"[^>]*>\s*<(?:\w+:)?v>\s*(\d+)\s*<')
+
+
+def _hidden_content(archive: zipfile.ZipFile, names: set[str]) -> str | None:
+    """Why the workbook could carry text that its cells' values do not show (formulas,
+    defined names, hidden sheets, rows or columns, shared strings no cell uses), or None.
+    Only the values are checked, so anything else must not be there."""
+    book = archive.read("xl/workbook.xml")
+    if _DEFINED_NAME.search(book):
+        return "a workbook with defined names (they can hold text): export values only"
+    if _HIDDEN_SHEET.search(book):
+        return "a workbook with hidden sheets: unhide or delete them"
+    used: set[int] = set()
+    for name in sorted(n for n in names if n.startswith("xl/worksheets/sheet")):
+        sheet = archive.read(name)
+        if _FORMULA.search(sheet):
+            return ("a workbook with formulas (their text is not checked): paste the cells "
+                    "as values and save again")
+        if _HIDDEN_CELLS.search(sheet):
+            return "a workbook with hidden rows or columns: unhide or delete them"
+        used.update(int(i) for i in _SHARED_REF.findall(sheet))
+    if "xl/sharedStrings.xml" in names:
+        count = len(_SHARED.findall(archive.read("xl/sharedStrings.xml")))
+        if used != set(range(count)):
+            return ("a workbook whose string table holds text that no cell shows: save it "
+                    "again as a new workbook with values only")
+    return None
 
 
 def _column(values: list[object]) -> pa.Array:

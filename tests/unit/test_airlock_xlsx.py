@@ -115,3 +115,55 @@ def test_mixed_column_becomes_text_and_unreadable_workbook_fails_to_parse() -> N
     verdict = check_file(broken, CTX)
     assert verdict.kind == "xlsx" and verdict.blocked
     assert [c.name for c in verdict.checks if c.outcome == "fail"] == ["table_parse"]
+
+
+def _book(edit: object) -> bytes:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for row in (["sex", "n"], ["F", 120], ["M", 130]):
+        sheet.append(row)
+    edit(book)  # type: ignore[operator]
+    buf = io.BytesIO()
+    book.save(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda b: b.active.append(["X", "=1+2"]), "formulas"),
+    (lambda b: b.defined_names.add(openpyxl.workbook.defined_name.DefinedName(
+        "note", attr_text='"row-level text"')), "defined names"),
+    (lambda b: setattr(b.create_sheet("raw"), "sheet_state", "hidden"), "hidden sheets"),
+    (lambda b: setattr(b.active.row_dimensions[2], "hidden", True), "hidden rows"),
+    (lambda b: setattr(b.active.column_dimensions["A"], "hidden", True), "hidden rows"),
+])
+def test_text_the_checked_values_would_not_show_is_refused(edit: object, why: str) -> None:
+    data = _book(edit)
+    refused = kinds.sniff(data).refused
+    assert refused is not None and why in refused
+    assert kinds.sniff(_book(lambda b: None)) == kinds.Sniffed("xlsx")
+
+
+SST_TYPE = (b'<Override PartName="/xl/sharedStrings.xml" ContentType="application/'
+            b'vnd.openxmlformats-officedocument.spreadsheetml.sharedStrings+xml"/>')
+SHEET = (b'<worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main">'
+         b'<sheetData><row r="1"><c r="A1" t="s"><v>0</v></c><c r="B1" t="s"><v>1</v></c>'
+         b'</row><row r="2"><c r="A2" t="s"><v>2</v></c><c r="B2"><v>120</v></c></row>'
+         b'</sheetData></worksheet>')
+
+
+def _sst(*strings: str) -> bytes:
+    items = "".join(f"<si><t>{s}</t></si>" for s in strings)
+    return (f'<sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" '
+            f'count="{len(strings)}" uniqueCount="{len(strings)}">{items}</sst>').encode()
+
+
+def test_shared_strings_are_read_and_unused_ones_refused() -> None:
+    plain = _book(lambda b: None)
+    ok = altered(plain, {"xl/sharedStrings.xml": _sst("sex", "n", "F")}, SST_TYPE,
+                 replace={"xl/worksheets/sheet1.xml": SHEET})
+    assert kinds.sniff(ok) == kinds.Sniffed("xlsx")
+    assert xlsx.sheets(ok)["Sheet"].to_pylist() == [{"sex": "F", "n": 120}]
+    smuggled = altered(plain, {"xl/sharedStrings.xml": _sst("sex", "n", "F", "1970-01-01 "
+                                                            "patient 4711")}, SST_TYPE,
+                       replace={"xl/worksheets/sheet1.xml": SHEET})
+    assert "no cell shows" in str(kinds.sniff(smuggled).refused)
