@@ -36,7 +36,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
@@ -256,7 +256,8 @@ def download_file(state: AppStateDep, principal: CurrentPrincipal, permit_id: Pe
                   export_id: ExportId, file_id: FileId) -> Response:
     got = _svc(state).download(principal, permit_id, export_id, file_id)
     name = _SAFE_NAME.sub("_", got.name)
-    return Response(got.data, media_type="application/octet-stream", headers={
+    return StreamingResponse(got.chunks(), media_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{name}"',
+        "Content-Length": str(got.size),
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store",
         "Digest": f"sha-256={got.sha256}"})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -54,9 +55,21 @@ ACRO_RESULTS_MAX = 10_000_000
 
 @dataclass(frozen=True)
 class Download:
+    """A released file, verified against its recorded hash; read it in chunks."""
+
     name: str
-    data: bytes
     sha256: str
+    size: int
+    quarantine: Quarantine
+    request_id: str
+    file_id: str
+
+    def chunks(self) -> Iterator[bytes]:
+        return self.quarantine.chunks(self.request_id, self.file_id)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks())
 
 
 class AirlockService:
@@ -475,12 +488,11 @@ class AirlockService:
                                "downloaded.")
             if released is None:
                 raise Conflict("The reviewers did not approve this file; it was not released.")
-            data = self.quarantine.get(req.id, row.id)
-            if chk.sha256(data) != row.sha256:
+            if self.quarantine.digest(req.id, row.id) != row.sha256:
                 raise Conflict("The file no longer matches its recorded hash; it is withheld.")
             self._audit(s, principal, AuditAction.AIRLOCK_DOWNLOAD, permit_id, req.id,
                         {"file_id": row.id, "sha256": row.sha256, "size": row.size})
-            return Download(row.name, data, row.sha256)
+            return Download(row.name, row.sha256, row.size, self.quarantine, req.id, row.id)
 
     # -- permit events ---------------------------------------------------------------------
     def close_for_permit(self, permit_id: str) -> int:
