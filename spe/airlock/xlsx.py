@@ -10,8 +10,9 @@ Contract
   embedded objects (OLE, ActiveX, media, drawings), any part outside the allow-list of plain
   workbook parts, any part that is itself an archive, executable or pickle, bytes before or
   after the zip (a polyglot), an expansion past :data:`MAX_RATIO` or :data:`MAX_EXPANDED`
-  (a zip bomb), and text the checked cell values would not show: formulas, defined names,
-  hidden sheets, rows or columns, shared strings no cell uses. Nothing is parsed as XML
+  (a zip bomb), and text the checked cell values would not show: formulas (of cells,
+  conditional formats, data validations), defined names, hidden sheets, rows or columns, page
+  header or footer text, shared strings no cell uses. Nothing is parsed as XML
   before these checks pass (they search the parts' bytes).
 * :func:`sheets` reads an accepted workbook with openpyxl (read-only, cached values, no
   links) into one Arrow table per sheet: the first row is the header; a column whose values
@@ -94,7 +95,10 @@ def inspect(data: bytes) -> Inspected | None:
     return Inspected()
 
 
-_FORMULA = re.compile(rb"<(?:\w+:)?f[\s>/]")
+#: Cell formulas, and those of conditional formats and data validations.
+_FORMULA = re.compile(rb"<(?:\w+:)?(?:f|formula\d?)[\s>/]")
+#: Page headers and footers with text.
+_HEADER_TEXT = re.compile(rb"<(?:\w+:)?(?:odd|even|first)(?:Header|Footer)>[^<]")
 _DEFINED_NAME = re.compile(rb"<(?:\w+:)?definedName[\s>]")
 _HIDDEN_SHEET = re.compile(rb'\sstate="(?:hidden|veryHidden)"')
 _HIDDEN_CELLS = re.compile(rb'\shidden="(?:1|true)"')
@@ -119,6 +123,8 @@ def _hidden_content(archive: zipfile.ZipFile, names: set[str]) -> str | None:
                     "as values and save again")
         if _HIDDEN_CELLS.search(sheet):
             return "a workbook with hidden rows or columns: unhide or delete them"
+        if _HEADER_TEXT.search(sheet):
+            return "a workbook with page header or footer text: remove it"
         used.update(int(i) for i in _SHARED_REF.findall(sheet))
     if "xl/sharedStrings.xml" in names:
         count = len(_SHARED.findall(archive.read("xl/sharedStrings.xml")))

@@ -117,6 +117,14 @@ def test_mixed_column_becomes_text_and_unreadable_workbook_fails_to_parse() -> N
     assert [c.name for c in verdict.checks if c.outcome == "fail"] == ["table_parse"]
 
 
+def _validation() -> object:
+    from openpyxl.worksheet.datavalidation import DataValidation
+
+    rule = DataValidation(type="list", formula1='"row-level text,more text"')
+    rule.add("A2")
+    return rule
+
+
 def _book(edit: object) -> bytes:
     book = openpyxl.Workbook()
     sheet = book.active
@@ -135,6 +143,8 @@ def _book(edit: object) -> bytes:
     (lambda b: setattr(b.create_sheet("raw"), "sheet_state", "hidden"), "hidden sheets"),
     (lambda b: setattr(b.active.row_dimensions[2], "hidden", True), "hidden rows"),
     (lambda b: setattr(b.active.column_dimensions["A"], "hidden", True), "hidden rows"),
+    (lambda b: setattr(b.active.oddHeader.center, "text", "patient 4711"), "header"),
+    (lambda b: b.active.add_data_validation(_validation()), "formulas"),
 ])
 def test_text_the_checked_values_would_not_show_is_refused(edit: object, why: str) -> None:
     data = _book(edit)
