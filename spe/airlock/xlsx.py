@@ -12,8 +12,8 @@ Contract
   after the zip (a polyglot), an expansion past :data:`MAX_RATIO` or :data:`MAX_EXPANDED`
   (a zip bomb), and text the checked cell values would not show: formulas (of cells,
   conditional formats, data validations), defined names, hidden sheets, rows or columns, page
-  header or footer text, shared strings no cell uses. Nothing is parsed as XML
-  before these checks pass (they search the parts' bytes).
+  header or footer text, free-text document properties, shared strings no cell uses.
+  Nothing is parsed as XML before these checks pass (they search the parts' bytes).
 * :func:`sheets` reads an accepted workbook with openpyxl (read-only, cached values, no
   links) into one Arrow table per sheet: the first row is the header; a column whose values
   do not share one type becomes text. Raises ValueError when it cannot be read.
@@ -97,6 +97,10 @@ def inspect(data: bytes) -> Inspected | None:
 
 #: Cell formulas, and those of conditional formats and data validations.
 _FORMULA = re.compile(rb"<(?:\w+:)?(?:f|formula\d?)[\s>/]")
+#: Document properties that hold free text (the author's name and dates are allowed).
+_FREE_TEXT_PROPERTY = re.compile(
+    rb"<(?:\w+:)?(?:title|subject|description|keywords|category|Manager|Company|"
+    rb"HyperlinkBase)>\s*[^<\s]")
 #: Page headers and footers with text.
 _HEADER_TEXT = re.compile(rb"<(?:\w+:)?(?:odd|even|first)(?:Header|Footer)>[^<]")
 _DEFINED_NAME = re.compile(rb"<(?:\w+:)?definedName[\s>]")
@@ -110,6 +114,10 @@ def _hidden_content(archive: zipfile.ZipFile, names: set[str]) -> str | None:
     """Why the workbook could carry text that its cells' values do not show (formulas,
     defined names, hidden sheets, rows or columns, shared strings no cell uses), or None.
     Only the values are checked, so anything else must not be there."""
+    for part in ("docProps/core.xml", "docProps/app.xml"):
+        if part in names and _FREE_TEXT_PROPERTY.search(archive.read(part)):
+            return ("a workbook with free-text document properties (title, subject, "
+                    "description, keywords, category, company, manager): clear them")
     book = archive.read("xl/workbook.xml")
     if _DEFINED_NAME.search(book):
         return "a workbook with defined names (they can hold text): export values only"

@@ -145,6 +145,8 @@ def _book(edit: object) -> bytes:
     (lambda b: setattr(b.active.column_dimensions["A"], "hidden", True), "hidden rows"),
     (lambda b: setattr(b.active.oddHeader.center, "text", "patient 4711"), "header"),
     (lambda b: b.active.add_data_validation(_validation()), "formulas"),
+    (lambda b: setattr(b.properties, "description", "patient 4711, born 1970"), "properties"),
+    (lambda b: setattr(b.properties, "keywords", "row-level"), "properties"),
 ])
 def test_text_the_checked_values_would_not_show_is_refused(edit: object, why: str) -> None:
     data = _book(edit)
