@@ -167,7 +167,9 @@ class SandboxSpawner(Spawner):
                     "Ask your data access body.</p>")
         base = html.escape(self.user.url)
         items = "".join(
-            f'<li><a href="{html.escape(self.user.url.replace("/user/", "/hub/spawn/", 1))}'
+            # a path on the hub's own origin: with per-server hosts (subdomain_host) the
+            # user's URL is on a workspace host, whose gate serves no hub page
+            f'<li><a href="{html.escape(self.user.base_url.replace("/user/", "/hub/spawn/", 1))}'
             f'{lifecycle.server_name(pid)}">{html.escape(ref)} ({html.escape(pid)})</a></li>'
             for pid, ref in permits)
         if self.name:
