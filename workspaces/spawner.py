@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -287,7 +288,9 @@ class SandboxSpawner(Spawner):
         self.hub_connect_url = backend.host_url(ws, self.ws_settings.allowed_host_ports[0])
         env = {**self.get_env(), **self._extra_env,
                "SPE_API_URL": backend.host_url(ws, self.spe_settings.api_port),
-               "SPE_PERMIT_ID": self.permit_id}
+               "SPE_PERMIT_ID": self.permit_id,
+               "JUPYTERHUB_COOKIE_OPTIONS": json.dumps(server_cookie_options(
+                   self.cookie_options))}
         cmd = [str(ws.runtime / "bin" / self.server_command),
                f"--ip={self.ip}", f"--port={self.port}",
                "--ServerApp.root_dir=" + ws.home_in_sandbox, *self.args]
@@ -363,6 +366,19 @@ class SandboxSpawner(Spawner):
 
 #: Seconds after start within which a dead server's log is copied to the hub log.
 START_LOG_WINDOW_S = 60.0
+
+
+def server_cookie_options(hub_options: dict[str, Any]) -> dict[str, Any]:
+    """The hub's cookie options for a workspace server's cookies, with ``SameSite=Lax``.
+
+    The workspace is on its own site (``*.localhost``, a workspace domain), so opening it from
+    the hub (a link, the spawn page's redirect) is a cross-site navigation: a ``Strict`` OAuth
+    state cookie would never come back with the hub's redirect to ``oauth_callback`` and the
+    server would answer 403 ("oauth state does not match"). ``Lax`` is sent on top-level
+    ``GET`` navigations only, never on cross-site subrequests or ``POST``s (and Jupyter's API
+    needs its XSRF token anyway); the hub's own cookies stay ``Strict``.
+    """
+    return {**hub_options, "SameSite": "Lax"}
 
 
 def server_log(data_dir: Path, ws_id: str) -> str:

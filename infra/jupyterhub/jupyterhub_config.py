@@ -139,9 +139,11 @@ c.Spawner.args = [
     "--LabApp.extension_manager=readonly",
 ]
 
-# Cookie hardening (DESIGN §11): hub and user-server cookies are HttpOnly, SameSite=Strict
-# (the browser never sends them on cross-site requests), Secure under https; JupyterHub passes
-# these options to every user server (JUPYTERHUB_COOKIE_OPTIONS). Cookie-authenticated API
+# Cookie hardening (DESIGN §11): hub cookies are HttpOnly, SameSite=Strict (the browser never
+# sends them on cross-site requests), Secure under https; JupyterHub passes these options to
+# every user server (JUPYTERHUB_COOKIE_OPTIONS), where the spawner relaxes SameSite to Lax: a
+# workspace is on a site of its own, opened from the hub by a cross-site navigation
+# (workspaces.spawner.server_cookie_options). Cookie-authenticated API
 # requests need the XSRF token (JupyterHub >= 4.1). User servers are on their own origins
 # (above), so a workspace page never sees the hub's cookies.
 cookie_options = {"SameSite": "Strict", "HttpOnly": True}
