@@ -62,8 +62,9 @@ from workspaces.settings import WorkspaceSettings
 EXTRACT_MOUNT = "/data/extract"
 LOG_MAX_BYTES = 8 * 1024 * 1024  # a sandboxed server's log on the host, at most
 #: Host /etc entries bound read-only (when present): the loader's cache, Debian's alternatives,
-#: the time zone, and R's site configuration (Debian's R reads /etc/R at start: the R kernel).
-HOST_ETC_BINDS = ("ld.so.cache", "alternatives", "localtime", "R")
+#: the time zone, R's site configuration (Debian's R reads /etc/R at start: the R kernel) and
+#: fontconfig's (matplotlib runs fc-list, which otherwise prints an error under every first plot).
+HOST_ETC_BINDS = ("ld.so.cache", "alternatives", "localtime", "R", "fonts")
 SYSTEM_BINDS = ("/usr",)
 #: oom_score_adj of every workspace process (services run at or below 0).
 WORKSPACE_OOM_SCORE_ADJ = 800
