@@ -165,7 +165,7 @@ class SandboxSpawner(Spawner):
                                           self.person)
         if not permits:
             return ("<p>You are named in no active permit: there is no workspace to start. "
-                    "Ask your data access body.</p>")
+                    f"Ask your data access body.</p>{NO_START_BUTTON}")
         base = html.escape(self.user.url)
         items = "".join(
             # a path on the hub's own origin: with per-server hosts (subdomain_host) the
@@ -181,7 +181,7 @@ class SandboxSpawner(Spawner):
                 for pid, ref in permits if lifecycle.server_name(pid) == self.name)
             return (f'<label for="permit">Permit</label><select name="permit" id="permit">'
                     f"{options}</select><p>One workspace per permit ({base}).</p>")
-        return f"<p>One workspace per permit. Start one:</p><ul>{items}</ul>"
+        return f"<p>One workspace per permit. Start one:</p><ul>{items}</ul>{NO_START_BUTTON}"
 
     def run_options_from_form(self, formdata: dict[str, list[str]]) -> dict[str, str]:
         permit = (formdata.get("permit") or [""])[0]
@@ -366,6 +366,11 @@ class SandboxSpawner(Spawner):
 
 #: Seconds after start within which a dead server's log is copied to the hub log.
 START_LOG_WINDOW_S = 60.0
+
+
+#: Hides the spawn page's *Start* button where the form names no permit (the list of permits,
+#: or none): there it could only try the unnamed default server, which every user is refused.
+NO_START_BUTTON = "<style>#spawn_form .feedback-container { display: none; }</style>"
 
 
 def server_cookie_options(hub_options: dict[str, Any]) -> dict[str, Any]:
