@@ -122,7 +122,8 @@ STEPS: tuple[Step, ...] = (
 Everything below runs on one machine, as root (the workspace sandboxes need it), after
 `scripts/setup.sh` (Python venv, `npm install --prefix .` for configurable-http-proxy, and the
 workspace runtime `python -m workspaces.runtime build var/runtime`).""",
-         code=(("sh", ".venv/bin/spe up"),),
+         code=(("sh", ".venv/bin/spe up\n# on a machine without a GPU (the permit below asks for "
+                      "one):\nSPE_WS_GPU_INDICES='[0]' .venv/bin/spe up"),),
          after="""\
 `spe up` starts the bundled Keycloak (realm `spe`, dev users), the API with the console and
 JupyterHub with its proxy, and prints each URL. The hub's state database, cookie secret and
