@@ -26,6 +26,7 @@ DEV_CONSOLE_CLIENT_SECRET = "spe-console-dev-secret"  # noqa: S105 - refused out
 DEV_KEYCLOAK_ADMIN_PASSWORD = "admin"  # noqa: S105 - refused outside dev
 
 Profile = Literal["dev", "test", "prod"]
+SECRET_FILE_FIELDS = ("secret_key", "console_client_secret", "keycloak_admin_password")
 
 
 def _config_file() -> Path:
@@ -229,6 +230,56 @@ class Settings(BaseSettings):
         "a random id). Enforced: an older session is refused and deleted.",
     )
 
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate (with its chain) of the API and console listener. Set with "
+        "tls_key_file: `spe up` serves HTTPS with it and api_base_url is https://. `spe up "
+        "--tls` makes a local development CA and fills the three tls_* files.",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file. Enforced: refused at load when "
+        "group or others may read it.",
+    )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="CA bundle the SPE's own clients (workspace client, hub to API, API to "
+        "Keycloak) trust. Unset: the system's bundle.",
+    )
+    secret_key_file: Path | None = Field(
+        None, description="File holding secret_key (read at load; replaces secret_key). "
+        "Enforced: refused when group or others may access it.",
+    )
+    console_client_secret_file: Path | None = Field(
+        None, description="File holding console_client_secret (same rules as secret_key_file).",
+    )
+    keycloak_admin_password_file: Path | None = Field(
+        None,
+        description="File holding keycloak_admin_password (same rules as secret_key_file).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """Each ``<secret>_file`` replaces ``<secret>`` with the file's stripped content."""
+        if not isinstance(data, dict):
+            return data
+        from spe.tls import private_key_problem
+
+        for name in SECRET_FILE_FIELDS:
+            path = data.get(f"{name}_file")
+            if path is None:
+                continue
+            if (why := private_key_problem(Path(path))) is not None:
+                raise ValueError(f"{name}_file refused: {why}")
+            value = Path(path).read_text().strip()
+            if not value:
+                raise ValueError(f"{name}_file is empty")
+            data = {**data, name: value}
+        key = data.get("tls_key_file")
+        if key is not None and (why := private_key_problem(Path(key))) is not None:
+            raise ValueError(f"tls_key_file refused: {why}")
+        return data
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -285,7 +336,8 @@ class Settings(BaseSettings):
 
     @property
     def api_base_url(self) -> str:
-        return self.public_url or f"http://{self.api_host}:{self.api_port}"
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return self.public_url or f"{scheme}://{self.api_host}:{self.api_port}"
 
     def describe(self) -> list[dict[str, Any]]:
         """Every option with its current value (secrets masked) and its documentation."""

@@ -61,10 +61,50 @@ def _database(s: Settings) -> Check:
 
 
 def _tls_api(s: Settings) -> Check:
-    url = s.public_url or f"http://{s.api_host}:{s.api_port}"
-    return Check("TLS for the API", url.startswith("https://"), f"public_url {url}",
-                 "serve the API behind TLS (a reverse proxy with a certificate from files) "
-                 "and set public_url to its https:// address")
+    from urllib.parse import urlsplit
+
+    from spe.tls import certificate_problems
+
+    url = s.api_base_url
+    problems = [] if url.startswith("https://") else [f"the API is reached at {url}"]
+    if s.public_url is None or s.tls_cert_file is not None:  # the SPE terminates TLS itself
+        problems += certificate_problems(s.tls_cert_file, s.tls_key_file, s.tls_ca_file,
+                                         urlsplit(url).hostname)
+    return Check("TLS for the API", not problems,
+                 "; ".join(problems) or f"{url} with certificate "
+                 f"{s.tls_cert_file or 'of the reverse proxy'}",
+                 "set tls_cert_file, tls_key_file (0600) and tls_ca_file to certificates from "
+                 "your CA (`spe up --tls` makes a local CA for development), or terminate TLS "
+                 "in a reverse proxy and set public_url to its https:// address")
+
+
+def _secret_files(s: Settings) -> Check:
+    from spe.config import SECRET_FILE_FIELDS
+    from spe.tls import private_key_problem
+
+    problems = []
+    for name in SECRET_FILE_FIELDS:
+        path = getattr(s, f"{name}_file")
+        if path is None:
+            problems.append(f"{name} is not read from a file")
+        elif (why := private_key_problem(path)) is not None:
+            problems.append(why)
+    return Check("secrets from files", not problems,
+                 "; ".join(problems) or "every secret is read from a private file",
+                 "set " + ", ".join(f"{n}_file" for n in SECRET_FILE_FIELDS) + " to files "
+                 "of mode 0600 owned by the service user, outside the data directory")
+
+
+def _service_user(s: Settings) -> Check:
+    store = s.store_dir
+    if not store.exists():
+        return Check("API runs as a service user", False, "no dataset store yet",
+                     "ingest a dataset as the service user")
+    owner = store.stat().st_uid
+    return Check("API runs as a service user", owner != 0,
+                 f"the dataset store is owned by uid {owner}",
+                 "run the API (and `spe ingest`) as a dedicated unprivileged user that owns "
+                 "data_dir; only the hub's sandbox helpers need root")
 
 
 def _keycloak(s: Settings) -> Check:
@@ -83,7 +123,7 @@ def _store(s: Settings) -> Check:
                      "ingest a dataset (the store is created with mode 0700)")
     st = store.stat()
     mode = stat.S_IMODE(st.st_mode)
-    ok = mode & 0o077 == 0 and st.st_uid == os.geteuid()
+    ok = mode & 0o077 == 0 and os.geteuid() in (0, st.st_uid)
     return Check("dataset store private to the service", ok,
                  f"{store} mode {mode:04o}, owner uid {st.st_uid}",
                  "chmod 0700 the store and let only the service user own it")
@@ -121,13 +161,18 @@ def is_encrypted(path: Path) -> bool:
     return uuid.startswith("CRYPT-")
 
 
-def _encryption(s: Settings) -> Check:
-    where = s.store_dir if s.store_dir.exists() else s.data_dir
-    ok = where.exists() and is_encrypted(where)
-    return Check("encryption at rest", ok,
+ENCRYPTED_PARTS = (("dataset store", "store"), ("extracts", "extracts"),
+                   ("workspace disk images", "workspaces"))
+
+
+def _encryption(s: Settings, what: str, part: str) -> Check:
+    where = s.data_dir / part
+    probe = where if where.exists() else s.data_dir
+    ok = probe.exists() and is_encrypted(probe)
+    return Check(f"encryption at rest: {what}", ok,
                  f"{where} is on {'an encrypted' if ok else 'an unencrypted'} device",
-                 "put the data directory (store, extracts, workspace disk images) on a "
-                 "dm-crypt/LUKS volume whose key is kept outside the data directory")
+                 f"put {where} (or the whole data directory) on a dm-crypt/LUKS volume "
+                 "whose key is kept outside the data directory")
 
 
 def _sandbox() -> Check:
@@ -148,5 +193,6 @@ def _sandbox() -> Check:
 
 
 def run_checks(s: Settings) -> list[Check]:
-    return [_profile(s), _secrets(s), _database(s), _tls_api(s), _keycloak(s), _store(s),
-            _encryption(s), _sandbox()]
+    return [_profile(s), _secrets(s), _secret_files(s), _database(s), _tls_api(s),
+            _keycloak(s), _store(s), _service_user(s),
+            *(_encryption(s, what, part) for what, part in ENCRYPTED_PARTS), _sandbox()]

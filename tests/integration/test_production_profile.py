@@ -1,0 +1,195 @@
+"""The production profile, started for real: the API and console over TLS from a local CA,
+secrets and keys from private files, PostgreSQL for the control plane, a store owned by a
+service user; `spe doctor` passes what this machine can give and names each control that is
+switched off. Encryption at rest needs dm-crypt volumes this machine does not offer (no
+device mapper in the test container), so those checks are asserted to be named as missing."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from spe.cli.doctor_checks import run_checks
+from spe.config import Settings
+from spe.db import Database
+from spe.tls import TlsFiles, certificate_problems, ensure_local_ca, private_key_problem
+from tests.conftest import PG_URL, _drop_pg_database, _fresh_pg_database
+
+NOT_HERE = {  # controls this machine cannot give (see the module docstring)
+    "encryption at rest: dataset store",
+    "encryption at rest: extracts",
+    "encryption at rest: workspace disk images",
+    "workspace sandbox",
+}
+SERVICE_UID = 65534  # nobody: the store's owner when the test runs as root
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    if not PG_URL:
+        if os.environ.get("CI"):
+            pytest.fail("SPE_TEST_POSTGRES_URL is not set in CI: PostgreSQL must be tested")
+        pytest.skip("PostgreSQL not started (run scripts/services.sh start)")
+    url, name = _fresh_pg_database()
+    try:
+        yield url
+    finally:
+        _drop_pg_database(name)
+
+
+def _secret_file(directory: Path, name: str) -> Path:
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(48) + "\n")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def etc(tmp_path: Path) -> Path:
+    """The operator's configuration directory, outside the data directory."""
+    path = tmp_path / "etc"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def _prod(tmp_path: Path, etc: Path, tls: TlsFiles, db_url: str, port: int,
+          **extra: object) -> Settings:
+    store = tmp_path / "var" / "store"
+    if not store.exists():
+        store.mkdir(parents=True, mode=0o700)
+        if os.geteuid() == 0:
+            os.chown(store, SERVICE_UID, SERVICE_UID)
+    values: dict[str, object] = {
+        "profile": "prod", "data_dir": tmp_path / "var", "database_url": db_url,
+        "api_port": port, "keycloak_url": "https://id.example.org",
+        "tls_cert_file": tls.cert_file, "tls_key_file": tls.key_file, "tls_ca_file": tls.ca_file,
+    }
+    for name in ("secret_key", "console_client_secret", "keycloak_admin_password"):
+        path = etc / f"{name}.txt"
+        values[f"{name}_file"] = path if path.exists() else _secret_file(etc, f"{name}.txt")
+    values.update(extra)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _missing(s: Settings) -> set[str]:
+    return {c.name for c in run_checks(s) if not c.ok}
+
+
+def test_local_ca_keys_are_private_and_reused(etc: Path) -> None:
+    tls = ensure_local_ca(etc / "tls", ["spe.localhost"])
+    assert (etc / "tls").stat().st_mode & 0o777 == 0o700
+    for key in (tls.key_file, tls.key_file.with_name("ca.key")):
+        assert key.stat().st_mode & 0o777 == 0o600 and private_key_problem(key) is None
+    assert certificate_problems(tls.cert_file, tls.key_file, tls.ca_file, "spe.localhost") == []
+    assert certificate_problems(tls.cert_file, tls.key_file, tls.ca_file, "127.0.0.1") == []
+    assert certificate_problems(tls.cert_file, tls.key_file, tls.ca_file, "other.org") != []
+    ca, leaf = tls.ca_file.read_bytes(), tls.cert_file.read_bytes()
+    assert ensure_local_ca(etc / "tls", ["spe.localhost"]) == tls
+    assert (tls.ca_file.read_bytes(), tls.cert_file.read_bytes()) == (ca, leaf)
+    ensure_local_ca(etc / "tls", ["hub.localhost"])  # a new host: new leaf, same CA
+    assert tls.ca_file.read_bytes() == ca and tls.cert_file.read_bytes() != leaf
+    assert certificate_problems(tls.cert_file, tls.key_file, tls.ca_file, "hub.localhost") == []
+    tls.key_file.chmod(0o644)
+    assert any("0644" in p for p in certificate_problems(tls.cert_file, tls.key_file,
+                                                          tls.ca_file, "localhost"))
+
+
+def test_secret_files_are_read_and_open_ones_refused(tmp_path: Path, etc: Path) -> None:
+    path = _secret_file(etc, "key.txt")
+    s = Settings(data_dir=tmp_path / "var", secret_key_file=path)  # type: ignore[call-arg]
+    assert s.secret_key.get_secret_value() == path.read_text().strip()
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="secret_key_file refused"):
+        Settings(data_dir=tmp_path / "var", secret_key_file=path)  # type: ignore[call-arg]
+    path.chmod(0o600)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="secret_key_file is empty"):
+        Settings(data_dir=tmp_path / "var", secret_key_file=path)  # type: ignore[call-arg]
+
+
+def test_production_profile_serves_tls_and_passes_doctor(tmp_path: Path, etc: Path,
+                                                         pg_url: str) -> None:
+    from spe.api.app import create_app
+
+    tls = ensure_local_ca(etc / "tls")
+    port = _free_port()
+    s = _prod(tmp_path, etc, tls, pg_url, port)
+    assert s.api_base_url == f"https://127.0.0.1:{port}"
+    db = Database(s.resolved_database_url)
+    db.upgrade()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(s, db), host="127.0.0.1", port=port, log_level="warning",
+        ssl_certfile=str(s.tls_cert_file), ssl_keyfile=str(s.tls_key_file)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        ok = httpx.get(f"{s.api_base_url}/healthz", verify=ssl.create_default_context(
+            cafile=str(s.tls_ca_file)))
+        assert ok.status_code == 200
+        with pytest.raises(httpx.ConnectError):  # not trusted without the local CA
+            httpx.get(f"{s.api_base_url}/healthz")
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the listener
+            httpx.get(f"http://127.0.0.1:{port}/healthz")
+        checks = {c.name: c for c in run_checks(s)}
+        missing = {name for name, c in checks.items() if not c.ok}
+        assert missing <= NOT_HERE, {n: checks[n].found for n in missing - NOT_HERE}
+        assert {n for n in NOT_HERE if n.startswith("encryption")} <= missing
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        db.dispose()
+
+
+@pytest.mark.parametrize(("switch_off", "name"), [
+    ({"tls_cert_file": None}, "TLS for the API"),
+    ({"tls_ca_file": None}, "TLS for the API"),
+    ({"public_url": "https://spe.example.org"}, "TLS for the API"),  # the cert does not name it
+    ({"secret_key_file": None}, "secrets from files"),
+    ({"database_url": None}, "control database on PostgreSQL"),
+    ({"keycloak_url": "http://id.example.org"}, "Keycloak in production mode over TLS"),
+    ({"profile": "test"}, "production profile"),
+])
+def test_each_production_control_switched_off_is_named(
+        tmp_path: Path, etc: Path, switch_off: dict[str, object], name: str) -> None:
+    tls = ensure_local_ca(etc / "tls")
+    url = "postgresql+psycopg://spe@db.internal:5432/spe"
+    assert name not in _missing(_prod(tmp_path, etc, tls, url, 8600))
+    extra = dict(switch_off)
+    if "secret_key_file" in extra:  # the secret then comes inline, as before files
+        extra["secret_key"] = secrets.token_urlsafe(48)
+    assert name in _missing(_prod(tmp_path, etc, tls, url, 8600, **extra))
+
+
+def test_a_secret_file_opened_later_and_a_root_owned_store_are_named(tmp_path: Path,
+                                                                     etc: Path) -> None:
+    tls = ensure_local_ca(etc / "tls")
+    s = _prod(tmp_path, etc, tls, "postgresql+psycopg://spe@db/spe", 8600)
+    assert not _missing(s) & {"secrets from files", "API runs as a service user"}
+    assert s.console_client_secret_file is not None
+    s.console_client_secret_file.chmod(0o640)
+    assert "secrets from files" in _missing(s)
+    if os.geteuid() != 0:
+        pytest.skip("a root-owned store needs root to make (the rest was checked)")
+    os.chown(s.store_dir, 0, 0)
+    assert "API runs as a service user" in _missing(s)
