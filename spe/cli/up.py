@@ -48,6 +48,9 @@ def _start_hub(s: Settings, public_url: str) -> tuple[str, HubProcess | None]:
            "SPE_KEYCLOAK_URL": s.keycloak_base_url,
            "SPE_API_PORT": str(s.api_port),
            "SPE_WS_RUNTIME_DIR": str(ws.runtime_dir.resolve())}
+    from spe.cli.production import hub_tls_env
+
+    env.update(hub_tls_env(s))
     if s.api_port not in ws.allowed_host_ports:
         env["SPE_WS_ALLOWED_HOST_PORTS"] = json.dumps([ws.allowed_host_ports[0], s.api_port])
     if "SPE_HUB_OAUTH_CLIENT_SECRET" not in os.environ:
@@ -66,15 +69,23 @@ def up(
     hub: bool = typer.Option(True, help="Start JupyterHub with the sandboxed workspaces "
                              "(as root)."),
     hub_url: str = typer.Option("http://127.0.0.1:8000", help="Public URL of the hub."),
+    tls: bool = typer.Option(False, "--tls", help="Serve the API, console and hub's gate over "
+                             "HTTPS with a local development CA (data_dir/tls) unless "
+                             "tls_cert_file is set; the hub URL becomes https."),
 ) -> None:
     """Start the SPE: database, bundled synthetic dataset, Keycloak, the API and the hub."""
     import uvicorn
 
     from spe.api.app import create_app
+    from spe.cli.production import trust_ca_in_process, uvicorn_tls, with_local_tls
     from spe.datasets.bundled import ensure_demo_dataset
     from spe.logs import configure
 
     s = settings()
+    if tls:
+        hub_url = hub_url.replace("http://", "https://", 1)
+        s = with_local_tls(s, hub_url)
+    trust_ca_in_process(s)
     db = database(upgrade=True)
     dataset = ensure_demo_dataset(s, db, persons=persons, principal=cli_principal())
     rows = [("control database", s.resolved_database_url.split("?")[0]),
@@ -100,7 +111,9 @@ def up(
     # the hub (and with it the workspaces) is stopped below instead of being orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        uvicorn.run(create_app(s, db), host=s.api_host, port=s.api_port, log_config=None)
+        cert, key = uvicorn_tls(s)
+        uvicorn.run(create_app(s, db), host=s.api_host, port=s.api_port, log_config=None,
+                    ssl_certfile=cert, ssl_keyfile=key)
     except KeyboardInterrupt:
         pass
     finally:
