@@ -107,13 +107,41 @@ def _service_user(s: Settings) -> Check:
                  "data_dir; only the hub's sandbox helpers need root")
 
 
+def _keycloak_answer(s: Settings, url: str) -> str | None:
+    """Why the realm's discovery document did not come over verified TLS, or ``None``."""
+    import ssl
+
+    import httpx
+
+    issuer = f"{url.rstrip('/')}/realms/{s.keycloak_realm}"
+    verify: ssl.SSLContext | bool = True
+    if s.tls_ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(s.tls_ca_file))
+    try:
+        response = httpx.get(f"{issuer}/.well-known/openid-configuration", verify=verify,
+                             timeout=5, follow_redirects=False)
+        found = response.json().get("issuer") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        return f"{issuer} did not answer over verified TLS ({type(exc).__name__})"
+    if found != issuer:
+        return f"{issuer} answered HTTP {response.status_code} without that issuer"
+    return None
+
+
 def _keycloak(s: Settings) -> Check:
     url = s.keycloak_url
-    ok = url is not None and url.startswith("https://")
-    found = f"keycloak_url {url}" if url else "the bundled development Keycloak"
-    return Check("Keycloak in production mode over TLS", ok, found,
-                 "run Keycloak in production mode with its own PostgreSQL (infra/k8s/"
-                 "keycloak.yaml shows one way) and set keycloak_url to its https:// address")
+    if url is None:
+        problem: str | None = "the bundled development Keycloak (start-dev, over HTTP)"
+    elif not url.startswith("https://"):
+        problem = f"keycloak_url {url} is not https"
+    else:
+        problem = _keycloak_answer(s, url)
+    return Check("Keycloak in production mode over TLS", problem is None,
+                 problem or f"{url} answers over TLS verified by the CA bundle",
+                 "run Keycloak in production mode with its own PostgreSQL "
+                 "(infra/keycloak/keycloak-prod.sh; infra/k8s/keycloak.yaml in a cluster), "
+                 "set keycloak_url to its https:// address and tls_ca_file to a bundle "
+                 "holding its CA")
 
 
 def _store(s: Settings) -> Check:

@@ -1,7 +1,9 @@
 """The production profile, started for real: the API and console over TLS from a local CA,
-secrets and keys from private files, PostgreSQL for the control plane, a store owned by a
-service user; `spe doctor` passes what this machine can give and names each control that is
-switched off. Encryption at rest needs dm-crypt volumes this machine does not offer (no
+Keycloak in production mode (`kc.sh start`) over TLS with its own PostgreSQL database and user
+(infra/keycloak/keycloak-prod.sh), the API validating that Keycloak's tokens through the CA
+bundle, secrets and keys from private files, PostgreSQL for the control plane, a store owned
+by a service user; `spe doctor` passes what this machine can give and names each control that
+is switched off. Encryption at rest needs dm-crypt volumes this machine does not offer (no
 device mapper in the test container), so those checks are asserted to be named as missing."""
 
 from __future__ import annotations
@@ -10,20 +12,25 @@ import os
 import secrets
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import certifi
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from spe.cli.doctor_checks import run_checks
 from spe.config import Settings
 from spe.db import Database
 from spe.tls import TlsFiles, certificate_problems, ensure_local_ca, private_key_problem
-from tests.conftest import PG_URL, _drop_pg_database, _fresh_pg_database
+from tests.conftest import PG_URL, ROOT, _drop_pg_database, _fresh_pg_database
+from tests.keycloak_fixtures import bearer, secret_of, token_endpoint
 
 NOT_HERE = {  # controls this machine cannot give (see the module docstring)
     "encryption at rest: dataset store",
@@ -36,15 +43,73 @@ SERVICE_UID = 65534  # nobody: the store's owner when the test runs as root
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    if not PG_URL:
-        if os.environ.get("CI"):
-            pytest.fail("SPE_TEST_POSTGRES_URL is not set in CI: PostgreSQL must be tested")
-        pytest.skip("PostgreSQL not started (run scripts/services.sh start)")
+    _need_postgres()
     url, name = _fresh_pg_database()
     try:
         yield url
     finally:
         _drop_pg_database(name)
+
+
+def _need_postgres() -> None:
+    if not PG_URL:
+        if os.environ.get("CI"):
+            pytest.fail("SPE_TEST_POSTGRES_URL is not set in CI: PostgreSQL must be tested")
+        pytest.skip("PostgreSQL not started (run scripts/services.sh start)")
+
+
+def _free_port_pair() -> int:
+    """A free port P whose P+1 (Keycloak's management interface) is free too."""
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free adjacent ports")
+
+
+@pytest.fixture(scope="module")
+def prod_keycloak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TlsFiles]]:
+    """Keycloak in production mode over TLS (local CA) with its own PostgreSQL database."""
+    _need_postgres()
+    assert PG_URL
+    script = ROOT / "infra" / "keycloak" / "keycloak-prod.sh"
+    etc = tmp_path_factory.mktemp("kc-etc")
+    etc.chmod(0o700)
+    tls = ensure_local_ca(etc / "tls")
+    db_pw, admin_pw = _secret_file(etc, "db.pw"), _secret_file(etc, "admin.pw")
+    name = f"kc_prod_{secrets.token_hex(6)}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # Keycloak's own database and user, not the SPE's
+        password = db_pw.read_text().strip().replace("'", "''")
+        conn.execute(text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+        conn.execute(text(f"CREATE DATABASE {name} OWNER {name}"))
+    pg = make_url(PG_URL)
+    port = _free_port_pair()
+    url = f"https://127.0.0.1:{port}"
+    subprocess.run([str(script), "stop"], check=False, capture_output=True)
+    try:
+        started = subprocess.run(
+            [str(script), "start", "--port", str(port), "--hostname", url,
+             "--cert", str(tls.cert_file), "--key", str(tls.key_file),
+             "--db-url", f"jdbc:postgresql://{pg.host}:{pg.port}/{name}", "--db-user", name,
+             "--db-password-file", str(db_pw), "--admin-password-file", str(admin_pw)],
+            env={**os.environ, "SPE_KEYCLOAK_CA_FILE": str(tls.ca_file)},
+            capture_output=True, text=True, timeout=400, check=False)
+        if started.returncode != 0 and "no verified Keycloak" in started.stderr \
+                and not os.environ.get("CI"):
+            pytest.skip("the Keycloak distribution is not fetched (keycloak.sh start)")
+        assert started.returncode == 0, started.stderr[-3000:]
+        yield url, tls
+    finally:
+        subprocess.run([str(script), "stop"], check=False, capture_output=True, timeout=60)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f"DROP ROLE IF EXISTS {name}"))
+        admin.dispose()
 
 
 def _secret_file(directory: Path, name: str) -> Path:
@@ -124,13 +189,15 @@ def test_secret_files_are_read_and_open_ones_refused(tmp_path: Path, etc: Path) 
         Settings(data_dir=tmp_path / "var", secret_key_file=path)  # type: ignore[call-arg]
 
 
-def test_production_profile_serves_tls_and_passes_doctor(tmp_path: Path, etc: Path,
-                                                         pg_url: str) -> None:
+def test_production_profile_serves_tls_and_passes_doctor(
+        tmp_path: Path, etc: Path, pg_url: str, prod_keycloak: tuple[str, TlsFiles],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from spe.api.app import create_app
 
-    tls = ensure_local_ca(etc / "tls")
+    kc_url, tls = prod_keycloak  # one local CA for Keycloak and the API, as `spe up --tls`
     port = _free_port()
-    s = _prod(tmp_path, etc, tls, pg_url, port)
+    s = _prod(tmp_path, etc, tls, pg_url, port, keycloak_url=kc_url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca_file))  # what `spe up` does for the API
     assert s.api_base_url == f"https://127.0.0.1:{port}"
     db = Database(s.resolved_database_url)
     db.upgrade()
@@ -148,7 +215,19 @@ def test_production_profile_serves_tls_and_passes_doctor(tmp_path: Path, etc: Pa
             cafile=str(s.tls_ca_file)))
         assert ok.status_code == 200
         with pytest.raises(httpx.ConnectError):  # not trusted without the local CA
-            httpx.get(f"{s.api_base_url}/healthz")
+            httpx.get(f"{s.api_base_url}/healthz",
+                      verify=ssl.create_default_context(cafile=certifi.where()))
+        # The API validates the production Keycloak's tokens, fetched over TLS (CA bundle).
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file))
+        token = httpx.post(token_endpoint(kc_url), verify=ctx, timeout=30, data={
+            "grant_type": "client_credentials", "client_id": "hdab-alpha",
+            "client_secret": secret_of("hdab-alpha")}).json()["access_token"]
+        permits = httpx.get(f"{s.api_base_url}/v1/permits", verify=ctx,
+                            headers=bearer(token), timeout=30)
+        assert permits.status_code == 200, permits.text
+        assert httpx.get(f"{s.api_base_url}/v1/permits", verify=ctx).status_code == 401
+        with pytest.raises(httpx.HTTPError):  # production Keycloak serves no plain HTTP
+            httpx.get(f"{kc_url.replace('https', 'http')}/realms/spe", timeout=5)
         with pytest.raises(httpx.HTTPError):  # no plain HTTP on the listener
             httpx.get(f"http://127.0.0.1:{port}/healthz")
         checks = {c.name: c for c in run_checks(s)}
@@ -167,17 +246,24 @@ def test_production_profile_serves_tls_and_passes_doctor(tmp_path: Path, etc: Pa
     ({"public_url": "https://spe.example.org"}, "TLS for the API"),  # the cert does not name it
     ({"secret_key_file": None}, "secrets from files"),
     ({"database_url": None}, "control database on PostgreSQL"),
-    ({"keycloak_url": "http://id.example.org"}, "Keycloak in production mode over TLS"),
+    ({"keycloak_url": None}, "Keycloak in production mode over TLS"),
+    ({"keycloak_url": "http"}, "Keycloak in production mode over TLS"),
+    ({"tls_ca_file": "other CA"}, "Keycloak in production mode over TLS"),
     ({"profile": "test"}, "production profile"),
 ])
 def test_each_production_control_switched_off_is_named(
-        tmp_path: Path, etc: Path, switch_off: dict[str, object], name: str) -> None:
-    tls = ensure_local_ca(etc / "tls")
+        tmp_path: Path, etc: Path, prod_keycloak: tuple[str, TlsFiles],
+        switch_off: dict[str, object], name: str) -> None:
+    kc_url, tls = prod_keycloak
     url = "postgresql+psycopg://spe@db.internal:5432/spe"
-    assert name not in _missing(_prod(tmp_path, etc, tls, url, 8600))
-    extra = dict(switch_off)
+    assert name not in _missing(_prod(tmp_path, etc, tls, url, 8600, keycloak_url=kc_url))
+    extra: dict[str, object] = {"keycloak_url": kc_url, **switch_off}
     if "secret_key_file" in extra:  # the secret then comes inline, as before files
         extra["secret_key"] = secrets.token_urlsafe(48)
+    if extra["keycloak_url"] == "http":  # the same server asked over plain HTTP
+        extra["keycloak_url"] = kc_url.replace("https://", "http://")
+    if extra.get("tls_ca_file") == "other CA":  # a bundle without Keycloak's CA
+        extra["tls_ca_file"] = ensure_local_ca(tmp_path / "other").ca_file
     assert name in _missing(_prod(tmp_path, etc, tls, url, 8600, **extra))
 
 
