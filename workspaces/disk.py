@@ -24,6 +24,10 @@ Contract:
   workspace (the uid can change between spawns) are handed to the current one.
 * A plain ``<workspace>/home`` from before quotas is copied into a new image on first attach
   and removed (the copy must fit the quota, else the attach fails and the old home stays).
+* Encryption at rest (with a key, :mod:`workspaces.fscrypt`): the image is ext4 with the
+  ``encrypt`` feature and ``home/`` and ``tmp/`` are under the workspace's key, added to the
+  filesystem's keyring at each mount and gone with the unmount: a detached image holds only
+  ciphertext of file contents and names.
 * :func:`detach` unmounts (lazily when still busy) and frees every loop device backing the
   image; idempotent, and safe to call when nothing is mounted. :func:`attach` undoes its own
   mount and loop devices when it fails.
@@ -35,13 +39,14 @@ Requires root, ``losetup``/``mount`` (util-linux) and ``mkfs.ext4``/``e2fsck``/`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from workspaces import helpers
+from workspaces import fscrypt, helpers
 
 MIB = 1024 * 1024
 IMAGE_NAME = "home.img"
@@ -64,6 +69,7 @@ class HomeDisk:
     mountpoint: Path
     size_mb: int  # the size in force (the quota, unless a shrink was refused)
     requested_mb: int
+    encrypted: bool = False  # home/ and tmp/ under the workspace's fscrypt key
 
     @property
     def home(self) -> Path:
@@ -165,13 +171,14 @@ def _resize(image: Path, size_mb: int) -> int:
     return size_mb
 
 
-def _format(image: Path, size_mb: int) -> None:
+def _format(image: Path, size_mb: int, *, encrypt: bool = False) -> None:
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.posix_fallocate(fd, 0, size_mb * MIB)
     finally:
         os.close(fd)
-    _run("mkfs.ext4", "-q", "-F", "-m", "0", "-L", "spe-home", "-E",
+    _run("mkfs.ext4", "-q", "-F", "-m", "0", "-L", "spe-home",
+         *(("-O", "encrypt") if encrypt else ()), "-E",
          "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1,nodiscard", str(image))
 
 
@@ -204,8 +211,14 @@ def _fresh_dir(path: Path, uid: int, gid: int) -> None:
     path.chmod(0o700)
 
 
-def attach(workspace_root: Path, *, size_mb: int, uid: int, gid: int) -> HomeDisk:
-    """Create or reuse the workspace's home image and mount it on ``<root>/disk``."""
+def attach(workspace_root: Path, *, size_mb: int, uid: int, gid: int,
+           key: bytes | None = None) -> HomeDisk:
+    """Create or reuse the workspace's home image and mount it on ``<root>/disk``.
+
+    With ``key`` (:func:`workspaces.fscrypt.workspace_key`), the image's ``home/`` and ``tmp/``
+    are encrypted with fscrypt: a new image is made so; an older image gets the ext4 feature and
+    its fresh ``tmp/``, but a home that already holds files stays as it is
+    (:attr:`HomeDisk.encrypted` says which)."""
     if size_mb < 8:
         raise DiskError(f"disk quota of {size_mb} MB is too small for a home filesystem")
     image = workspace_root / IMAGE_NAME
@@ -217,24 +230,34 @@ def attach(workspace_root: Path, *, size_mb: int, uid: int, gid: int) -> HomeDis
     try:
         if not image.exists():
             created = True
-            _format(image, size_mb)
+            _format(image, size_mb, encrypt=key is not None)
             in_force = size_mb
         else:
             in_force = _resize(image, size_mb)
         _preallocate(image, in_force)  # mkfs and resize2fs punch holes when they zero blocks
+        if key is not None and not created:
+            _run("tune2fs", "-O", "encrypt", str(image))  # a no-op when it has the feature
         mnt.mkdir(mode=0o700, exist_ok=True)
         mnt.chmod(0o700)
         _run("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(image), str(mnt))
+        key_id = fscrypt.add_key(mnt, key) if key is not None else None
         os.chown(mnt, 0, 0)
         mnt.chmod(0o755)  # the fs root: root's, so home/ and tmp/ cannot be replaced
         disk = HomeDisk(image=image, mountpoint=mnt, size_mb=in_force, requested_mb=size_mb)
         if disk.home.is_symlink() or (disk.home.exists() and not disk.home.is_dir()):
             disk.home.unlink()
+        fresh_home = not disk.home.exists()
         disk.home.mkdir(mode=0o700, exist_ok=True)
+        if key_id is not None and fresh_home:
+            fscrypt.set_policy(disk.home, key_id)
         if legacy.is_dir() and not legacy.is_symlink() and any(legacy.iterdir()):
             _run("cp", "-a", "--", f"{legacy}/.", str(disk.home))
         _hand_over(disk.home, uid, gid)
         _fresh_dir(disk.tmp, uid, gid)
+        if key_id is not None:
+            fscrypt.set_policy(disk.tmp, key_id)
+            disk = dataclasses.replace(
+                disk, encrypted=fscrypt.policy_identifier(disk.home) == key_id)
         lost = mnt / "lost+found"
         if lost.is_dir():
             lost.chmod(0o700)  # root's, for e2fsck

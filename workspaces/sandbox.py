@@ -52,7 +52,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from permits.terms import ComputeQuota
-from workspaces import accounts, cgroups, disk, helpers, network, seccomp
+from workspaces import accounts, cgroups, disk, fscrypt, helpers, network, seccomp
 from workspaces.accounts import Account
 from workspaces.cgroups import WorkspaceCgroup
 from workspaces.disk import HomeDisk
@@ -255,8 +255,10 @@ class Workspace:
             undo.append(lambda: accounts.delete_account(account.name))
             if settings.disk_quota:
                 undo.append(lambda: disk.detach(root))
+                key = (fscrypt.workspace_key(settings.disk_key_file, ws_id)
+                       if settings.disk_key_file is not None else None)
                 home_disk = disk.attach(root, size_mb=quota.disk_mb, uid=account.uid,
-                                        gid=account.gid)
+                                        gid=account.gid, key=key)
                 home, tmp = home_disk.home, home_disk.tmp
             else:
                 home.mkdir(exist_ok=True)

@@ -77,6 +77,14 @@ class WorkspaceSettings(BaseSettings):
         "Enforced by the kernel: writes past it fail with ENOSPC. Turn off only where loop "
         "devices are unavailable; the home then has no size limit.",
     )
+    disk_key_file: Path | None = Field(
+        None,
+        description="Master key file (32+ random bytes, mode 0600, outside the data "
+        "directory) of the workspace disk images' encryption at rest. Set: each image's home "
+        "and /tmp are encrypted with ext4's fscrypt under a key derived per workspace "
+        "(workspaces.fscrypt); a file others may access is refused at spawn. Unset: images "
+        "are plain (`spe doctor` names it).",
+    )
     gpu_indices: tuple[int, ...] = Field(
         (),
         description="Physical GPU indices the allocator hands out. Empty: detected from "
