@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spe.config import DEV_CONSOLE_CLIENT_SECRET, DEV_SECRET, Settings
+from workspaces.settings import WorkspaceSettings
 
 SANDBOX_PROGRAMS = ("bwrap", "nft", "setpriv", "ip", "losetup", "mkfs.ext4")
 
@@ -189,8 +190,7 @@ def is_encrypted(path: Path) -> bool:
     return uuid.startswith("CRYPT-")
 
 
-ENCRYPTED_PARTS = (("dataset store", "store"), ("extracts", "extracts"),
-                   ("workspace disk images", "workspaces"))
+ENCRYPTED_PARTS = (("dataset store", "store"), ("extracts", "extracts"))
 
 
 def _encryption(s: Settings, what: str, part: str) -> Check:
@@ -201,6 +201,31 @@ def _encryption(s: Settings, what: str, part: str) -> Check:
                  f"{where} is on {'an encrypted' if ok else 'an unencrypted'} device",
                  f"put {where} (or the whole data directory) on a dm-crypt/LUKS volume "
                  "whose key is kept outside the data directory")
+
+
+def _disk_images(s: Settings, ws: WorkspaceSettings) -> Check:
+    """Disk images: on dm-crypt, or fscrypt with a private master key outside data_dir."""
+    from spe.tls import private_key_problem
+
+    on_device = _encryption(s, "workspace disk images", "workspaces")
+    if on_device.ok:
+        return on_device
+    key = ws.disk_key_file
+    if key is None:
+        problem = "disk_key_file is not set and " + on_device.found
+    elif (why := private_key_problem(key)) is not None:
+        problem = why
+    elif key.resolve().is_relative_to(s.data_dir.resolve()):
+        problem = f"{key} lies inside the data directory"
+    elif not Path("/sys/fs/ext4/features/encryption").exists():
+        problem = "this kernel's ext4 has no encryption (fscrypt)"
+    else:
+        problem = None
+    return Check(on_device.name, problem is None,
+                 problem or f"fscrypt per workspace, master key {key}",
+                 "set SPE_WS_DISK_KEY_FILE to a file of 32+ random bytes, mode 0600, outside "
+                 "the data directory (home and /tmp of each image are then encrypted; older "
+                 "homes stay plain until recreated), or put the images on a LUKS volume")
 
 
 def _sandbox() -> Check:
@@ -220,7 +245,13 @@ def _sandbox() -> Check:
                  "install bubblewrap, nftables, util-linux, iproute2 and e2fsprogs")
 
 
-def run_checks(s: Settings) -> list[Check]:
+def run_checks(s: Settings, ws: WorkspaceSettings | None = None) -> list[Check]:
+    """Every control; ``ws``: the workspaces' settings (default: from the environment)."""
+    if ws is None:
+        from workspaces.settings import get_workspace_settings
+
+        ws = get_workspace_settings()
     return [_profile(s), _secrets(s), _secret_files(s), _database(s), _tls_api(s),
             _keycloak(s), _store(s), _service_user(s),
-            *(_encryption(s, what, part) for what, part in ENCRYPTED_PARTS), _sandbox()]
+            *(_encryption(s, what, part) for what, part in ENCRYPTED_PARTS),
+            _disk_images(s, ws), _sandbox()]

@@ -3,8 +3,9 @@ Keycloak in production mode (`kc.sh start`) over TLS with its own PostgreSQL dat
 (infra/keycloak/keycloak-prod.sh), the API validating that Keycloak's tokens through the CA
 bundle, secrets and keys from private files, PostgreSQL for the control plane, a store owned
 by a service user; `spe doctor` passes what this machine can give and names each control that
-is switched off. Encryption at rest needs dm-crypt volumes this machine does not offer (no
-device mapper in the test container), so those checks are asserted to be named as missing."""
+is switched off. The workspace disk images are encrypted with fscrypt (a master key file outside
+the data directory); the dataset store and the extracts need dm-crypt volumes this machine does
+not offer (no device mapper in this kernel), so those checks are asserted to be named."""
 
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ from spe.db import Database
 from spe.tls import TlsFiles, certificate_problems, ensure_local_ca, private_key_problem
 from tests.conftest import PG_URL, ROOT, _drop_pg_database, _fresh_pg_database
 from tests.keycloak_fixtures import bearer, secret_of, token_endpoint
+from workspaces.settings import WorkspaceSettings
 
 NOT_HERE = {  # controls this machine cannot give (see the module docstring)
     "encryption at rest: dataset store",
     "encryption at rest: extracts",
-    "encryption at rest: workspace disk images",
     "workspace sandbox",
 }
 SERVICE_UID = 65534  # nobody: the store's owner when the test runs as root
@@ -153,8 +154,18 @@ def _prod(tmp_path: Path, etc: Path, tls: TlsFiles, db_url: str, port: int,
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def _missing(s: Settings) -> set[str]:
-    return {c.name for c in run_checks(s) if not c.ok}
+def _ws(etc: Path, **extra: object) -> WorkspaceSettings:
+    """Workspace settings with the disk images' master key in the operator's directory."""
+    key = etc / "disk.key"
+    if not key.exists():
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, os.urandom(48))
+        os.close(fd)
+    return WorkspaceSettings(**{"disk_key_file": key, **extra})  # type: ignore[arg-type]
+
+
+def _missing(s: Settings, ws: WorkspaceSettings) -> set[str]:
+    return {c.name for c in run_checks(s, ws) if not c.ok}
 
 
 def test_local_ca_keys_are_private_and_reused(etc: Path) -> None:
@@ -230,7 +241,7 @@ def test_production_profile_serves_tls_and_passes_doctor(
             httpx.get(f"{kc_url.replace('https', 'http')}/realms/spe", timeout=5)
         with pytest.raises(httpx.HTTPError):  # no plain HTTP on the listener
             httpx.get(f"http://127.0.0.1:{port}/healthz")
-        checks = {c.name: c for c in run_checks(s)}
+        checks = {c.name: c for c in run_checks(s, _ws(etc))}
         missing = {name for name, c in checks.items() if not c.ok}
         assert missing <= NOT_HERE, {n: checks[n].found for n in missing - NOT_HERE}
         assert {n for n in NOT_HERE if n.startswith("encryption")} <= missing
@@ -250,32 +261,42 @@ def test_production_profile_serves_tls_and_passes_doctor(
     ({"keycloak_url": "http"}, "Keycloak in production mode over TLS"),
     ({"tls_ca_file": "other CA"}, "Keycloak in production mode over TLS"),
     ({"profile": "test"}, "production profile"),
+    ({"ws_disk_key_file": None}, "encryption at rest: workspace disk images"),
+    ({"ws_disk_key_file": "inside"}, "encryption at rest: workspace disk images"),
 ])
 def test_each_production_control_switched_off_is_named(
         tmp_path: Path, etc: Path, prod_keycloak: tuple[str, TlsFiles],
         switch_off: dict[str, object], name: str) -> None:
     kc_url, tls = prod_keycloak
     url = "postgresql+psycopg://spe@db.internal:5432/spe"
-    assert name not in _missing(_prod(tmp_path, etc, tls, url, 8600, keycloak_url=kc_url))
+    assert name not in _missing(_prod(tmp_path, etc, tls, url, 8600, keycloak_url=kc_url),
+                                _ws(etc))
     extra: dict[str, object] = {"keycloak_url": kc_url, **switch_off}
+    ws = _ws(etc)
+    if "ws_disk_key_file" in extra:
+        inside = tmp_path / "var" / "disk.key"
+        inside.write_bytes(os.urandom(48))
+        inside.chmod(0o600)
+        key = extra.pop("ws_disk_key_file")
+        ws = _ws(etc, disk_key_file=inside if key == "inside" else None)
     if "secret_key_file" in extra:  # the secret then comes inline, as before files
         extra["secret_key"] = secrets.token_urlsafe(48)
     if extra["keycloak_url"] == "http":  # the same server asked over plain HTTP
         extra["keycloak_url"] = kc_url.replace("https://", "http://")
     if extra.get("tls_ca_file") == "other CA":  # a bundle without Keycloak's CA
         extra["tls_ca_file"] = ensure_local_ca(tmp_path / "other").ca_file
-    assert name in _missing(_prod(tmp_path, etc, tls, url, 8600, **extra))
+    assert name in _missing(_prod(tmp_path, etc, tls, url, 8600, **extra), ws)
 
 
 def test_a_secret_file_opened_later_and_a_root_owned_store_are_named(tmp_path: Path,
                                                                      etc: Path) -> None:
     tls = ensure_local_ca(etc / "tls")
     s = _prod(tmp_path, etc, tls, "postgresql+psycopg://spe@db/spe", 8600)
-    assert not _missing(s) & {"secrets from files", "API runs as a service user"}
+    assert not _missing(s, _ws(etc)) & {"secrets from files", "API runs as a service user"}
     assert s.console_client_secret_file is not None
     s.console_client_secret_file.chmod(0o640)
-    assert "secrets from files" in _missing(s)
+    assert "secrets from files" in _missing(s, _ws(etc))
     if os.geteuid() != 0:
         pytest.skip("a root-owned store needs root to make (the rest was checked)")
     os.chown(s.store_dir, 0, 0)
-    assert "API runs as a service user" in _missing(s)
+    assert "API runs as a service user" in _missing(s, _ws(etc))
