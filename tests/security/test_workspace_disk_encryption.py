@@ -9,6 +9,8 @@ may read is refused. Needs root and loop devices (skipped, saying so, elsewhere)
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,34 @@ def test_an_older_plain_image_keeps_its_home_and_gets_an_encrypted_tmp(
         assert fscrypt.policy_identifier(d.tmp) is not None
     finally:
         disk.detach(root)
+
+
+SANDBOX_TOOLS = ("bwrap", "nft", "ip", "setpriv")
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in SANDBOX_TOOLS),
+                    reason="the sandbox needs bubblewrap, nftables, iproute2 and util-linux")
+def test_a_sandbox_reads_and_writes_its_encrypted_home(tmp_path: Path, master: Path) -> None:
+    from permits.terms import ComputeQuota
+    from workspaces.sandbox import Workspace
+    from workspaces.settings import WorkspaceSettings
+
+    settings = WorkspaceSettings(allowed_host_ports=(), runtime_dir=Path("no-runtime"),
+                                 cgroup_parent=f"spe-test-{uuid.uuid4().hex[:6]}",
+                                 disk_key_file=master)
+    ws = Workspace.provision(
+        workspaces_dir=tmp_path / "workspaces", person="alice", permit_id="P-enc",
+        quota=ComputeQuota(cpus=1.0, memory_mb=256, disk_mb=32), settings=settings,
+        ws_id=f"t{uuid.uuid4().hex[:11]}", with_network=False)
+    try:
+        code = ("import os, pathlib; h = pathlib.Path(os.path.expanduser('~'));"
+                f"(h / 'n.txt').write_text({MARKER!r}); pathlib.Path('/tmp/t.txt')"
+                f".write_text({MARKER!r}); print((h / 'n.txt').read_text())")
+        proc = ws.run(["/usr/bin/python3", "-c", code], timeout=120)
+        assert proc.stdout.strip() == MARKER, proc.stderr
+        image = ws.root / disk.IMAGE_NAME
+        disk.detach(ws.root)
+        os.sync()
+        assert not _image_holds(image, MARKER)
+    finally:
+        ws.destroy(remove_home=True)
