@@ -3,9 +3,9 @@
 Contract:
 
 * :func:`workspace_key` derives a workspace's 64-byte key from the master key file (HKDF-SHA512
-  with the workspace id as info), so one file outside the data directory unlocks every image
-  and no per-workspace key is stored anywhere. The master file is refused when group or others
-  may access it, or when it holds fewer than 32 bytes.
+  with the workspace id as info; :func:`derive_key` for other purposes), so one file outside
+  the data directory unlocks every image and no per-workspace key is stored anywhere. The
+  master file is refused when group or others may access it, or holds fewer than 32 bytes.
 * :func:`add_key` adds a key to a mounted filesystem's keyring (``FS_IOC_ADD_ENCRYPTION_KEY``)
   and returns its 16-byte identifier. The kernel drops the keyring when the filesystem is
   unmounted, so a detached image holds only ciphertext (file contents and names, AES-256-XTS
@@ -52,6 +52,11 @@ class KeyFileRefused(ValueError):
 
 def workspace_key(master_file: Path, workspace_id: str) -> bytes:
     """The key of ``workspace_id``'s disk image, derived from the master key file."""
+    return derive_key(master_file, workspace_id)
+
+
+def derive_key(master_file: Path, purpose: str) -> bytes:
+    """A 64-byte key for ``purpose`` (a workspace id, or ``data:<name>`` for a data folder)."""
     try:
         st = master_file.stat()
         data = master_file.read_bytes()
@@ -62,7 +67,7 @@ def workspace_key(master_file: Path, workspace_id: str) -> bytes:
     if len(data.strip()) < 32:
         raise KeyFileRefused(f"{master_file} holds fewer than 32 bytes")
     hkdf = HKDF(algorithm=hashes.SHA512(), length=KEY_BYTES, salt=b"spe-workspace-disk",
-                info=workspace_id.encode())
+                info=purpose.encode())
     return hkdf.derive(data.strip())
 
 

@@ -193,14 +193,28 @@ def is_encrypted(path: Path) -> bool:
 ENCRYPTED_PARTS = (("dataset store", "store"), ("extracts", "extracts"))
 
 
+def _fscrypt_policy(path: Path) -> bool:
+    from workspaces.fscrypt import policy_identifier
+
+    try:
+        return path.is_dir() and policy_identifier(path) is not None
+    except OSError:
+        return False
+
+
 def _encryption(s: Settings, what: str, part: str) -> Check:
     where = s.data_dir / part
     probe = where if where.exists() else s.data_dir
-    ok = probe.exists() and is_encrypted(probe)
-    return Check(f"encryption at rest: {what}", ok,
-                 f"{where} is on {'an encrypted' if ok else 'an unencrypted'} device",
-                 f"put {where} (or the whole data directory) on a dm-crypt/LUKS volume "
-                 "whose key is kept outside the data directory")
+    if probe.exists() and is_encrypted(probe):
+        found, ok = f"{where} is on an encrypted device", True
+    elif _fscrypt_policy(where):
+        found, ok = f"{where} is under an fscrypt policy", True
+    else:
+        found, ok = f"{where} is neither on an encrypted device nor under fscrypt", False
+    return Check(f"encryption at rest: {what}", ok, found,
+                 f"`spe encryption setup {where} --key-file F` (ext4 fscrypt, a master key "
+                 "file outside the data directory) while it is empty, or put it on a "
+                 "dm-crypt/LUKS volume whose key is kept outside the data directory")
 
 
 def _disk_images(s: Settings, ws: WorkspaceSettings) -> Check:

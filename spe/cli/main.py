@@ -82,12 +82,14 @@ def _register() -> None:
     from spe.auth import cli as auth_cli
     from spe.cli import datasets as datasets_cli
     from spe.cli import doctor as doctor_cli
+    from spe.cli import encryption as encryption_cli
     from spe.cli import incident as incident_cli
     from spe.cli import up as up_cli
 
     app.add_typer(airlock_cli.app, name="airlock")
     app.add_typer(auth_cli.app, name="auth")
     app.add_typer(datasets_cli.app, name="datasets")
+    app.add_typer(encryption_cli.app, name="encryption")
     app.add_typer(incident_cli.app, name="incident")
     app.command("demo-data")(datasets_cli.demo_data)
     app.command("up")(up_cli.up)
