@@ -34,8 +34,10 @@ from permits.policy import check_see
 from permits.service import get_terms
 from permits.terms import PermitStatus, PermitTerms
 from spe.airlock import checks as chk
+from spe.airlock import contributions
 from spe.airlock.acro_evidence import AcroResults
 from spe.airlock.acro_evidence import parse as parse_acro
+from spe.airlock.kinds import TABLE_KINDS
 from spe.airlock.models import ExportFile, ExportRelease, ExportRequest, ExportVote
 from spe.airlock.states import OPEN, State, check
 from spe.airlock.storage import Quarantine, Staged
@@ -314,6 +316,7 @@ class AirlockService:
                           released_tables=tables)
         verdicts = []
         acro = self._acro_results(req, files)
+        queries = contributions.query_evidence(list(req.receipts or []))
         for f in files:
             data = self.quarantine.get(req.id, f.id)
             if chk.sha256(data) != f.sha256:  # quarantine changed under us: never pass
@@ -323,6 +326,10 @@ class AirlockService:
             else:
                 verdict = chk.check_file(data, ctx, self.quarantine.path(req.id, f.id))
                 verdict = _with_acro(verdict, f, files, acro)
+                if f.name in queries and verdict.kind in TABLE_KINDS and not verdict.blocked:
+                    verdict = contributions.apply(verdict, contributions.file_checks(
+                        data, verdict.kind, self.quarantine.path(req.id, f.id),
+                        queries[f.name], terms, self.db, self.settings))
             f.kind, f.outcome = verdict.kind, verdict.outcome
             f.checks = [c.as_dict() for c in verdict.checks]
             verdicts.append(verdict)
