@@ -9,6 +9,7 @@ enforced. Outside the ``dev`` profile, default secrets are refused at load time.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,28 @@ SECRET_FILE_FIELDS = ("secret_key", "console_client_secret", "keycloak_admin_pas
 
 def _config_file() -> Path:
     return Path(os.environ.get("SPE_CONFIG", "spe.toml"))
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """The stripped content of the secret file ``path``; refused (ValueError naming ``what``)
+    when group or others may access it, when it is not a regular file, or when it is empty."""
+    from spe.tls import private_key_problem
+
+    if (why := private_key_problem(path)) is not None:
+        raise ValueError(f"{what} refused: {why}")
+    value = path.read_text().strip()
+    if not value:
+        raise ValueError(f"{what} is empty")
+    return value
+
+
+def secret_from_env(name: str, environ: Mapping[str, str] = os.environ) -> str:
+    """``environ[name]``, or the secret read from the file named by ``<name>_FILE`` (which wins;
+    see :func:`read_secret_file`); empty when neither is set."""
+    path = environ.get(f"{name}_FILE")
+    if path:
+        return read_secret_file(Path(path), f"{name}_FILE")
+    return environ.get(name, "")
 
 
 class Settings(BaseSettings):
@@ -267,14 +290,8 @@ class Settings(BaseSettings):
 
         for name in SECRET_FILE_FIELDS:
             path = data.get(f"{name}_file")
-            if path is None:
-                continue
-            if (why := private_key_problem(Path(path))) is not None:
-                raise ValueError(f"{name}_file refused: {why}")
-            value = Path(path).read_text().strip()
-            if not value:
-                raise ValueError(f"{name}_file is empty")
-            data = {**data, name: value}
+            if path is not None:
+                data = {**data, name: read_secret_file(Path(path), f"{name}_file")}
         key = data.get("tls_key_file")
         if key is not None and (why := private_key_problem(Path(key))) is not None:
             raise ValueError(f"tls_key_file refused: {why}")

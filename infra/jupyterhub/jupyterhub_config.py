@@ -2,6 +2,8 @@
 
 Read from the environment (``spe up`` and :mod:`workspaces.hub` set them):
   SPE_HUB_OAUTH_CLIENT_SECRET   secret of the confidential Keycloak client ``jupyterhub``
+                                (or SPE_HUB_OAUTH_CLIENT_SECRET_FILE: a file only its owner
+                                may access; likewise SPE_HUB_CRYPT_KEY_FILE)
   SPE_HUB_CRYPT_KEY             32-byte hex key encrypting auth state (JUPYTERHUB_CRYPT_KEY);
                                 unset: a random key is kept in <data_dir>/hub/crypt_key (0600)
   SPE_HUB_PUBLIC_URL            where users reach the hub (default http://127.0.0.1:8000)
@@ -26,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
-from spe.config import get_settings
+from spe.config import get_settings, secret_from_env
 from workspaces.hub import user_subdomain
 from workspaces.hub_auth import SPEKeycloakAuthenticator
 from workspaces.settings import get_workspace_settings
@@ -44,7 +46,7 @@ secure = public.startswith("https://")
 realm = f"{spe.keycloak_base_url}/realms/{spe.keycloak_realm}/protocol/openid-connect"
 
 # Auth state encryption key: given, or generated once and kept in the 0700 hub dir.
-key = os.environ.get("SPE_HUB_CRYPT_KEY", "")
+key = secret_from_env("SPE_HUB_CRYPT_KEY")
 if not key:
     key_file = hub_dir / "crypt_key"
     if not key_file.exists():
@@ -84,7 +86,7 @@ c.JupyterHub.cleanup_servers = True
 # Keycloak (real OIDC code flow with PKCE); only `researcher` principals get in.
 c.JupyterHub.authenticator_class = SPEKeycloakAuthenticator
 c.SPEKeycloakAuthenticator.client_id = "jupyterhub"
-c.SPEKeycloakAuthenticator.client_secret = os.environ.get("SPE_HUB_OAUTH_CLIENT_SECRET", "")
+c.SPEKeycloakAuthenticator.client_secret = secret_from_env("SPE_HUB_OAUTH_CLIENT_SECRET")
 c.SPEKeycloakAuthenticator.oauth_callback_url = f"{public}/hub/oauth_callback"
 c.SPEKeycloakAuthenticator.authorize_url = f"{realm}/auth"
 c.SPEKeycloakAuthenticator.token_url = f"{realm}/token"

@@ -53,9 +53,9 @@ def _start_hub(s: Settings, public_url: str) -> tuple[str, HubProcess | None]:
     env.update(hub_tls_env(s))
     if s.api_port not in ws.allowed_host_ports:
         env["SPE_WS_ALLOWED_HOST_PORTS"] = json.dumps([ws.allowed_host_ports[0], s.api_port])
-    if "SPE_HUB_OAUTH_CLIENT_SECRET" not in os.environ:
+    if not {"SPE_HUB_OAUTH_CLIENT_SECRET", "SPE_HUB_OAUTH_CLIENT_SECRET_FILE"} & set(os.environ):
         if s.profile != "dev":
-            return "not started (set SPE_HUB_OAUTH_CLIENT_SECRET)", None
+            return "not started (set SPE_HUB_OAUTH_CLIENT_SECRET_FILE)", None
         env["SPE_HUB_OAUTH_CLIENT_SECRET"] = "jupyterhub-dev-secret"  # noqa: S105 - dev realm
     hub = start_hub(public_url=public_url, env=env, log_path=s.data_dir / "hub" / "hub.log")
     return f"{public_url}/hub/login  (log: {hub.log_path})", hub

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from spe.cli.doctor_checks import run_checks
 from spe.cli.main import app
-from spe.config import Settings, get_settings
+from spe.config import Settings, get_settings, secret_from_env
 from spe.db import Database
 from spe.tls import TlsFiles, certificate_problems, ensure_local_ca, private_key_problem
 from tests import fscrypt_fs
@@ -214,6 +214,15 @@ def test_secret_files_are_read_and_open_ones_refused(tmp_path: Path, etc: Path) 
     path.write_text("\n")
     with pytest.raises(ValueError, match="secret_key_file is empty"):
         Settings(data_dir=tmp_path / "var", secret_key_file=path)  # type: ignore[call-arg]
+    # the hub's secrets (environment or <NAME>_FILE, which wins) follow the same rules
+    env = {"SPE_HUB_OAUTH_CLIENT_SECRET": "inline", "SPE_HUB_OAUTH_CLIENT_SECRET_FILE": str(path)}
+    path.write_text("from-file\n")
+    assert secret_from_env("SPE_HUB_OAUTH_CLIENT_SECRET", env) == "from-file"
+    assert secret_from_env("SPE_HUB_OAUTH_CLIENT_SECRET", {"SPE_HUB_OAUTH_CLIENT_SECRET": "x"}) \
+        == "x"
+    path.chmod(0o604)
+    with pytest.raises(ValueError, match="SECRET_FILE refused"):
+        secret_from_env("SPE_HUB_OAUTH_CLIENT_SECRET", env)
 
 
 def test_production_profile_serves_tls_and_passes_doctor(
