@@ -127,5 +127,5 @@ def check_use(person: str, terms: PermitTerms, *, hide_unnamed: bool = False) ->
             raise _not_found(terms.permit_id)
         raise NotNamedInPermit(f"{person} is not named in permit {terms.permit_id}.")
     if not terms.usable:
-        raise PermitNotUsable(f"The permit is {terms.status.value}; using it needs an active "
+        raise PermitNotUsable(f"The permit is {terms.state_text}; using it needs an active "
                               "permit.")

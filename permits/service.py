@@ -29,7 +29,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -68,6 +68,7 @@ from permits.terms import (
     PrivacyBudget,
 )
 from spe.audit import AuditEvent, record
+from spe.audit.incident import is_frozen
 from spe.auth.permit_checks import register_permit_checker
 from spe.auth.principal import SYSTEM, Principal
 from spe.auth.workspace_tokens import revoke_permit_tokens, revoke_person_tokens
@@ -243,7 +244,10 @@ def get_terms(session: Session, permit_id: str, now: datetime | None = None) -> 
     if loaded is None:
         raise NotFound(f"No permit {permit_id}.")
     permit, version = loaded
-    return terms_of(permit, version.snapshot, now or utcnow())
+    terms = terms_of(permit, version.snapshot, now or utcnow())
+    if is_frozen(session, permit_id):  # the incident switch: refused whatever the status
+        terms = replace(terms, frozen=True)
+    return terms
 
 
 def permit_is_active(session: Session, permit_id: str) -> bool:

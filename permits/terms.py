@@ -80,10 +80,17 @@ class PermitTerms:
     compute: ComputeQuota = field(default_factory=ComputeQuota)
     purposes: frozenset[str] = frozenset()
     retention_days: int = 183
+    #: Frozen by the incident switch (``spe.audit.incident``): not usable whatever its status.
+    frozen: bool = False
 
     @property
     def usable(self) -> bool:
-        return self.status is PermitStatus.ACTIVE
+        return self.status is PermitStatus.ACTIVE and not self.frozen
+
+    @property
+    def state_text(self) -> str:
+        """Why the permit is (not) usable, for refusal messages: its status or 'frozen'."""
+        return "frozen (incident)" if self.frozen else self.status.value
 
     def names(self, person: str) -> bool:
         return person in self.persons

@@ -42,6 +42,9 @@ API URL and token) with the SPE settings of the hub. One loop does three things:
   on the host whose host nftables table is missing (a firewall reload or flush) gets it
   re-installed, audited as an alert (``workspace.network_reinstall``, outcome ``failure``:
   the workspace was protected meanwhile only by the table inside its own namespace).
+* **Incident freeze** (every ``events_poll_seconds``): every server of a permit frozen by
+  ``spe incident freeze`` is stopped (audited as ``workspace.cull``, reason
+  ``incident freeze``); the spawner's poll refuses it as well. Homes are kept for evidence.
 * **Retention** (same tick): workspaces whose permit ended without an event seen (e.g. expiry
   noticed only by reading) get a deadline, and :func:`workspaces.lifecycle.purge_due` deletes
   the data past its deadline, audited.
@@ -200,6 +203,41 @@ class HubService:
                 target=permit_id, details={"stopped_servers_of": sorted(set(stopped)),
                                            "extract": extract,
                                            "narrowed": narrowed or []}))
+
+    # -- incident switch -------------------------------------------------------------------
+    async def stop_frozen_once(self) -> list[tuple[str, str]]:
+        """Stop every server of a permit frozen by the incident switch
+        (``spe.audit.incident``; all servers under a freeze of all permits); returns those
+        stopped. The spawner's own poll refuses a frozen permit too (``check_use``)."""
+        from spe.audit.incident import frozen_state, is_frozen
+
+        def state() -> dict[str, Any]:
+            with self.db.read() as session:
+                return frozen_state(session)
+
+        frozen = await asyncio.to_thread(state)
+        if not frozen["all"] and not frozen["permits"]:
+            return []
+
+        def frozen_permit(user: str, name: str) -> tuple[bool, str | None]:
+            pid = lifecycle.permit_for_server(self.db, user, name)
+            if pid is None:
+                return bool(frozen["all"]), None
+            with self.db.read() as session:
+                return is_frozen(session, pid), pid
+
+        stopped = []
+        for user, name, _server in await self.servers():
+            hit, pid = await asyncio.to_thread(frozen_permit, user, name)
+            if not hit:
+                continue
+            log.info("permit of %s/%s frozen (incident): stopping", user, name)
+            await self.stop_server(user, name)
+            ws_id = accounts.workspace_id(user, pid) if pid else f"server:{name}"
+            await asyncio.to_thread(self._audit_cull, user, pid, ws_id, Outcome.SUCCESS,
+                                    "incident freeze")
+            stopped.append((user, name))
+        return stopped
 
     # -- culling ---------------------------------------------------------------------------
     def _audit_cull(self, user: str, permit_id: str | None, ws_id: str, outcome: Outcome,
@@ -378,6 +416,7 @@ class HubService:
         while True:
             try:
                 await self.handle_events()
+                await self.stop_frozen_once()
                 if loop.time() >= next_persons:
                     next_persons = loop.time() + self.ws.person_check_seconds
                     await self.check_persons_once()

@@ -97,7 +97,7 @@ class AirlockService:
     @staticmethod
     def _check_usable(terms: PermitTerms) -> None:
         if not terms.usable:
-            raise Conflict(f"The permit is {terms.status.value}: nothing can be exported "
+            raise Conflict(f"The permit is {terms.state_text}: nothing can be exported "
                            "under it.")
 
     @staticmethod
@@ -263,6 +263,8 @@ class AirlockService:
     def submit(self, principal: Principal, permit_id: str, request_id: str) -> dict[str, Any]:
         with self.db.write() as s:
             terms, req = self._own(s, principal, permit_id, request_id)
+            if terms.frozen:  # an incident freeze refuses every step and keeps the request
+                self._check_usable(terms)
             files = self._files(s, req.id)
             if not files:
                 raise Conflict("Add at least one file before submitting.")
@@ -363,7 +365,9 @@ class AirlockService:
     def withdraw(self, principal: Principal, permit_id: str, request_id: str
                  ) -> dict[str, Any]:
         with self.db.write() as s:
-            _terms, req = self._own(s, principal, permit_id, request_id)
+            terms, req = self._own(s, principal, permit_id, request_id)
+            if terms.frozen:  # kept as it is for evidence
+                self._check_usable(terms)
             self._move(s, principal, req, State.WITHDRAWN, "Withdrawn by the researcher.")
             self._audit(s, principal, AuditAction.AIRLOCK_WITHDRAW, permit_id, req.id, {})
             return self._view(s, principal, req)

@@ -166,8 +166,8 @@ def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Call
     if not terms.usable:
         _audit(db, caller, terms, Outcome.REFUSED, _refusal_details(base, terms.permit_id,
                                                                     limits),
-               f"permit is {terms.status.value}")
-        raise Forbidden(f"The permit is {terms.status.value}; queries need an active permit.")
+               f"permit is {terms.state_text}")
+        raise Forbidden(f"The permit is {terms.state_text}; queries need an active permit.")
     epsilon = DEFAULT_EPSILON if req.epsilon is None else float(req.epsilon)
     if req.epsilon is None:
         epsilon = min(epsilon, terms.budget.max_epsilon_per_query)
