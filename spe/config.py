@@ -209,6 +209,18 @@ class Settings(BaseSettings):
         description="Most rows a table in an export may have, unless the permit's export policy "
         "sets max_rows. Enforced by the airlock's checks: more is a blocking failure.",
     )
+    airlock_sacroml_python: Path | None = Field(
+        None,
+        description="Python interpreter of a separate virtual environment with SACRO-ML (and "
+        "PyTorch/XGBoost) installed. When set, the airlock runs SACRO-ML's membership-inference "
+        "attack on exported models as a background job in that environment and shows the "
+        "result to reviewers; unset, model files say 'MIA not run' and go to human review.",
+    )
+    airlock_mia_timeout_seconds: float = Field(
+        1800.0, gt=0, le=86400,
+        description="Wall-clock limit of one membership-inference job; past it the job is "
+        "killed and its file marked for reviewers.",
+    )
     audit_checkpoint_interval_seconds: float = Field(
         300.0, ge=0, le=86400,
         description="How often the API signs a checkpoint of the audit log (Merkle root, "

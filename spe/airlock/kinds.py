@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 #: Kinds the airlock can name (a superset of ``permits.schemas.FileKind``).
 TABLE_KINDS = frozenset({"csv", "tsv", "parquet", "xlsx"})
 REVIEW_KINDS = frozenset({"png", "jpeg", "gif", "pdf", "svg", "txt", "md", "json", "notebook",
+                          "onnx",
                           "safetensors", "unknown"})
 
 _ARCHIVES = (
@@ -119,6 +120,12 @@ def sniff(data: bytes) -> Sniffed:
     bad = dangerous(data)
     if bad is not None:
         return Sniffed(bad.split(" ")[0].lower(), f"{bad} content is never exported")
+    from spe.airlock import models_check  # it imports this module through checks
+
+    model = models_check.refused_model(data)
+    if model is not None:
+        return Sniffed("model", f"{model}: models leave only as safetensors, ONNX or JSON "
+                       "coefficients")
     for magic, kind in _IMAGES:
         if data.startswith(magic):
             return Sniffed(kind)
@@ -130,6 +137,8 @@ def sniff(data: bytes) -> Sniffed:
         return Sniffed("parquet")
     if _safetensors(data):
         return Sniffed("safetensors")
+    if models_check.is_onnx(data):  # a protobuf; stops at the first byte of text
+        return Sniffed("onnx")
     if b"\x00" in data:
         return Sniffed("unknown")
     text = _head_text(data)

@@ -21,6 +21,7 @@ Contract
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from permits.policy import check_see
 from permits.service import get_terms
 from permits.terms import PermitStatus, PermitTerms
 from spe.airlock import checks as chk
-from spe.airlock import contributions
+from spe.airlock import contributions, mia_job, models_check
 from spe.airlock.acro_evidence import AcroResults
 from spe.airlock.acro_evidence import parse as parse_acro
 from spe.airlock.kinds import TABLE_KINDS
@@ -51,6 +52,8 @@ from spe.errors import Conflict, Forbidden, InvalidInput, NotFound, PayloadTooLa
 logger = logging.getLogger("spe.airlock")
 
 Decision = Literal["approve", "reject", "return"]
+#: A queued membership-inference job: request id, file id, model kind, declared rows.
+MiaJob = tuple[str, str, str, int | None]
 #: Largest file read as a possible ACRO ``results.json``.
 ACRO_RESULTS_MAX = 10_000_000
 
@@ -79,6 +82,8 @@ class AirlockService:
         self.db = db
         self.settings = settings
         self.quarantine = Quarantine(settings.data_dir / "airlock" / "quarantine")
+        #: Threads of the membership-inference jobs started by this service.
+        self.mia_threads: list[threading.Thread] = []
 
     # -- authorisation ---------------------------------------------------------------------
     def _terms(self, session: Session, principal: Principal, permit_id: str) -> PermitTerms:
@@ -278,7 +283,8 @@ class AirlockService:
                 self._move(s, SYSTEM, req, State.REJECTED,
                            f"The permit is {terms.status.value}.")
                 return self._view(s, principal, req)
-            verdicts = self._run_checks(s, terms, req, files)
+            jobs: list[MiaJob] = []
+            verdicts = self._run_checks(s, terms, req, files, jobs)
             self._move(s, SYSTEM, req, State.CHECKED)
             if any(v.blocked for v in verdicts):
                 self._move(s, SYSTEM, req, State.RETURNED_FOR_CHANGES,
@@ -289,10 +295,39 @@ class AirlockService:
                 self._release(s, req, files)
             else:
                 self._move(s, SYSTEM, req, State.IN_REVIEW)
-            return self._view(s, principal, req)
+            view = self._view(s, principal, req)
+        self._start_mia_jobs(jobs)
+        return view
+
+    def _start_mia_jobs(self, jobs: list[MiaJob]) -> None:
+        """Start the membership-inference jobs the checks queued (after their commit)."""
+        for request_id, file_id, kind, rows in jobs:
+            def record(found: chk.Check, request_id: str = request_id,
+                       file_id: str = file_id) -> None:
+                self.record_mia(request_id, file_id, found)
+
+            self.mia_threads.append(mia_job.start(
+                self.settings, self.quarantine.path(request_id, file_id), kind, rows, record))
+
+    def record_mia(self, request_id: str, file_id: str, found: chk.Check) -> None:
+        """Store a membership-inference result on its file (replacing the queued check),
+        audited as ``airlock.mia``. The file's outcome never becomes ``pass`` by it."""
+        with self.db.write() as s:
+            row = s.get(ExportFile, file_id)
+            req = s.get(ExportRequest, request_id)
+            if row is None or req is None or row.request_id != request_id:
+                return
+            row.checks = [c for c in (row.checks or []) if c.get("name") != mia_job.NAME] + [
+                found.as_dict()]
+            if found.outcome == chk.FAIL and row.outcome != chk.FAIL:
+                row.outcome = chk.REVIEW  # reviewers see the failed attack; never released
+            self._audit(s, SYSTEM, AuditAction.AIRLOCK_MIA, req.permit_id, request_id,
+                        {"file_id": file_id, "sha256": row.sha256, "outcome": found.outcome,
+                         "state": found.details.get("state")})
 
     def _run_checks(self, s: Session, terms: PermitTerms, req: ExportRequest,
-                    files: list[ExportFile]) -> list[chk.FileVerdict]:
+                    files: list[ExportFile], jobs: list[MiaJob] | None = None
+                    ) -> list[chk.FileVerdict]:
         _files, _bytes, max_rows = self._limits(terms)
         released = s.execute(select(ExportRelease).where(
             ExportRelease.permit_id == terms.permit_id)).scalars().all()
@@ -319,6 +354,7 @@ class AirlockService:
         verdicts = []
         acro = self._acro_results(req, files)
         queries = contributions.query_evidence(list(req.receipts or []))
+        model_rows = models_check.declared_rows(list(req.receipts or []))
         for f in files:
             data = self.quarantine.get(req.id, f.id)
             if chk.sha256(data) != f.sha256:  # quarantine changed under us: never pass
@@ -332,6 +368,13 @@ class AirlockService:
                     verdict = contributions.apply(verdict, contributions.file_checks(
                         data, verdict.kind, self.quarantine.path(req.id, f.id),
                         queries[f.name], terms, self.db, self.settings))
+                model = models_check.model_kind(verdict.kind, data)
+                if model is not None and not verdict.blocked:
+                    verdict = contributions.apply(verdict, [
+                        *models_check.structural_checks(data, model, model_rows.get(f.name)),
+                        mia_job.initial_check(self.settings)])
+                    if jobs is not None and mia_job.configured(self.settings) is not None:
+                        jobs.append((req.id, f.id, model, model_rows.get(f.name)))
             f.kind, f.outcome = verdict.kind, verdict.outcome
             f.checks = [c.as_dict() for c in verdict.checks]
             verdicts.append(verdict)

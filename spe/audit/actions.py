@@ -90,6 +90,7 @@ class AuditAction(StrEnum):
     AIRLOCK_CLOSE = "airlock.close"
     AIRLOCK_DOWNLOAD = "airlock.download"
     AIRLOCK_PURGE = "airlock.purge"
+    AIRLOCK_MIA = "airlock.mia"
     # the audit log itself
     AUDIT_READ = "audit.read"
     AUDIT_KEYS = "audit.keys"
@@ -183,6 +184,8 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.AIRLOCK_CLOSE: "open export requests were rejected because their permit ended "
     "or was suspended",
     AuditAction.AIRLOCK_DOWNLOAD: "a released file was downloaded (or the download refused)",
+    AuditAction.AIRLOCK_MIA: "the membership-inference job of an exported model finished "
+    "(outcome recorded on the file)",
     AuditAction.AIRLOCK_PURGE: "quarantined bytes of a rejected, withdrawn or closed export "
     "request (or its unreleased files) were deleted after the retention period; the records "
     "and hashes stay",
