@@ -13,8 +13,9 @@ Contract
   homes, results and the log are kept for evidence.
 * :func:`evidence` builds a bundle for the access body: a fresh signed checkpoint, the public
   keys, every held checkpoint with the consistency proof to the fresh one, the permit's entries
-  with inclusion proofs (``spe.audit.proofs.permit_bundle``) and what the caller adds
-  (e.g. permit versions, receipts); the whole bundle is signed with the checkpoint key.
+  with inclusion proofs (``spe.audit.proofs.permit_bundle``), the permit's DP release
+  receipts (:func:`release_receipts`) and what the caller adds (e.g. permit versions, the
+  airlock requests' receipts); the whole bundle is signed with the checkpoint key.
 """
 
 from __future__ import annotations
@@ -92,6 +93,27 @@ def thaw(db: Database, *, actor: str, role: str | None, permit_id: str | None,
                    permit_id=permit_id, reason=reason)
 
 
+def release_receipts(session: Session, permit_id: str) -> list[dict[str, Any]]:
+    """The DP release receipts of ``permit_id``'s answered queries, from their audit entries
+    (``dp.query`` successes): what each receipt signs (file hashes, charge, cost, time, rows,
+    column names), with the entry's number. Entries written before whole receipts were
+    recorded give the CSV hash and charge id only."""
+    out = []
+    for seq, time, actor, details in session.execute(
+            select(AuditEntry.seq, AuditEntry.time, AuditEntry.actor, AuditEntry.details)
+            .where(AuditEntry.permit_id == permit_id, AuditEntry.action == "dp.query",
+                   AuditEntry.outcome == "success").order_by(AuditEntry.seq)):
+        details = details or {}
+        receipt = details.get("receipt") or (
+            {"charge_id": details.get("charge_id"),
+             "sha256_csv": details.get("receipt_sha256_csv")}
+            if details.get("receipt_sha256_csv") else None)
+        if receipt:
+            out.append({"audit_seq": int(seq), "time": time.isoformat(), "actor": actor,
+                        "receipt": receipt})
+    return out
+
+
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
@@ -110,12 +132,14 @@ def evidence(db: Database, keys: KeyStore, log: CheckpointLog, origin: str, perm
                   for c in held]
         bundle = permit_bundle(session, cp, permit_id)
         state = frozen_state(session)
+        receipts = release_receipts(session, permit_id)
     body: dict[str, Any] = {
         "kind": "spe-incident-evidence", "version": 1, "permit_id": permit_id,
         "created": datetime.now(UTC).isoformat(timespec="microseconds"),
         "created_by": actor, "origin": origin, "checkpoint": cp.to_json(),
         "keys": [vars(k) for k in keys.public_keys()], "held_checkpoints": proofs,
-        "audit": bundle, "incident_state": state, **(extra or {}),
+        "audit": bundle, "incident_state": state, "dp_release_receipts": receipts,
+        **(extra or {}),
     }
     key_id, private = keys.current()
     return {"bundle": body, "key_id": key_id,

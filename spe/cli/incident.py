@@ -93,10 +93,12 @@ def evidence(
     out: Path = typer.Option(..., help="File to write the signed bundle to (created, 0600)."),
 ) -> None:
     """Write a signed evidence bundle: a fresh checkpoint, keys, held checkpoints with
-    consistency proofs, the permit's audit entries with inclusion proofs, its versions."""
+    consistency proofs, the permit's audit entries with inclusion proofs, its DP release
+    receipts, export requests (with the receipts they cite) and versions."""
     from sqlalchemy import select
 
     from permits.models import PermitVersion
+    from spe.airlock.models import ExportRequest
     from spe.audit import incident
     from spe.audit.checkpoints import CheckpointLog, KeyStore, LogTampered
     from spe.cli.audit import existing_database
@@ -113,10 +115,17 @@ def evidence(
                         for v in session.execute(select(PermitVersion)
                                                  .where(PermitVersion.permit_id == permit)
                                                  .order_by(PermitVersion.version)).scalars()]
+            exports = [{"request_id": r.id, "state": r.state, "requester": r.requester,
+                        "round": r.round, "receipts": r.receipts or [],
+                        "created_at": r.created_at.isoformat()}
+                       for r in session.execute(select(ExportRequest)
+                                                .where(ExportRequest.permit_id == permit)
+                                                .order_by(ExportRequest.created_at)).scalars()]
         signed = incident.evidence(db, KeyStore(s.data_dir), CheckpointLog(s.data_dir),
                                    s.api_base_url, permit, actor=principal.actor,
                                    role=principal.primary_role(),
-                                   extra={"permit_versions": versions})
+                                   extra={"permit_versions": versions,
+                                          "export_requests": exports})
     except LogTampered as exc:
         typer.secho(f"NO EVIDENCE SIGNED: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -127,5 +136,7 @@ def evidence(
         json.dump(signed, fh, indent=1, sort_keys=True)
     bundle = signed["bundle"]
     typer.echo(f"evidence for permit {permit}: {len(bundle['audit']['entries'])} entries, "
-               f"{len(versions)} permit versions, checkpoint of {bundle['checkpoint']['size']} "
+               f"{len(versions)} permit versions, "
+               f"{len(bundle['dp_release_receipts'])} DP release receipts, "
+               f"{len(exports)} export requests, checkpoint of {bundle['checkpoint']['size']} "
                f"entries; signed with key {signed['key_id']}")

@@ -225,7 +225,11 @@ def run_query(db: Database, settings: Settings, terms: PermitTerms, caller: Call
             snap = ledger.snapshot(session, terms, caller.actor)
             record(session, _event(caller, terms, Outcome.SUCCESS,
                                    {**outcome, "charge_id": charge_id,
-                                    "receipt_sha256_csv": answer["receipt"]["sha256_csv"]}))
+                                    "receipt_sha256_csv": answer["receipt"]["sha256_csv"],
+                                    # what the receipt signs (hashes, counts, names; no values,
+                                    # no signature): incident evidence carries it
+                                    "receipt": {k: answer["receipt"].get(k)
+                                                for k in receipts.SIGNED_FIELDS}}))
     except Exception as err:  # noqa: BLE001 - every failure after data access is generic
         logger.warning("dp query failed after reserve",
                        extra={"fields": {"charge_id": charge_id, "error": type(err).__name__}})

@@ -87,7 +87,9 @@ def test_cli_and_signed_evidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         for i in range(5):
             with db.write() as s:
                 record(s, AuditEvent(action="dp.query", actor="alice",
-                                     permit_id="P-1" if i % 2 else "P-2"))
+                                     permit_id="P-1" if i % 2 else "P-2",
+                                     details={"charge_id": f"c{i}", "receipt": {
+                                         "charge_id": f"c{i}", "sha256_csv": "ab" * 32}}))
         with db.read() as s:
             from spe.audit.proofs import create_checkpoint
 
@@ -110,6 +112,8 @@ def test_cli_and_signed_evidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         for held in bundle["held_checkpoints"]:
             vr.verify_extends(held["checkpoint"], cp, held["proof"])
         assert bundle["incident_state"]["permits"] == ["P-1"]
+        assert [r["receipt"]["charge_id"] for r in bundle["dp_release_receipts"]] == ["c1", "c3"]
+        assert bundle["export_requests"] == [] and "2 DP release receipts" in r.output
         forged = json.loads(out.read_text())
         forged["bundle"]["audit"]["entries"].pop()
         assert not incident.verify_evidence_signature(forged)

@@ -165,6 +165,14 @@ def test_dry_run_idempotency_receipt_and_audit(db: Database, db_url: str, ds, tm
         assert ("dp.query.dry_run", "success") in actions
         assert ("dp.query.replay", "success") in actions
         assert ("dp.query", "failure") in actions
+        # the released answer's receipt (what it signs, not its signature) is in the log,
+        # so incident evidence carries it
+        from spe.audit.incident import release_receipts
+
+        found = release_receipts(session, terms.permit_id)
+        assert [r["receipt"]["charge_id"] for r in found] == [rc["charge_id"]]
+        assert found[0]["receipt"] == {k: rc[k] for k in receipt.SIGNED_FIELDS}
+        assert "signature" not in found[0]["receipt"]
         texts = {e.details["sql_sha256"]: e.details["sql"] for e in entries
                  if "sql" in e.details}
         for e in entries:  # SQL text and cost are audited; released values never are
