@@ -10,13 +10,18 @@ a mean) and a ``--rows``-row table of the same shape, then times for each:
   identifiers, encoded cells, cell counts, zeros, differencing against one released table),
   with the row limit lifted so every check runs.
 
-Prints seconds of each and their ratio; the goal is under 5 s and at most 2x the plain read.
+Each runs in a fresh process (spawned, so nothing is shared) and reports its peak resident set
+size (``ru_maxrss``, the interpreter and its imports included); an empty process with the same
+imports is printed as the floor. Prints seconds of each, their ratio and the peaks; the goal is
+under 5 s and at most 2x the plain read.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +65,26 @@ def _checks(path: Path) -> tuple[float, str]:
     return time.perf_counter() - start, verdict.outcome
 
 
+def _measure(what: str, path: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """In a fresh process: run one measurement, put (seconds, outcome, peak RSS in MB)."""
+    took, outcome = 0.0, ""
+    if what == "duckdb":
+        took = _duckdb(Path(path))
+    elif what == "checks":
+        took, outcome = _checks(Path(path))
+    out.put((took, outcome, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def _isolated(what: str, path: Path) -> tuple[float, str, float]:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(what, str(path), out))
+    proc.start()
+    result = out.get()
+    proc.join()
+    return result  # type: ignore[no-any-return]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=100.0)
@@ -70,12 +95,15 @@ def main() -> None:
         _write(small, args.rows, 1)
         per_row = small.stat().st_size / args.rows
         _write(big, int(args.mb * 1_000_000 / per_row), 2)
-        print(f"{'file':<24}{'MB':>8}{'DuckDB s':>10}{'checks s':>10}{'ratio':>8}  outcome")
+        floor = _isolated("nothing", small)[2]
+        print(f"peak RSS of a process with the imports and nothing run: {floor:.0f} MB")
+        print(f"{'file':<24}{'MB':>8}{'DuckDB s':>10}{'checks s':>10}{'ratio':>8}"
+              f"{'DuckDB RSS MB':>15}{'checks RSS MB':>15}  outcome")
         for name, path in ((f"{args.rows}-row table", small), (f"{args.mb:g} MB CSV", big)):
-            raw = _duckdb(path)
-            took, outcome = _checks(path)
+            raw, _, raw_rss = _isolated("duckdb", path)
+            took, outcome, rss = _isolated("checks", path)
             print(f"{name:<24}{path.stat().st_size / 1e6:>8.1f}{raw:>10.3f}{took:>10.3f}"
-                  f"{took / raw:>8.2f}  {outcome}")
+                  f"{took / raw:>8.2f}{raw_rss:>15.0f}{rss:>15.0f}  {outcome}")
 
 
 if __name__ == "__main__":

@@ -120,13 +120,18 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: DuckDB's own memory bound while it parses a table or compares it with released ones (the
+#: resulting Arrow table lives outside it: about 1.5x the CSV's size for bench/airlock's file).
+DUCKDB_MEMORY_LIMIT = "1GB"
+
+
 def _duckdb_csv(path: Path, kind: str) -> pa.Table:
     """Parse a CSV/TSV file with DuckDB: the first line is the header, every row must have
     its columns (no padding, no skipped lines), types inferred from a sample and, when a later
     value does not fit them, from the whole file."""
     delim = "\\t" if kind == "tsv" else ","
     literal = "'" + str(path).replace("'", "''") + "'"
-    con = duckdb.connect(config={"threads": 4})
+    con = duckdb.connect(config={"threads": 4, "memory_limit": DUCKDB_MEMORY_LIMIT})
     try:
         for sample in ("", ", sample_size=-1"):
             try:
@@ -403,7 +408,7 @@ def check_differencing(arrow: pa.Table, ctx: Context) -> Check:
                      "with.")
     keys = key_columns(arrow)
     compared: list[dict[str, Any]] = []
-    con = duckdb.connect(config={"threads": 2, "memory_limit": "1GB"})
+    con = duckdb.connect(config={"threads": 2, "memory_limit": DUCKDB_MEMORY_LIMIT})
     try:
         con.register("new_t", arrow.select(keys + counts))
         for released in ctx.released_tables:
