@@ -22,10 +22,16 @@ from spe.config import Settings
 from spe.tls import ensure_local_ca
 
 
-def with_local_tls(s: Settings, hub_url: str, user_domain: str = "localhost") -> Settings:
-    """``s`` with the local development CA's files, unless it names certificate files."""
+def with_local_tls(s: Settings, hub_url: str, user_domain: str | None = None) -> Settings:
+    """``s`` with the local development CA's files, unless it names certificate files.
+
+    ``user_domain`` (default: the hub's ``SPE_HUB_USER_DOMAIN``, else ``localhost``) is named
+    as ``*.<user_domain>``; TLS clients refuse a wildcard right under a top-level name, so the
+    workspaces' origins verify only with a domain of two labels or more (``spe.localhost``)."""
     if s.tls_cert_file is not None:
         return s
+    if user_domain is None:
+        user_domain = os.environ.get("SPE_HUB_USER_DOMAIN", "localhost")
     hosts = [h for h in (s.api_host, urlsplit(hub_url).hostname) if h]
     hosts.append(f"*.{user_domain}")
     files = ensure_local_ca(s.data_dir / "tls", hosts)
