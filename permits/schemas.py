@@ -158,6 +158,14 @@ class ExportPolicyIn(_Strict):
     max_rows: int | None = Field(None, ge=1, le=10**9,
                                  description="Most rows per exported table (default: the SPE's "
                                  "airlock_max_rows).")
+    dominance_k: float = Field(0.9, gt=0, le=0.9,
+                               description="Dominance (N-K, n=2): a cell fails when its two "
+                               "largest contributors hold more than this share of its total. "
+                               "ACRO's 0.9 or tighter (lower).")
+    p_percent: float = Field(0.1, ge=0.1, le=1.0,
+                             description="p-percent: a cell fails when its total less the two "
+                             "largest contributions is below this share of the largest. "
+                             "ACRO's 0.1 or tighter (higher).")
 
     @field_validator("allowed_kinds")
     @classmethod

@@ -54,6 +54,9 @@ class ExportPolicy:
     max_files: int | None = None
     max_bytes: int | None = None
     max_rows: int | None = None
+    #: ACRO's dominance k and p-percent p, or tighter (older permits: ACRO's defaults).
+    dominance_k: float = 0.9
+    p_percent: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ The airlock (data side, never the workspace) then:
    1e-6 relative). A table that does not is a blocking failure, "table does not match its
    query";
 4. applies ACRO's rules per cell (``spe.airlock.sdc``): threshold on the persons behind each
-   shown cell (the permit's ``min_cell_count``), dominance N-K (n=2, k=90 %) and p-percent
-   (p=10 %) on every ``SUM`` cell. The ACRO definitions (``acro`` package, SACRO project,
+   shown cell (ACRO's 10 or the permit's higher ``min_cell_count``), dominance N-K (n=2,
+   k=90 % or the permit's lower ``dominance_k``) and p-percent (p=10 % or the permit's higher
+   ``p_percent``) on every ``SUM`` cell. The ACRO definitions (``acro`` package, SACRO project,
    ``acro_tables``: ``safe_threshold``, ``safe_dom_n``, ``safe_dom_k``, ``safe_p_percent``):
    a cell is disclosive by dominance when the ``n`` largest contributions exceed ``k`` of the
    cell total, and by p-percent when total minus the two largest is less than ``p`` times the
@@ -410,5 +411,8 @@ def file_checks(data: bytes, kind: str, path: Path | None, evidence: Mapping[str
         return open_dataset(db, settings, name)
 
     table = read_arrow(data, kind, path)
-    limits = Limits(threshold=max(sdc.THRESHOLD, terms.export.min_cell_count))
+    policy = terms.export
+    limits = Limits(threshold=max(sdc.THRESHOLD, policy.min_cell_count),
+                    dominance_k=min(sdc.DOMINANCE_K, policy.dominance_k),
+                    p_ratio=max(sdc.P_RATIO, policy.p_percent))
     return check_table(table, evidence, terms, opener, settings, limits)

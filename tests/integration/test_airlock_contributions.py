@@ -30,7 +30,10 @@ ADMIN = Principal(subject="h", username="hadmin", kind="user",
 # paying 10 (dominated, and fails p-percent). Ward C: 3 persons (below the threshold).
 VISITS = ([(i, "A", 100.0) for i in range(1, 21)]
           + [(100, "B", 10_000.0)] + [(100 + i, "B", 10.0) for i in range(1, 12)]
-          + [(200 + i, "C", 50.0) for i in range(3)])
+          + [(200 + i, "C", 50.0) for i in range(3)]
+          + [(300, "D", 400.0), (301, "D", 400.0)] + [(302 + i, "D", 25.0) for i in range(8)])
+# Ward D: 10 persons, the two largest hold 80 % (passes ACRO's k=90 %, fails a permit's 70 %).
+
 SECRET_FIGURES = ("10000", "10110", "10010")  # B's total and top contributions
 
 
@@ -53,14 +56,14 @@ def _dataset(db: Database, settings: Settings) -> None:
                             created_at=NOW))
 
 
-def _permit(permits: PermitService, mode: str) -> str:
+def _permit(permits: PermitService, mode: str, **policy: Any) -> str:
     extra: dict[str, Any] = {"access_mode": mode}
     if mode == "pseudonymised":
         extra["pseudonymisation_justification"] = "tables by ward need row-level access"
     return permits.issue(ALPHA, PermitCreate.model_validate(body(
         datasets=[{"dataset": "wards", "tables": {"visit": ["person_id", "ward", "cost"]}}],
-        reference=f"0002/2026/{mode[:2].upper()}",
-        export_policy={"allowed_kinds": ["csv", "parquet"]}, **extra))).permit_id
+        reference=f"0002/2026/{mode[:2].upper()}{len(policy)}",
+        export_policy={"allowed_kinds": ["csv", "parquet"], **policy}, **extra))).permit_id
 
 
 @pytest.fixture
@@ -183,3 +186,23 @@ def test_dp_only_permit_does_not_recompute(setup: tuple[AirlockService, str, str
     checks = _checks(got)
     assert checks["query_evidence"]["outcome"] == "needs_review"
     assert "DP-only" in checks["query_evidence"]["reason"]
+
+
+def test_permit_tightens_dominance(setup: tuple[AirlockService, str, str], db: Database) -> None:
+    airlock, pid, _dp = setup
+    ward_d = BY_WARD.replace("GROUP BY", "WHERE ward = 'D' GROUP BY")
+    table = b"ward,n,total\nD,10,1000\n"
+    assert _checks(_submit(airlock, pid, table, ward_d))["dominance"]["outcome"] == "pass"
+    strict = _permit(PermitService(db), "pseudonymised", dominance_k=0.7, p_percent=0.6)
+    checks = _checks(_submit(airlock, strict, table, ward_d))
+    assert checks["dominance"]["outcome"] == "fail" and "70%" in checks["dominance"]["reason"]
+    assert checks["p_percent"]["outcome"] == "fail"
+
+
+def test_permit_cannot_loosen_acro_defaults() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        PermitCreate.model_validate(body(export_policy={"dominance_k": 0.95}))
+    with pytest.raises(ValidationError):
+        PermitCreate.model_validate(body(export_policy={"p_percent": 0.05}))
