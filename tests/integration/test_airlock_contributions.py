@@ -206,3 +206,33 @@ def test_permit_cannot_loosen_acro_defaults() -> None:
         PermitCreate.model_validate(body(export_policy={"dominance_k": 0.95}))
     with pytest.raises(ValidationError):
         PermitCreate.model_validate(body(export_policy={"p_percent": 0.05}))
+
+
+@pytest.mark.keycloak
+def test_evidence_travels_through_the_api(api_client: Any, user_headers: Any,
+                                          api_settings: Settings, db: Database) -> None:
+    """The researcher attaches the query in the request body; the reviewer and the researcher
+    both read the verdicts, and no recomputed figure is in either answer."""
+    _dataset(db, api_settings)
+    pid = _permit(PermitService(db), "pseudonymised")
+    alice, admin = user_headers("alice"), user_headers("hadmin")
+    base = f"/v1/permits/{pid}/exports"
+    sql = BY_WARD.replace("GROUP BY", "WHERE ward <> 'C' GROUP BY")
+    r = api_client.post(base, json={"justification": "cost by ward for the paper", "receipts": [
+        {"evidence": "query", "file": "wards.csv", "sql": sql}]}, headers=alice)
+    assert r.status_code == 201, r.text
+    rid = r.json()["id"]
+    r = api_client.post(f"{base}/{rid}/files?name=wards.csv",
+                        content=b"ward,n,total\nA,20,2000\nB,12,10110\nD,10,1000\n",
+                        headers={**alice, "Content-Type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    mine = api_client.post(f"{base}/{rid}/submit", headers=alice)
+    assert mine.status_code == 200 and mine.json()["state"] == "in_review"
+    theirs = api_client.get(f"{base}/{rid}", headers=admin)
+    assert theirs.status_code == 200
+    checks = {c["name"]: c for c in theirs.json()["files"][0]["checks"]}
+    assert checks["dominance"]["outcome"] == "fail"
+    cells = {tuple(c["key"]): c["fails"] for c in checks["dominance"]["details"]["cells"]}
+    assert cells[("D",)] == [] and "p_percent:total" in cells[("B",)]
+    for answer in (mine.text, theirs.text):
+        assert not any(f in answer for f in SECRET_FIGURES)
