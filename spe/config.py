@@ -172,6 +172,28 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body the API accepts (enforced before parsing).",
     )
+    airlock_permit_writes_per_minute: float = Field(
+        120.0, gt=0,
+        description="Export writes (drafts opened, files uploaded, submissions) one permit may "
+        "make per minute, all its researchers together (token bucket). Enforced by the airlock "
+        "API: further writes get 429 with Retry-After, audited as refusals.",
+    )
+    airlock_permit_write_burst: int = Field(
+        60, ge=1, description="Burst size of airlock_permit_writes_per_minute (enforced)."
+    )
+    airlock_token_writes_per_minute: float = Field(
+        60.0, gt=0,
+        description="Export writes one token (or user) may make per minute (token bucket). "
+        "Enforced by the airlock API: 429 with Retry-After, audited.",
+    )
+    airlock_token_write_burst: int = Field(
+        30, ge=1, description="Burst size of airlock_token_writes_per_minute (enforced)."
+    )
+    airlock_token_concurrent_uploads: int = Field(
+        2, ge=1,
+        description="Uploads one token may stream at once. Enforced by the airlock API: more "
+        "are refused (429) before the first byte is read.",
+    )
     airlock_max_files: int = Field(
         20, ge=1, le=1000,
         description="Most files one export request may carry, unless the permit's export "

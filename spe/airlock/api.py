@@ -16,6 +16,10 @@ Contract
   a reviewer until they voted; the researcher sees only shared comments after the decision).
 * ``GET    /exports/{id}/files/{file_id}/content`` the permit's persons, released files only.
 
+Export writes (create, upload, submit) pass per-token and per-permit rate limits and at most
+``airlock_token_concurrent_uploads`` uploads of one token at once (:mod:`spe.airlock.limits`):
+429 with ``Retry-After``, before any byte of an upload is read.
+
 Every route is an :class:`~spe.api.routing.AuditedRoute` (refusals audited); the service
 audits every act. At start the router subscribes to the permit event stream (suspended,
 revoked, expired: open requests are rejected), finishes or removes uploads a crash
@@ -42,18 +46,35 @@ from starlette.concurrency import run_in_threadpool
 
 from permits import events
 from spe.airlock.follower import EventFollower
+from spe.airlock.limits import ExportLimits
 from spe.airlock.service import AirlockService
 from spe.airlock.storage import CHUNK
 from spe.api.deps import AppStateDep, CurrentPrincipal, PermitId
 from spe.api.problems import problem_responses
 from spe.api.routing import AuditedRoute
 from spe.api.state import AppState, StateKey
+from spe.auth.principal import Principal
 from spe.errors import PayloadTooLarge
 
 logger = logging.getLogger("spe.airlock")
 AIRLOCK_SERVICE: StateKey[AirlockService] = StateKey("airlock.service")
 ENDING = frozenset({events.EventKind.SUSPENDED, events.EventKind.REVOKED,
                     events.EventKind.EXPIRED})
+
+
+#: The app's export-write limits, one set per app.
+EXPORT_LIMITS: StateKey[ExportLimits] = StateKey("airlock.limits")
+
+
+def export_limits(state: AppState) -> ExportLimits:
+    return state.get_or_create(EXPORT_LIMITS, lambda: ExportLimits(state.settings))
+
+
+def _token_key(principal: Principal) -> str:
+    """One key per token: a workspace token by its id, any other caller by its subject."""
+    if principal.token_id:
+        return f"token:{principal.token_id}"
+    return f"{principal.kind}:{principal.subject}"
 
 
 def airlock_service(state: AppState) -> AirlockService:
@@ -106,7 +127,7 @@ FileName = Annotated[str, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", ma
 _BASE = "/v1/permits/{permit_id}/exports"
 #: The upload route's path, streamed past the API-wide body limit (``spe.api.app``).
 UPLOAD_PATH = re.compile(r"/v1/permits/[^/]+/exports/[0-9a-f]{32}/files")
-_ERRORS = problem_responses(401, 403, 404, 409, 413, 422)
+_ERRORS = problem_responses(401, 403, 404, 409, 413, 422, 429)
 
 
 class _Strict(BaseModel):
@@ -149,6 +170,7 @@ def _json(body: Any, status: int = 200) -> JSONResponse:
              summary="Open an export request (draft)", responses=_ERRORS)
 def create_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
                   body: ExportCreate) -> JSONResponse:
+    export_limits(state).write(permit_id, _token_key(principal))
     return _json(_svc(state).create(principal, permit_id, body.justification, body.receipts),
                  201)
 
@@ -180,6 +202,12 @@ def get_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: Permi
                                                          "format": "binary"}}}}})
 async def upload_file(request: Request, state: AppStateDep, principal: CurrentPrincipal,
                       permit_id: PermitId, export_id: ExportId, name: FileName) -> JSONResponse:
+    with export_limits(state).upload(permit_id, _token_key(principal)):
+        return await _upload(request, state, principal, permit_id, export_id, name)
+
+
+async def _upload(request: Request, state: AppState, principal: Principal, permit_id: str,
+                  export_id: str, name: str) -> JSONResponse:
     svc = _svc(state)
     limit = await run_in_threadpool(svc.upload_limit, principal, permit_id, export_id)
     declared = request.headers.get("content-length", "")
@@ -219,6 +247,7 @@ def remove_file(state: AppStateDep, principal: CurrentPrincipal, permit_id: Perm
              summary="Submit: freeze the files and run the automated checks", responses=_ERRORS)
 def submit_export(state: AppStateDep, principal: CurrentPrincipal, permit_id: PermitId,
                   export_id: ExportId) -> JSONResponse:
+    export_limits(state).write(permit_id, _token_key(principal))
     return _json(_svc(state).submit(principal, permit_id, export_id))
 
 

@@ -151,11 +151,7 @@ class Client:
             resp = self._http.request(method, url, **kwargs)
             if resp.status_code != 429 or attempt == RETRY_429:
                 return resp
-            try:
-                wait = float(resp.headers.get("Retry-After", "1"))
-            except ValueError:
-                wait = 1.0
-            time.sleep(min(max(wait, 0.1), 30.0))
+            _wait_retry_after(resp)
         raise RuntimeError("unreachable")
 
     def _post(self, body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
@@ -233,16 +229,30 @@ class Client:
         request = self._exports("POST", json={"justification": justification,
                                               "receipts": receipts or []})
         for path in files:
-            name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)
-            with path.open("rb") as fh:  # streamed, never read whole into memory
-                self._exports("POST", f"/{request['id']}/files",
-                              params={"name": name.lstrip("._-")[:100] or "file"},
-                              content=iter(partial(fh.read, 1 << 20), b""),
-                              headers={"Content-Type": "application/octet-stream",
-                                       "Content-Length": str(path.stat().st_size)})
+            self._upload(request["id"], path)
         if not submit:
             return self._exports("GET", f"/{request['id']}")  # type: ignore[no-any-return]
         return self._exports("POST", f"/{request['id']}/submit")  # type: ignore[no-any-return]
+
+    def _upload(self, request_id: str, path: Path) -> None:
+        """Stream one file into quarantine. A streamed body cannot be sent twice, so a 429
+        (the server refuses before reading a byte) is retried by reopening the file, after
+        ``Retry-After``, at most ``RETRY_429`` times; any other failure raises at once."""
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)
+        url = f"/v1/permits/{self.permit_id}/exports/{request_id}/files"
+        for attempt in range(RETRY_429 + 1):
+            with path.open("rb") as fh:  # streamed, never read whole into memory
+                resp = self._http.request(
+                    "POST", url, params={"name": name.lstrip("._-")[:100] or "file"},
+                    content=iter(partial(fh.read, 1 << 20), b""),
+                    headers={"Content-Type": "application/octet-stream",
+                             "Content-Length": str(path.stat().st_size)})
+            if resp.status_code == 429 and attempt < RETRY_429:
+                _wait_retry_after(resp)
+                continue
+            if resp.status_code >= 400:
+                raise SPEClientError(resp.status_code, _problem(resp))
+            return
 
     def exports(self) -> list[dict[str, Any]]:
         """This permit's export requests: state, check results, comments shared with you."""
@@ -251,6 +261,15 @@ class Client:
     def withdraw(self, export_id: str) -> dict[str, Any]:
         """Withdraw one of your export requests (before it is decided)."""
         return self._exports("POST", f"/{export_id}/withdraw")  # type: ignore[no-any-return]
+
+
+def _wait_retry_after(resp: httpx.Response) -> None:
+    """Sleep the response's ``Retry-After`` seconds (0.1 to 30; 1 when unreadable)."""
+    try:
+        wait = float(resp.headers.get("Retry-After", "1"))
+    except ValueError:
+        wait = 1.0
+    time.sleep(min(max(wait, 0.1), 30.0))
 
 
 def _export_files(path: Path) -> list[Path]:
