@@ -34,6 +34,13 @@ The airlock (data side, never the workspace) then:
    cell total, and by p-percent when total minus the two largest is less than ``p`` times the
    largest.
 
+The workspace extract (``workspaces.extracts``) holds the same permitted tables and columns
+with ``person_id`` replaced by a per-permit pseudonym, so counts, distinct persons and sums
+recompute identically on the store; a query that filters or groups on ``person_id`` values
+does not match (nor should it leave). Only pseudonymised permits get this: their researchers
+already see the rows, so a match or a rule's verdict tells them nothing new, whereas on a
+DP-only permit the comparison would be an exact-value oracle.
+
 The researcher sees, per rule, pass/fail/needs review and how many cells fail, never a
 recomputed number. Reviewers see the per-cell verdicts (``details["cells"]``: group key and
 the rules it fails, no contributions either: the figures stay on the data side).
