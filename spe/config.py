@@ -221,6 +221,12 @@ class Settings(BaseSettings):
         "requests, files' hashes and sizes and the audit entries stay; released files are "
         "kept for the ledger (differencing reads them).",
     )
+    airlock_draft_days: float = Field(
+        30.0, gt=0,
+        description="Days a draft export request may stay unchanged under an active permit. "
+        "Enforced by the purge task: older drafts are withdrawn (audited, with a reason the "
+        "researcher sees) and then fall under airlock_retention_days.",
+    )
     airlock_purge_interval_seconds: float = Field(
         3600.0, ge=0, le=86400,
         description="How often the API deletes quarantined files past airlock_retention_days. "

@@ -590,12 +590,75 @@ class AirlockService:
         return sum(self.close_for_permit(p) for p in permits)
 
     # -- retention -------------------------------------------------------------------------
+    def withdraw_stale_drafts(self, now: datetime | None = None) -> int:
+        """Withdraw drafts unchanged for ``airlock_draft_days`` (each an audited
+        ``airlock.transition`` whose reason the researcher sees); their bytes then fall under
+        the retention below. Returns how many were withdrawn."""
+        days = self.settings.airlock_draft_days
+        cutoff = (now or utcnow()) - timedelta(days=days)
+        with self.db.write() as s:
+            rows = s.execute(select(ExportRequest).where(
+                ExportRequest.state == State.DRAFT.value, ExportRequest.updated_at < cutoff)
+                .order_by(ExportRequest.updated_at)).scalars().all()
+            for req in rows:
+                self._move(s, SYSTEM, req, State.WITHDRAWN,
+                           f"Withdrawn automatically: the draft was not changed for {days:g} "
+                           "days. Open a new request to export these files.")
+                req.updated_at = now or req.updated_at  # retention counts from this instant
+            return len(rows)
+
+    def purge_ended_permits(self, now: datetime | None = None) -> int:
+        """Delete every quarantined file, released ones included, of permits that ended
+        (revoked, or expired at ``valid_until``) more than the permit's ``retention_days``
+        ago (EHDS Art 68: data leave the SPE within 6 months of the permit's end). Audited
+        per request (``airlock.purge``, reason ``permit_ended``, each file's id, hash and size)
+        before the bytes go; rows and hashes stay. Differencing needs released cells only
+        for new exports, which an ended permit can no longer make. Returns files deleted."""
+        from permits.models import Permit
+
+        now = now or utcnow()
+        doomed: list[tuple[str, str]] = []
+        with self.db.write() as s:
+            permit_ids = set(s.execute(select(ExportRequest.permit_id).distinct()).scalars())
+            for permit_id in sorted(permit_ids):
+                terms = get_terms(s, permit_id, now)
+                if terms.status not in (PermitStatus.REVOKED, PermitStatus.EXPIRED):
+                    continue
+                ended = terms.valid_until
+                if terms.status is PermitStatus.REVOKED:
+                    row = s.execute(select(Permit).where(Permit.id == permit_id)).scalar_one()
+                    ended = min(ended, row.updated_at)
+                if ended + timedelta(days=terms.retention_days) > now:
+                    continue
+                for req in s.execute(select(ExportRequest).where(
+                        ExportRequest.permit_id == permit_id)).scalars():
+                    files = [f for f in self._files(s, req.id)
+                             if self.quarantine.exists(req.id, f.id)]
+                    if not files:
+                        continue
+                    self._audit(s, SYSTEM, AuditAction.AIRLOCK_PURGE, permit_id, req.id,
+                                {"reason": "permit_ended", "permit_status": terms.status.value,
+                                 "ended_at": ended.isoformat(),
+                                 "retention_days": terms.retention_days, "state": req.state,
+                                 "files": [{"file_id": f.id, "sha256": f.sha256,
+                                            "size": f.size} for f in files]})
+                    doomed.extend((req.id, f.id) for f in files)
+        for request_id, file_id in doomed:
+            self.quarantine.remove(request_id, file_id)
+        for request_id in {r for r, _ in doomed}:
+            self.quarantine.prune(request_id)
+        return len(doomed)
+
     def purge_expired(self, now: datetime | None = None) -> int:
-        """Delete the quarantined bytes of files that were not released, once their request
-        (rejected, withdrawn, closed, or released without them) has not changed for
-        ``airlock_retention_days``. Each request's deletion is audited (``airlock.purge``,
-        every file's id, hash and size) and committed before the bytes go; rows, hashes and
-        released files stay (the ledger). Returns the number of files deleted."""
+        """Withdraw stale drafts (:meth:`withdraw_stale_drafts`), delete the files of ended
+        permits (:meth:`purge_ended_permits`), then delete the quarantined bytes of files that
+        were not released, once their request (rejected, withdrawn, closed, or released
+        without them) has not changed for ``airlock_retention_days``. Each request's deletion
+        is audited (``airlock.purge``, every file's id, hash and size) and committed before
+        the bytes go; rows, hashes and released files of live permits stay (the ledger).
+        Returns the number of files deleted."""
+        self.withdraw_stale_drafts(now)
+        ended = self.purge_ended_permits(now)
         cutoff = (now or utcnow()) - timedelta(days=self.settings.airlock_retention_days)
         finished = [State.REJECTED.value, State.WITHDRAWN.value, State.RELEASED.value]
         doomed: list[tuple[str, str]] = []
@@ -620,7 +683,7 @@ class AirlockService:
             self.quarantine.remove(request_id, file_id)
         for request_id in {r for r, _ in doomed}:
             self.quarantine.prune(request_id)
-        return len(doomed)
+        return ended + len(doomed)
 
     # -- views -----------------------------------------------------------------------------
     @staticmethod
