@@ -57,8 +57,9 @@ def test_abandoned_draft_is_withdrawn_then_purged(
     assert svc.quarantine.exists(draft, d_file)
     assert svc.get(ALICE, pid, submitted)["state"] == "in_review"  # only drafts
     with db.read() as s:
-        moves = [e for e in s.execute(select(AuditEntry).where(
-            AuditEntry.action == "airlock.transition", AuditEntry.target == draft)).scalars()]
+        moves = list(s.execute(select(AuditEntry).where(
+            AuditEntry.action == "airlock.transition", AuditEntry.target == draft)
+            .order_by(AuditEntry.seq)).scalars())
     assert moves[-1].details["to"] == "withdrawn" and moves[-1].actor == "system"
     assert svc.purge_expired(later + timedelta(days=29)) == 0
     assert svc.purge_expired(later + timedelta(days=31)) >= 1
