@@ -33,7 +33,7 @@ from sqlalchemy import select
 from spe.airlock import checks as airlock_checks
 from spe.airlock import sdc
 from spe.airlock.api import airlock_service
-from spe.airlock.models import ExportRequest
+from spe.airlock.models import ExportFile, ExportRelease, ExportRequest
 from spe.airlock.states import State
 from spe.api.state import get_state
 from spe.audit import AuditAction
@@ -146,6 +146,31 @@ def _previews(request: Request, view: dict[str, Any]) -> dict[str, dict[str, Any
     return out
 
 
+def _releases(request: Request, view: dict[str, Any]) -> dict[str, Any]:
+    """For reviewers: the permit's earlier released files (request, name, SHA-256, kind,
+    date; ``compared`` when a differencing check of this request compared against it) and,
+    per file of this request, its differencing check with the cells it flagged."""
+    with get_state(request).db.read() as s:
+        rows = s.execute(select(ExportRelease, ExportFile.name).join(
+            ExportFile, ExportFile.id == ExportRelease.file_id).where(
+            ExportRelease.permit_id == view["permit_id"],
+            ExportRelease.request_id != view["id"]).order_by(ExportRelease.released_at)).all()
+    checks = {f["id"]: next((c for c in f["checks"] if c["name"] == "differencing"), None)
+              for f in view["files"]}
+    # The service names a released table by its file id (" sheet S" for a workbook's sheet).
+    compared = {str(c["name"]).split(" sheet ")[0] for check in checks.values() if check
+                for c in (check.get("details") or {}).get("compared", [])}
+    flagged = {str((check.get("details") or {}).get("name")).split(" sheet ")[0]
+               for check in checks.values() if check and check["outcome"] == "fail"}
+    return {
+        "earlier": [{"request_id": r.request_id, "name": name, "sha256": r.sha256,
+                     "kind": r.kind, "released_at": r.released_at,
+                     "compared": r.file_id in compared,
+                     "flagged": r.file_id in flagged} for r, name in rows],
+        "checks": {fid: c for fid, c in checks.items() if c is not None},
+    }
+
+
 def _render(request: Request, session: Any, view: dict[str, Any], status: int = 200,
             error: str | None = None) -> HTMLResponse:
     principal = session.principal
@@ -157,7 +182,8 @@ def _render(request: Request, session: Any, view: dict[str, Any], status: int = 
     reviewer = Role.HOSPITAL_ADMIN in principal.roles and principal.kind == "user"
     return page(request, "export.html", status, session, title="Export request",
                 req=view, can_vote=can_vote, can_download=can_download, error=error,
-                decisions=DECISIONS, previews=_previews(request, view) if reviewer else {})
+                decisions=DECISIONS, previews=_previews(request, view) if reviewer else {},
+                releases=_releases(request, view) if reviewer else None)
 
 
 @router.post("/console/permits/{permit_id}/exports/{request_id}/vote")

@@ -427,3 +427,28 @@ def test_export_review_and_download(console: dict[str, Any], chromium: Any) -> N
     assert researcher.open("/console/exports").status == 404  # the queue is for reviewers
     researcher.check_headers()
     researcher.close()
+
+    # A new table that differs from the released counts.csv by one person: the request page
+    # names the earlier release (hash, date) and the flagged cells.
+    from spe.airlock.service import AirlockService
+
+    airlock = AirlockService(console["db"], console["settings"])
+    alice = Principal(subject="alice", username="alice", kind="user",
+                      roles=frozenset({Role.RESEARCHER}))
+    again = airlock.create(alice, pid, "figures for the paper (counts, revised)", [])
+    airlock.upload(alice, pid, again["id"], "counts-v2.csv", b"group,count\na,26\nb,31\nc,40\n")
+    airlock.submit(alice, pid, again["id"])
+    third = Visit(chromium, base)
+    third.login("hadmin", password_of("hadmin"))
+    third.open(f"/console/permits/{pid}/exports/{again['id']}")
+    earlier = third.page.locator("table:has(caption:text('Earlier releases of this permit'))")
+    assert earlier.count() == 1
+    row = earlier.locator("tr.failed")
+    assert row.count() == 1 and "counts.csv" in row.inner_text()
+    assert "differences flagged" in row.inner_text() and ids["counts"][:8] in row.inner_text()
+    flagged = third.page.locator("table.flagged tbody tr")
+    assert {tuple(flagged.nth(i).inner_text().split("\t")) for i in range(flagged.count())} == {
+        ("a", "count", "+1"), ("<total>", "count", "+1")}
+    third.shot("admin-export-differencing")
+    third.check_headers()
+    third.close()
