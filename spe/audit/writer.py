@@ -14,17 +14,19 @@ defeats the chain alone; a signed checkpoint held outside (``spe.audit.checkpoin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from spe.audit.canonical import GENESIS_HASH, compute_entry_hash
 from spe.audit.events import AuditEvent
+from spe.audit.fast_verify import raw_rows
 from spe.audit.models import AuditEntry, AuditHead
 
 
@@ -47,50 +49,72 @@ def entry_hash(seq: int, prev_hash: str, fields: dict[str, Any]) -> str:
     return compute_entry_hash(seq, prev_hash, fields)
 
 
-def record(session: Session, event: AuditEvent) -> AuditEntry:
-    """Append ``event`` to the chain inside ``session``'s open transaction."""
-    fields = _fields(event)
-    # Round-trip details through JSON so what is hashed is exactly what is stored.
-    fields["details"] = json.loads(json.dumps(fields["details"], default=str))
-    head = session.execute(
-        update(AuditHead)
-        .where(AuditHead.id == 1)
-        .values(seq=AuditHead.seq + 1)
-        .returning(AuditHead.seq, AuditHead.last_hash)
-    ).one_or_none()
+@dataclass(frozen=True)
+class Appended:
+    """What :func:`record` appended: the entry's number, hash and permit sequence."""
+
+    seq: int
+    entry_hash: str
+    permit_id: str | None
+    permit_seq: int | None
+
+
+# The append path's statements, built once (SQLAlchemy caches their compiled form per dialect):
+# Core statements on the tables, no ORM objects per append.
+_LOG: Table = AuditEntry.__table__  # type: ignore[assignment]
+_HEAD: Table = AuditHead.__table__  # type: ignore[assignment]
+_BUMP = (update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq + 1)
+         .returning(_HEAD.c.seq, _HEAD.c.last_hash))
+_PERMIT_LAST = (select(func.max(_LOG.c.permit_seq))
+                .where(_LOG.c.permit_id == bindparam("pid")))
+_INSERT = insert(_LOG)
+_SET_HASH = update(_HEAD).where(_HEAD.c.id == 1).values(last_hash=bindparam("h"))
+
+
+def _plain(value: Any) -> Any:
+    """``details`` as stored and read back (what is hashed is exactly what is stored)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict) and all(type(k) is str for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return json.loads(json.dumps(value, default=str))
+
+
+def record(session: Session, event: AuditEvent) -> Appended:
+    """Append ``event`` to the chain inside ``session``'s open transaction.
+
+    Lean on purpose (it runs once per audited act): Core statements compiled once, the head
+    row bumped and read in one statement, the hash over the canonical bytes computed once.
+    """
+    details = _plain(event.details)
+    conn = session.connection()
+    head = conn.execute(_BUMP).one_or_none()
     if head is None:
         raise RuntimeError("audit chain head missing: run `spe db upgrade`")
     seq, prev = int(head[0]), str(head[1])
+    permit_id = event.permit_id
     permit_seq = None
-    if event.permit_id is not None:
+    if permit_id is not None:
         # Safe under concurrency: the head row update above holds the append lock.
-        last = session.execute(select(func.max(AuditEntry.permit_seq))
-                               .where(AuditEntry.permit_id == event.permit_id)).scalar()
+        last = conn.execute(_PERMIT_LAST, {"pid": permit_id}).scalar()
         permit_seq = int(last or 0) + 1
-    fields["salt"] = secrets.token_hex(16)
-    fields["permit_seq"] = permit_seq
+    salt = secrets.token_hex(16)
+    action, outcome = str(event.action), event.outcome.value
+    fields = {"time": event.time.isoformat(timespec="microseconds"), "actor": event.actor,
+              "role": event.role, "permit_id": permit_id, "action": action,
+              "target": event.target, "outcome": outcome, "reason": event.reason,
+              "request_id": event.request_id, "details": details, "salt": salt,
+              "permit_seq": permit_seq}
     digest = entry_hash(seq, prev, fields)
-    entry = AuditEntry(
-        seq=seq,
-        time=event.time,
-        actor=event.actor,
-        role=event.role,
-        permit_id=event.permit_id,
-        action=str(event.action),
-        target=event.target,
-        outcome=event.outcome.value,
-        reason=event.reason,
-        request_id=event.request_id,
-        details=fields["details"],
-        prev_hash=prev,
-        entry_hash=digest,
-        salt=fields["salt"],
-        permit_seq=permit_seq,
-    )
-    session.add(entry)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=digest))
-    session.flush()
-    return entry
+    conn.execute(_INSERT, {
+        "seq": seq, "time": event.time, "actor": event.actor, "role": event.role,
+        "permit_id": permit_id, "action": action, "target": event.target, "outcome": outcome,
+        "reason": event.reason, "request_id": event.request_id, "details": details,
+        "prev_hash": prev, "entry_hash": digest, "salt": salt, "permit_seq": permit_seq})
+    conn.execute(_SET_HASH, {"h": digest})
+    return Appended(seq, digest, permit_id, permit_seq)
 
 
 def entry_fields(entry: AuditEntry) -> dict[str, Any]:
@@ -184,4 +208,29 @@ def _check(rows: Iterable[Any], head: AuditHead | None) -> ChainReport:
 def verify_chain(session: Session) -> ChainReport:
     """Recompute every link; report the first entry where the chain breaks."""
     head = session.get(AuditHead, 1)
-    return _check(iter_rows(session), head)
+    # Entries up to the head read first: on PostgreSQL (read committed) each statement sees
+    # the commits made before it, so a later append committing between the two reads must not
+    # look like a removed tail; entries missing below the head still do.
+    upto = 2**62 if head is None else int(head.seq)
+    prev = GENESIS_HASH
+    expected_seq = 1
+    count = 0
+    per_permit: dict[str, int] = {}
+    sha256 = hashlib.sha256
+    for seq, permit_id, permit_seq, prev_hash, digest, body in raw_rows(session, upto):
+        count += 1
+        if seq != expected_seq:
+            return ChainReport(False, count, expected_seq, "entry missing from the sequence")
+        if prev_hash != prev:
+            return ChainReport(False, count, seq, "previous-hash link broken")
+        if sha256(body).hexdigest() != digest:
+            return ChainReport(False, count, seq, "entry content changed")
+        if permit_seq is not None and permit_id is not None:
+            if permit_seq != per_permit.get(permit_id, 0) + 1:
+                return ChainReport(False, count, seq, "permit sequence broken")
+            per_permit[permit_id] = permit_seq
+        prev = digest
+        expected_seq += 1
+    if head is not None and (head.seq != count or head.last_hash != prev):
+        return ChainReport(False, count, count + 1, "entries removed from the end of the chain")
+    return ChainReport(True, count)
