@@ -15,6 +15,8 @@ APT_PACKAGES+=(chromium)
 # The R kernel of the workspaces (Debian's R with IRkernel, which registers the kernel
 # system-wide under /usr/share/jupyter, visible in every sandbox).
 APT_PACKAGES+=(r-base-core r-cran-irkernel)
+# PDF previews in the console: poppler's pdftoppm, run under bubblewrap.
+APT_PACKAGES+=(poppler-utils)
 # Keycloak needs a JDK 17, 21 or 25; any one already installed is enough.
 command -v java >/dev/null 2>&1 || APT_PACKAGES+=(openjdk-17-jre-headless)
 # Keycloak's server distribution is fetched through Maven.

@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 
 from spe.airlock import checks as airlock_checks
-from spe.airlock import sdc
+from spe.airlock import pdf_preview, sdc
 from spe.airlock.api import airlock_service
 from spe.airlock.models import ExportFile, ExportRelease, ExportRequest
 from spe.airlock.states import State
@@ -139,6 +139,9 @@ def _previews(request: Request, view: dict[str, Any]) -> dict[str, dict[str, Any
                                 "minimum": minimum, "total": len(table)}
             elif f["kind"] in IMAGE_TYPES:
                 out[f["id"]] = {"image": True}
+            elif f["kind"] == "pdf":  # rasterised in a sandbox by the preview route
+                why = pdf_preview.available()
+                out[f["id"]] = {"pdf": why is None, "why": why}
             elif f["kind"] in ("txt", "md", "json", "svg"):
                 out[f["id"]] = {"text": data[:PREVIEW_TEXT].decode("utf-8", "replace")}
         except (OSError, ValueError):
@@ -238,7 +241,8 @@ def download(request: Request, permit_id: str, request_id: str, file_id: str) ->
 
 @router.get("/console/permits/{permit_id}/exports/{request_id}/preview/{file_id}")
 def preview(request: Request, permit_id: str, request_id: str, file_id: str) -> Response:
-    """An image file of a request, for its reviewers (hospital admins)."""
+    """An image file of a request, or a PDF's first page rasterised on the server in a sandbox
+    (:mod:`spe.airlock.pdf_preview`), for its reviewers (hospital admins)."""
     session, view = _view(request, permit_id, request_id)
     if session is None:
         return _login_redirect(request)
@@ -246,7 +250,7 @@ def preview(request: Request, permit_id: str, request_id: str, file_id: str) -> 
     if view is None or Role.HOSPITAL_ADMIN not in principal.roles or principal.kind != "user":
         return not_found(request, session)
     found = next((f for f in view["files"] if f["id"] == file_id), None)
-    if found is None or found["kind"] not in IMAGE_TYPES:
+    if found is None or (found["kind"] not in IMAGE_TYPES and found["kind"] != "pdf"):
         return not_found(request, session)
     try:
         data = airlock_service(get_state(request)).quarantine.get(request_id, file_id)
@@ -255,7 +259,14 @@ def preview(request: Request, permit_id: str, request_id: str, file_id: str) -> 
     if airlock_checks.sha256(data) != found["sha256"]:
         return page(request, "error.html", 409, session, title="Withheld",
                     message="The file no longer matches its recorded hash.")
-    return Response(data, media_type=IMAGE_TYPES[found["kind"]], headers={
+    media = IMAGE_TYPES.get(found["kind"], "image/png")
+    if found["kind"] == "pdf":
+        png, why = pdf_preview.first_page_png(data)
+        if png is None:
+            return page(request, "error.html", 409, session, title="No preview",
+                        message=why or "No preview.")
+        data = png
+    return Response(data, media_type=media, headers={
         **views._headers(get_state(request)),
         "Content-Security-Policy": "default-src 'none'; sandbox",
         "Content-Disposition": "inline"})

@@ -38,6 +38,7 @@ import uvicorn
 
 from permits.schemas import PermitCreate
 from permits.service import get_terms
+from spe.airlock import pdf_preview
 from spe.airlock.api import airlock_service
 from spe.api.app import create_app
 from spe.api.deps import permit_service
@@ -68,6 +69,15 @@ ALPHA = Principal(subject="a", username="hdab-alpha", kind="service",
                   roles=frozenset({Role.ACCESS_BODY}), access_body="hdab-alpha")
 BETA = Principal(subject="b", username="hdab-beta", kind="service",
                  roles=frozenset({Role.ACCESS_BODY}), access_body="hdab-beta")
+
+
+#: A one-page PDF (a blue rectangle) that runs a script when opened in a PDF viewer.
+PDF_WITH_SCRIPT = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R/OpenAction 5 0 R>>endobj\n"
+    b"2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 100]/Contents 4 0 R>>endobj\n"
+    b"4 0 obj<</Length 35>>stream\n0 0 1 rg 20 20 100 50 re f\nendstream endobj\n"
+    b"5 0 obj<</S/JavaScript/JS(app.alert(1))>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
 
 
 def _png() -> bytes:
@@ -121,13 +131,16 @@ def console(tmp_path_factory: pytest.TempPathFactory, keycloak_url_module: str
                     "principal_investigator": "Dr Private"}))).permit_id,
     }
     ids["exports"] = service.issue(ALPHA, PermitCreate.model_validate(body(
-        reference="0003/2026/FI", title="Export study"))).permit_id
+        reference="0003/2026/FI", title="Export study",
+        export_policy={"min_cell_count": 10, "allowed_kinds": ["csv", "png", "pdf"],
+                       "reviewers": 2}))).permit_id
     airlock = airlock_service(app.state.spe)
     alice = Principal(subject="alice", username="alice", kind="user",
                       roles=frozenset({Role.RESEARCHER}))
     for key, name, data in (("counts", "counts.csv", b"group,count\na,25\nb,31\nc,40\n"),
                             ("small", "small.csv", b"group,count\na,3\nb,31\n"),
-                            ("figure", "figure.png", _png())):
+                            ("figure", "figure.png", _png()),
+                            ("pdf", "methods.pdf", PDF_WITH_SCRIPT)):
         made = airlock.create(alice, ids["exports"], f"figures for the paper ({name})", [])
         airlock.upload(alice, ids["exports"], made["id"], name, data)
         airlock.submit(alice, ids["exports"], made["id"])
@@ -389,6 +402,17 @@ def test_export_review_and_download(console: dict[str, Any], chromium: Any) -> N
     image = first.page.locator("img.preview")
     assert image.evaluate("i => i.complete && i.naturalWidth") == 40  # served by the SPE
     first.shot("admin-export-image")
+    first.open(f"/console/permits/{pid}/exports/{ids['pdf']}")
+    if pdf_preview.available() is None:
+        page_one = first.page.locator("img.preview")
+        # 200x100 pt at 80 dpi, rasterised on the server: the browser never gets the PDF
+        assert 220 <= page_one.evaluate("i => i.complete && i.naturalWidth") <= 224
+        shown = first.page.request.get(base + (page_one.get_attribute("src") or ""))
+        assert shown.headers["content-type"] == "image/png"
+        assert "sandbox" in shown.headers["content-security-policy"]
+        first.shot("admin-export-pdf")
+    else:  # this machine lacks poppler-utils or bubblewrap: the page says so
+        assert "No PDF preview" in first.page.inner_text("main")
     shown = first.page.request.get(
         f"{base}/console/permits/{pid}/exports/{ids['figure']}/preview/x")
     assert shown.status == 404
