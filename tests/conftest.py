@@ -22,6 +22,11 @@ PG_URL = os.environ.get("SPE_TEST_POSTGRES_URL")
 pytest_plugins = ["tests.keycloak_fixtures"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--audit-crash-long", action="store_true",
+                     help="the audit SIGKILL crash test kills 1,000 times (200 by default)")
+
+
 def _fresh_pg_database() -> tuple[str, str]:
     assert PG_URL
     name = f"spe_t_{uuid.uuid4().hex[:12]}"
