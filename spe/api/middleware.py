@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from spe.api.problems import PROBLEM_TYPE_BASE
 from spe.audit import AuditAction, record_refusal
+from spe.audit import context as audit_context
 
 _HEADERS = [
     (b"cache-control", b"no-store"),
@@ -67,6 +68,14 @@ class RequestContextMiddleware:
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        client = scope.get("client")
+        origin = audit_context.begin(str(client[0]) if client else None)
+        try:
+            await self._serve(scope, receive, send, request_id)
+        finally:
+            audit_context.end(origin)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         rid = request_id.encode()
 
         async def send_with_headers(message: Message) -> None:

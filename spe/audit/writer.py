@@ -25,6 +25,7 @@ from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from spe.audit.canonical import GENESIS_HASH, compute_entry_hash
+from spe.audit.context import current as request_context
 from spe.audit.events import AuditEvent
 from spe.audit.fast_verify import raw_rows
 from spe.audit.models import AuditEntry, AuditHead
@@ -89,6 +90,9 @@ def record(session: Session, event: AuditEvent) -> Appended:
     row bumped and read in one statement, the hash over the canonical bytes computed once.
     """
     details = _plain(event.details)
+    origin = request_context()
+    if origin:  # client address and workspace of the request being served
+        details = {**origin, **details}
     conn = session.connection()
     head = conn.execute(_BUMP).one_or_none()
     if head is None:

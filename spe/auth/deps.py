@@ -28,6 +28,7 @@ from collections.abc import Callable
 from fastapi import Request
 
 from spe.api.state import get_state
+from spe.audit import context as audit_context
 from spe.auth.principal import Principal, Role
 from spe.auth.validator import get_validator
 from spe.errors import Forbidden, NotAuthenticated
@@ -62,6 +63,8 @@ def get_principal(request: Request) -> Principal:
     if principal.kind == "workspace" and principal.address is not None:
         check_address(principal, request.client.host if request.client else None)
     request.state.spe_principal = principal
+    if principal.kind == "workspace":
+        audit_context.note_workspace(principal.workspace_id)
     return principal
 
 

@@ -123,3 +123,41 @@ def test_cli_and_signed_evidence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     finally:
         db.dispose()
         get_settings.cache_clear()
+
+
+@pytest.mark.keycloak
+def test_entries_record_client_address_and_workspace(
+        api_app: FastAPI, api_client: TestClient, api_settings: Settings, db: Database) -> None:
+    """Entries written while serving a request carry its client address and, for a workspace
+    token, the workspace; never the token."""
+    from sqlalchemy import select
+
+    from spe.audit.models import AuditEntry
+
+    api_app.state.spe.put(CHECKER_KEY, _active)
+    with db.write() as s:
+        token = mint_workspace_token(s, api_settings, subject="sub-alice", username="alice",
+                                     permit_id="P-2", workspace_id="ws-alice-P-2",
+                                     checker=_active).token
+
+    def last() -> AuditEntry:
+        with db.read() as s:
+            return s.execute(select(AuditEntry).order_by(AuditEntry.seq.desc())
+                             .limit(1)).scalar_one()
+
+    assert api_client.get("/v1/permits/" + "x" * 20, headers=bearer(token)).status_code in (
+        403, 404)
+    entry = last()
+    assert entry.actor != "anonymous"
+    assert entry.details["client_address"] == "testclient"  # what the server saw
+    assert entry.details["workspace"] == "ws-alice-P-2"
+    assert token not in json.dumps(entry.details)
+    assert api_client.get("/v1/permits/" + "y" * 20).status_code == 401
+    entry = last()
+    assert entry.actor == "anonymous" and entry.details["client_address"] == "testclient"
+    assert "workspace" not in entry.details
+    with db.write() as s:  # outside a request nothing is added
+        record(s, AuditEvent(action="dp.query", actor="system"))
+    assert "client_address" not in last().details
+    with db.read() as s:
+        assert verify_chain(s).ok
