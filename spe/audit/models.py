@@ -49,3 +49,7 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     last_hash: Mapped[str] = mapped_column(String(64))
+    #: The last entry held by a retention archive (0: none); the database refuses to delete
+    #: entries above it (migration 0011).
+    archived_seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                              server_default="0", default=0)

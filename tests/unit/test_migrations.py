@@ -16,7 +16,7 @@ from spe.db.migrate import alembic_config
 
 def test_single_head() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert script.get_heads() == ["0010_airlock_file_votes"]
+    assert script.get_heads() == ["0011_audit_archive_mark"]
 
 
 def test_migrated_schema_matches_models(tmp_path: Path) -> None:
