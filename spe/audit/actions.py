@@ -61,6 +61,7 @@ class AuditAction(StrEnum):
     WORKSPACE_SPAWN = "workspace.spawn"
     WORKSPACE_STOP = "workspace.stop"
     WORKSPACE_CULL = "workspace.cull"
+    WORKSPACE_RECONCILE = "workspace.reconcile"
     WORKSPACE_PERMIT_AMENDED = "workspace.permit_amended"
     WORKSPACE_GPU_ALLOCATE = "workspace.gpu_allocate"
     WORKSPACE_GPU_RELEASE = "workspace.gpu_release"
@@ -152,6 +153,8 @@ MEANINGS: dict[AuditAction, str] = {
     AuditAction.WORKSPACE_SPAWN: "a workspace server was started (or its start refused)",
     AuditAction.WORKSPACE_STOP: "a workspace server was stopped",
     AuditAction.WORKSPACE_CULL: "workspaces of a permit that may no longer run were stopped",
+    AuditAction.WORKSPACE_RECONCILE: "what a workspace left after an unclean stop (namespace, "
+    "nftables table, veth, cgroup, mount, loop device, record) was cleaned",
     AuditAction.WORKSPACE_PERMIT_AMENDED: "a running workspace saw its permit amended",
     AuditAction.WORKSPACE_GPU_ALLOCATE: "GPUs were allocated to a workspace (or refused)",
     AuditAction.WORKSPACE_GPU_RELEASE: "a workspace's GPUs were released",

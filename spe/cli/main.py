@@ -93,6 +93,7 @@ def _register() -> None:
     app.add_typer(incident_cli.app, name="incident")
     app.command("demo-data")(datasets_cli.demo_data)
     app.command("up")(up_cli.up)
+    app.command("reconcile")(up_cli.reconcile)
     app.command("doctor")(doctor_cli.doctor)
 
 

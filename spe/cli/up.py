@@ -11,6 +11,7 @@ import typer
 
 from spe.cli.main import cli_principal, database, settings
 from spe.config import Settings
+from spe.db import Database
 
 if TYPE_CHECKING:
     from workspaces.hub import HubProcess
@@ -61,6 +62,34 @@ def _start_hub(s: Settings, public_url: str) -> tuple[str, HubProcess | None]:
     return f"{public_url}/hub/login  (log: {hub.log_path})", hub
 
 
+def _reconcile(s: Settings, db: Database, *, include_live: bool) -> list[str]:
+    """Clean what workspaces of this data dir left behind (root only); one line each."""
+    import os
+
+    from workspaces.reconcile import reconcile as reconcile_host
+    from workspaces.settings import get_workspace_settings
+
+    if os.geteuid() != 0:
+        return []
+    done = reconcile_host(db, s.data_dir, cgroup_parent=get_workspace_settings().cgroup_parent,
+                          include_live=include_live)
+    return [f"{c.ws_id}: still running, left alone" if c.skipped_live else
+            f"{c.ws_id}: removed {', '.join(c.removed) or 'nothing'}; record was {c.record_was}"
+            for c in done]
+
+
+def reconcile(
+    include_live: bool = typer.Option(False, help="Also clean workspaces whose processes "
+                                      "still run (only when no hub of this data dir runs)."),
+) -> None:
+    """Clean the namespaces, nftables tables, veths, cgroups, mounts, loop devices and
+    records that workspaces of this data dir left after an unclean stop (audited)."""
+    lines = _reconcile(settings(), database(upgrade=True), include_live=include_live)
+    for line in lines:
+        typer.echo(line)
+    typer.echo(f"reconciled {len(lines)} workspace(s)")
+
+
 def up(
     persons: int = typer.Option(20_000, help="Persons in the bundled synthetic dataset "
                                 "(generated on first start only)."),
@@ -99,7 +128,9 @@ def up(
     rows.append(("SPE API", s.api_base_url + "/docs"))
     rows.append(("SPE console", s.api_base_url + "/register  (log in for admins, access bodies)"))
     hub_process = None
-    if hub:
+    if hub:  # no hub of this data dir runs yet: whatever a workspace left is an orphan
+        for line in _reconcile(s, db, include_live=True):
+            typer.echo(f"reconciled {line}")
         where, hub_process = _start_hub(s, hub_url.rstrip("/"))
         rows.append(("JupyterHub", where))
     width = max(len(name) for name, _ in rows)
@@ -118,4 +149,4 @@ def up(
         pass
     finally:
         if hub_process is not None:
-            hub_process.stop()
+            hub_process.stop(timeout=3.0)
