@@ -30,7 +30,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_DAYS = 3650
 LEAF_DAYS = 397
 RENEW_BEFORE = dt.timedelta(days=30)
-DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+#: The name a workspace sandbox uses for the SPE API under TLS: its /etc/hosts maps it to the
+#: host end of its veth link, and the API's certificate must name it (the local CA's leaf does).
+WORKSPACE_API_HOST = "spe-api.internal"
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1", WORKSPACE_API_HOST)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class SandboxRequest:
     env: Mapping[str, str] = field(default_factory=dict)
     with_network: bool = True
     server_port: int = SERVER_PORT  # the only port the proxy may open inside the sandbox
+    ca_file: Path | None = None  # CA certificates the sandbox trusts for the SPE API (TLS)
 
 
 @runtime_checkable
@@ -150,7 +151,7 @@ class BubblewrapBackend:
             permit_id=request.permit_id, quota=request.quota, settings=self.settings,
             extract=request.extract, with_network=request.with_network,
             devices=request.devices, env=request.env, ws_id=request.ws_id,
-            server_port=request.server_port)
+            server_port=request.server_port, ca_file=request.ca_file)
         return BubblewrapHandle(ws_id=ws.ws_id, root=ws.root, spec=ws.spec, disk=ws.disk)
 
     def start(self, handle: BubblewrapHandle, command: Sequence[str], *,

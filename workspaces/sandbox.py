@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -52,6 +53,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from permits.terms import ComputeQuota
+from spe.tls import WORKSPACE_API_HOST
 from workspaces import accounts, cgroups, disk, fscrypt, helpers, network, seccomp
 from workspaces.accounts import Account
 from workspaces.cgroups import WorkspaceCgroup
@@ -97,8 +99,19 @@ def _parents(path: PurePosixPath) -> list[str]:
     return [str(p) for p in reversed(path.parents) if str(p) != "/"]
 
 
-def write_etc(etc_dir: Path, account: Account) -> None:
-    """Write the sandbox's minimal /etc files (root-owned, world-readable)."""
+#: Where a sandbox finds the CA certificate it trusts for the SPE API under TLS (read-only, as
+#: every file of its /etc); only a certificate is ever copied there, never a key.
+CA_IN_SANDBOX = "/etc/spe-ca.pem"
+
+
+def write_etc(etc_dir: Path, account: Account, api_host_ip: str | None = None,
+              ca_file: Path | None = None) -> None:
+    """Write the sandbox's minimal /etc files (root-owned, world-readable).
+
+    ``api_host_ip``: the host end of the workspace's veth, named
+    :data:`spe.tls.WORKSPACE_API_HOST` in ``hosts``. ``ca_file``: a PEM bundle of CA
+    certificates copied to ``spe-ca.pem`` (bound at :data:`CA_IN_SANDBOX`); refused (ValueError)
+    when it holds anything but certificates, so a key can never be bound by mistake."""
     etc_dir.mkdir(parents=True, exist_ok=True)
     etc_dir.chmod(0o755)
     home = f"/home/{account.name}"
@@ -107,15 +120,27 @@ def write_etc(etc_dir: Path, account: Account) -> None:
                   f"{account.name}:x:{account.uid}:{account.gid}:SPE workspace:{home}:/bin/sh\n"
                   "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
         "group": f"root:x:0:\n{account.name}:x:{account.gid}:\nnogroup:x:65534:\n",
-        "hosts": "127.0.0.1 localhost workspace\n",
+        "hosts": "127.0.0.1 localhost workspace\n"
+                 + (f"{api_host_ip} {WORKSPACE_API_HOST}\n" if api_host_ip else ""),
         "resolv.conf": "# no name service inside a workspace\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
         "hostname": "workspace\n",
     }
+    if ca_file is not None:
+        files["spe-ca.pem"] = _certificates_only(ca_file)
     for name, text in files.items():
         path = etc_dir / name
         path.write_text(text)
         path.chmod(0o644)
+
+
+def _certificates_only(ca_file: Path) -> str:
+    """The PEM text of ``ca_file`` if it holds only certificates (at least one)."""
+    text = ca_file.read_text()
+    labels = re.findall(r"-----BEGIN ([A-Z0-9 ]+)-----", text)
+    if not labels or set(labels) != {"CERTIFICATE"}:
+        raise ValueError("the CA file for workspaces must hold certificates only")
+    return text
 
 
 def bwrap_argv(spec: SandboxSpec, command: Sequence[str],
@@ -236,8 +261,10 @@ class Workspace:
                   extract: Path | None = None, with_network: bool = True,
                   devices: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
                   ws_id: str | None = None,
-                  server_port: int = network.SERVER_PORT) -> Workspace:
-        """Create everything the workspace of (person, permit) needs; undo it on failure."""
+                  server_port: int = network.SERVER_PORT,
+                  ca_file: Path | None = None) -> Workspace:
+        """Create everything the workspace of (person, permit) needs; undo it on failure.
+        ``ca_file``: CA certificates the sandbox trusts for the SPE API (see :func:`write_etc`)."""
         ws_id = ws_id or accounts.workspace_id(person, permit_id)
         seccomp.program()  # fail closed: no filter for this machine, nothing is created
         workspaces_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +296,6 @@ class Workspace:
                 tmp.mkdir()
                 os.chown(tmp, account.uid, account.gid)
                 tmp.chmod(0o700)
-            write_etc(root / "etc", account)
             cg = cgroups.create(ws_id, quota, parent=settings.cgroup_parent,
                                 pids_max=settings.pids_max,
                                 parent_limits=parent_limits(settings, workspaces_dir))
@@ -278,6 +304,7 @@ class Workspace:
                                  pool=settings.subnet_pool, server_port=server_port,
                                  max_connections=settings.max_connections)
             undo.append(net.destroy)
+            write_etc(root / "etc", account, api_host_ip=net.host_ip, ca_file=ca_file)
             runtime = settings.runtime_dir if settings.runtime_dir.is_dir() else None
             spec = SandboxSpec(account=account, home=home, etc_dir=root / "etc", tmp=tmp,
                                runtime=runtime, extract=extract, network=net, cgroup=cg,

@@ -38,6 +38,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
 from tornado import web
@@ -48,6 +49,7 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.errors import NotFound
+from spe.tls import WORKSPACE_API_HOST
 from workspaces import accounts, cgroups, gpu, lifecycle, runtime, token_refresh
 from workspaces.backend import BubblewrapBackend, SandboxBackend, SandboxRequest, check_backend
 from workspaces.errors import (
@@ -59,6 +61,7 @@ from workspaces.errors import (
     UnsupportedArchitecture,
 )
 from workspaces.ray_head import ray_env, write_token
+from workspaces.sandbox import CA_IN_SANDBOX
 from workspaces.settings import WorkspaceSettings, get_workspace_settings
 
 _DBS: dict[str, Database] = {}
@@ -91,6 +94,20 @@ def _audit(db: Database, action: str, person: str, permit_id: str | None, ws_id:
                                    permit_id=permit_id, target=ws_id, outcome=outcome,
                                    reason=reason, details=details))
 
+
+
+def workspace_api_env(host_url: str, tls: bool) -> dict[str, str]:
+    """The workspace's SPE API address and the CA it trusts. ``host_url`` is the backend's
+    plain address of the API's port; with ``tls`` (the hub has ``tls_ca_file``, which
+    :func:`spe.cli.production.hub_tls_env` sets when the API serves HTTPS) the address becomes
+    ``https://`` + :data:`spe.tls.WORKSPACE_API_HOST` (mapped to the same host address in the
+    sandbox's /etc/hosts, named by the certificate) and the clients trust only the CA copied
+    read-only to :data:`workspaces.sandbox.CA_IN_SANDBOX`."""
+    if not tls:
+        return {"SPE_API_URL": host_url}
+    port = urlsplit(host_url).port
+    return {"SPE_API_URL": f"https://{WORKSPACE_API_HOST}:{port}",
+            "SSL_CERT_FILE": CA_IN_SANDBOX, "REQUESTS_CA_BUNDLE": CA_IN_SANDBOX}
 
 class SandboxSpawner(Spawner):
     """Spawns ``jupyterhub-singleuser`` inside the workspace sandbox of (user, permit)."""
@@ -231,7 +248,8 @@ class SandboxSpawner(Spawner):
             self._ws = self.backend.provision(SandboxRequest(
                 ws_id=self.ws_id, person=self.person, permit_id=self.permit_id,
                 quota=terms.compute, extract=extract if extract.is_dir() else None,
-                devices=gpu.device_nodes(gpus), server_port=self.port))
+                devices=gpu.device_nodes(gpus), server_port=self.port,
+                ca_file=self.spe_settings.tls_ca_file))
             write_token(self._ws.home_on_host, self._ws.uid, self._ws.gid)
             self._extra_env = {**ray_env(terms.compute, gpus), **self._token_env(db, self._ws)}
         except (UnsupportedArchitecture, DiskAdmissionRefused) as exc:
@@ -287,7 +305,8 @@ class SandboxSpawner(Spawner):
         self.ip, self.port = backend.address(ws, self.port)
         self.hub_connect_url = backend.host_url(ws, self.ws_settings.allowed_host_ports[0])
         env = {**self.get_env(), **self._extra_env,
-               "SPE_API_URL": backend.host_url(ws, self.spe_settings.api_port),
+               **workspace_api_env(backend.host_url(ws, self.spe_settings.api_port),
+                                   self.spe_settings.tls_ca_file is not None),
                "SPE_PERMIT_ID": self.permit_id,
                "JUPYTERHUB_COOKIE_OPTIONS": json.dumps(server_cookie_options(
                    self.cookie_options))}

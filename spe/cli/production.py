@@ -10,7 +10,8 @@ Contract:
   (nothing when no certificate is set).
 - :func:`hub_tls_env` gives the hub's environment for TLS: the browser gate's certificate and
   key (``SPE_GATE_SSL_CERT``/``SPE_GATE_SSL_KEY``) and the CA bundle its processes trust
-  (``SSL_CERT_FILE``, read by httpx and Python's ssl defaults).
+  (``SSL_CERT_FILE``, read by httpx and Python's ssl defaults); when the API serves HTTPS
+  also ``SPE_TLS_CA_FILE``, from which the spawner makes the workspaces' API address https.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def hub_tls_env(s: Settings) -> dict[str, str]:
         env["SPE_GATE_SSL_KEY"] = str(s.tls_key_file.resolve())
     if s.tls_ca_file is not None:
         env["SSL_CERT_FILE"] = str(s.tls_ca_file.resolve())
+        if s.tls_cert_file is not None:
+            # The API serves HTTPS: the spawner gives workspaces an https API address and a
+            # read-only copy of this CA bundle (certificates only).
+            env["SPE_TLS_CA_FILE"] = env["SSL_CERT_FILE"]
     return env
 
 
