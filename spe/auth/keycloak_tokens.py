@@ -15,10 +15,20 @@ Contract of :meth:`KeycloakTokenValidator.validate` (returns a Principal or rais
   ``service`` principal named by its client id, with ``access_body`` from the hard-coded
   ``access_body`` claim; any other token is a ``user`` principal named by
   ``preferred_username``.
+
+Verified-token cache: a token that passed every check above is remembered by the SHA-256 of
+its bytes (never the token itself) for at most ``VERIFIED_TTL_SECONDS`` and never past its
+``exp`` (no leeway), and only while the realm still publishes its ``kid``; a hit skips the
+signature check and returns the same Principal. Keycloak tokens carry no server-side
+revocation state here (revocation and suspension are permit checks, made per request after
+authentication), so the cache changes no decision; workspace tokens are not cached.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from typing import Any
 
 import jwt
@@ -30,6 +40,9 @@ from spe.config import Settings
 from spe.errors import NotAuthenticated
 
 _ROLE_VALUES = {r.value: r for r in Role}
+
+VERIFIED_TTL_SECONDS = 60.0
+VERIFIED_MAX_ENTRIES = 4096
 
 
 def realm_issuer(settings: Settings) -> str:
@@ -55,10 +68,31 @@ class KeycloakTokenValidator:
         self.audience = settings.api_audience
         self.leeway = settings.token_leeway_seconds
         self.jwks = jwks or JWKSCache(jwks_url(settings))
+        self._verified: dict[bytes, tuple[float, str, Principal]] = {}
+        self._lock = threading.Lock()
 
     def validate(self, token: str) -> Principal:
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.time()
+        with self._lock:
+            hit = self._verified.get(digest)
+        if hit is not None:
+            until, kid, principal = hit
+            if now < until and self.jwks.key(kid) is not None:
+                return principal
+            with self._lock:
+                self._verified.pop(digest, None)
         claims = self.verify(token)
-        return principal_from_claims(claims)
+        principal = principal_from_claims(claims)
+        exp = claims.get("exp")
+        key_id = unverified_header(token).get("kid")
+        if isinstance(exp, int | float) and isinstance(key_id, str):
+            until = min(float(exp), now + VERIFIED_TTL_SECONDS)
+            with self._lock:
+                if len(self._verified) >= VERIFIED_MAX_ENTRIES:
+                    self._verified.pop(next(iter(self._verified)))
+                self._verified[digest] = (until, key_id, principal)
+        return principal
 
     def verify(self, token: str) -> dict[str, Any]:
         """The verified claims of ``token`` (NotAuthenticated on any failure)."""
