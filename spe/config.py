@@ -257,6 +257,12 @@ class Settings(BaseSettings):
         "background thread of the API when the log has grown; 0 turns the schedule off "
         "(checkpoints then only on demand: POST /v1/audit/checkpoints, `spe audit checkpoint`).",
     )
+    audit_retention_days: int = Field(
+        365, description="Audit entries older than this many days may be moved by "
+        "`spe audit archive` (spe.audit.archive.archive_expired) into a signed JSON Lines file "
+        "under data_dir/audit/archive; verification still covers them. Enforced: values below "
+        "365 (EHDS: logs kept at least a year) are refused at load.",
+    )
     audit_alert_interval_seconds: float = Field(
         60.0, ge=0, le=86400,
         description="How often the API scans new audit entries with the alert rules "
@@ -351,6 +357,14 @@ class Settings(BaseSettings):
         if path.is_file():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @field_validator("audit_retention_days")
+    @classmethod
+    def _check_retention(cls, value: int) -> int:
+        if value < 365:
+            raise ValueError("audit_retention_days must be at least 365: audit logs are kept "
+                             "at least one year")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -99,6 +99,7 @@ class AuditAction(StrEnum):
     AUDIT_CHECKPOINT = "audit.checkpoint"
     AUDIT_CHECKPOINTS = "audit.checkpoints"
     AUDIT_CONSISTENCY = "audit.consistency"
+    AUDIT_ARCHIVE = "audit.archive"
     AUDIT_PROOF = "audit.proof"
     AUDIT_ALERT = "audit.alert"
     # the incident switch
@@ -200,6 +201,8 @@ MEANINGS: dict[AuditAction, str] = {
     "the log no longer extends the last one)",
     AuditAction.AUDIT_CHECKPOINTS: "signed checkpoints of the audit log were fetched",
     AuditAction.AUDIT_CONSISTENCY: "a consistency proof between two checkpoints was fetched",
+    AuditAction.AUDIT_ARCHIVE: "entries older than the retention period were written to a "
+    "signed archive file and removed from the database (range, count, file)",
     AuditAction.AUDIT_PROOF: "a permit's audit entries were fetched with inclusion proofs",
     AuditAction.AUDIT_ALERT: "ALERT: a rule flagged a suspicious pattern in the audit log "
     "(spe.audit.alerts: the rule, counts and entry numbers in details)",

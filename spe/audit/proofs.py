@@ -155,13 +155,13 @@ class CheckpointCheck:
     first_bad_seq: int | None = None
 
 
-def check_against_checkpoints(session: Session, checkpoints: list[Checkpoint]
-                              ) -> CheckpointCheck:
+def check_against_checkpoints(session: Session, checkpoints: list[Checkpoint],
+                              archived: list[str] | None = None) -> CheckpointCheck:
     """Does the stored log still contain, unchanged, what every checkpoint committed to?
 
     On a rewrite, ``first_bad_seq`` is the first entry after the last checkpoint that still
     matches (the rewrite lies between it and the first checkpoint that does not)."""
-    tree = MerkleTree(_leaves_prefix(session))
+    tree = MerkleTree(_leaves_prefix(session, archived or []))
     good = 0
     for n, cp in enumerate(sorted(checkpoints, key=lambda c: c.size), 1):
         if tree.size < cp.size:
@@ -176,10 +176,12 @@ def check_against_checkpoints(session: Session, checkpoints: list[Checkpoint]
     return CheckpointCheck(True, len(checkpoints))
 
 
-def _leaves_prefix(session: Session) -> list[bytes]:
-    """Leaves of the longest gap-free prefix of the stored log."""
-    out: list[bytes] = []
+def _leaves_prefix(session: Session, archived: list[str]) -> list[bytes]:
+    """Leaves of the longest gap-free prefix of the log: the ``archived`` entry hashes (from
+    verified retention archives, ``spe.audit.archive``) then the stored entries after them."""
+    out: list[bytes] = [entry_leaf(h) for h in archived]
     for seq, digest in session.execute(select(AuditEntry.seq, AuditEntry.entry_hash)
+                                       .where(AuditEntry.seq > len(archived))
                                        .order_by(AuditEntry.seq)):
         if seq != len(out) + 1:
             break

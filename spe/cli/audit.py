@@ -1,4 +1,4 @@
-"""`spe audit verify|export|checkpoint|keys|rotate-key|alerts|verify-remote`.
+"""`spe audit verify|archive|export|checkpoint|keys|rotate-key|alerts|verify-remote`.
 
 Read-only commands (verify, export, keys) never create state: without a control database they
 fail with a clear message (exit 2) instead of creating an empty one and reporting it intact.
@@ -55,16 +55,35 @@ def verify() -> None:
     """Recompute the hash chain and check the log against every signed checkpoint; exit 1 at
     the first broken entry, 2 when there is no log to verify."""
     from spe.audit import verify_chain
+    from spe.audit.archive import verify_with_archive
     from spe.audit.checkpoints import CheckpointLog
+    from spe.audit.models import AuditHead
     from spe.audit.proofs import check_against_checkpoints
+    from spe.audit.writer import ChainReport
     from spe.cli.main import settings
 
+    data_dir = settings().data_dir
     db = existing_database()
-    held = CheckpointLog(settings().data_dir).all()
+    held = CheckpointLog(data_dir).all()
+    archived: list[str] = []
+    report: ChainReport
     try:
         with db.read() as session:
-            report = verify_chain(session)
-            check = check_against_checkpoints(session, held)
+            head = session.get(AuditHead, 1)
+            if head is not None and head.archived_seq:
+                # The archived prefix from its signed files, then the live chain after it.
+                full = verify_with_archive(session, data_dir)
+                if not full.ok and full.file:
+                    typer.secho(f"audit archive {full.file} BROKEN at entry "
+                                f"{full.first_bad_seq}: {full.problem}", fg="red", err=True)
+                    raise typer.Exit(1)
+                for name in full.pending:
+                    typer.echo(f"note: {name} is above the archived mark (a run that did not "
+                               "commit); ignored, the next archive run rewrites it")
+                report, archived = full, full.hashes
+            else:
+                report = verify_chain(session)
+            check = check_against_checkpoints(session, held, archived)
     finally:
         db.dispose()
     if not report.ok:
@@ -75,9 +94,36 @@ def verify() -> None:
         typer.secho(f"audit log CONTRADICTS a signed checkpoint, first bad entry "
                     f"{check.first_bad_seq}: {check.problem}", fg="red", err=True)
         raise typer.Exit(1)
-    suffix = (f"; matches {check.checked} signed checkpoint(s), the latest of "
+    in_files = f" ({len(archived)} of them in signed archive files)" if archived else ""
+    suffix = in_files + (f"; matches {check.checked} signed checkpoint(s), the latest of "
               f"{held[-1].size} entries" if held else "; no checkpoint held yet")
     typer.echo(f"audit chain intact: {report.entries} entries{suffix}")
+
+
+@app.command("archive")
+def archive() -> None:
+    """Move entries older than audit_retention_days (at least 365) into a signed JSON Lines
+    file under data_dir/audit/archive, then remove them from the database; `spe audit verify`
+    still covers them. Exit 1 when refused."""
+    from spe.audit.archive import ArchiveRefused, archive_expired
+    from spe.cli.main import cli_principal, settings
+
+    s = settings()
+    principal = cli_principal()
+    db = existing_database()
+    try:
+        run = archive_expired(db, s.data_dir, s.audit_retention_days, actor=principal.actor,
+                              role=principal.primary_role())
+    except ArchiveRefused as exc:
+        typer.secho(f"NOT ARCHIVED: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    if run is None:
+        typer.echo(f"nothing older than {s.audit_retention_days} days to archive")
+        return
+    typer.echo(f"archived entries {run.first_seq}..{run.last_seq} ({run.count}) to {run.path}; "
+               f"{run.deleted} removed from the database")
 
 
 @app.command("export")
