@@ -196,6 +196,15 @@ def ensure_local_ca(directory: Path, hosts: list[str] | None = None) -> TlsFiles
     return files
 
 
+def names_host(cert_file: Path, host: str) -> bool:
+    """Whether the PEM certificate in ``cert_file`` names ``host`` (False when unreadable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return _host_matches(cert, host)
+
+
 def _host_matches(cert: x509.Certificate, host: str) -> bool:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

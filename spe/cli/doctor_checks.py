@@ -64,13 +64,16 @@ def _database(s: Settings) -> Check:
 def _tls_api(s: Settings) -> Check:
     from urllib.parse import urlsplit
 
-    from spe.tls import certificate_problems
+    from spe.tls import WORKSPACE_API_HOST, certificate_problems, names_host
 
     url = s.api_base_url
     problems = [] if url.startswith("https://") else [f"the API is reached at {url}"]
     if s.public_url is None or s.tls_cert_file is not None:  # the SPE terminates TLS itself
         problems += certificate_problems(s.tls_cert_file, s.tls_key_file, s.tls_ca_file,
                                          urlsplit(url).hostname)
+        if s.tls_cert_file is not None and not names_host(s.tls_cert_file, WORKSPACE_API_HOST):
+            problems.append(f"{s.tls_cert_file} does not name {WORKSPACE_API_HOST} (the "
+                            "workspaces' name for the API)")
     return Check("TLS for the API", not problems,
                  "; ".join(problems) or f"{url} with certificate "
                  f"{s.tls_cert_file or 'of the reverse proxy'}",

@@ -88,3 +88,22 @@ def test_a_key_is_never_copied_into_the_sandbox(tmp_path: Path) -> None:
         write_etc(tmp_path / "etc", Account("spew-abc", 990, 990), ca_file=bundle)
     with pytest.raises(ValueError, match="certificates only"):
         write_etc(tmp_path / "etc2", Account("spew-abc", 990, 990), ca_file=files.key_file)
+
+
+def test_doctor_names_a_certificate_the_workspaces_cannot_verify(tmp_path: Path) -> None:
+    from spe.cli.doctor_checks import _tls_api
+    from spe.tls import _load_ca, _make_leaf
+
+    files = ensure_local_ca(tmp_path / "tls")
+    s = Settings(
+        data_dir=tmp_path / "data",
+        tls_cert_file=files.cert_file,
+        tls_key_file=files.key_file,
+        tls_ca_file=files.ca_file,
+    )
+    assert WORKSPACE_API_HOST not in _tls_api(s).found
+    loaded = _load_ca(files)
+    assert loaded is not None
+    _make_leaf(files, *loaded, ["localhost", "127.0.0.1"])  # an operator's leaf without the name
+    check = _tls_api(s)
+    assert not check.ok and f"does not name {WORKSPACE_API_HOST}" in check.found
