@@ -210,7 +210,7 @@ def _read(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _check_file(path: Path, first: int, last: int, prev: str, state: dict[str, int],
-                keys: dict[str, str]) -> tuple[str | None, list[str]]:
+                keys: dict[str, str]) -> tuple[str | None, list[dict[str, Any]]]:
     try:
         items = list(_read(path))
     except (OSError, ValueError):
@@ -241,7 +241,7 @@ def _check_file(path: Path, first: int, last: int, prev: str, state: dict[str, i
         return problem, []
     if lines[-1]["entry_hash"] != manifest.get("last_hash"):
         return "last hash does not match the signed manifest", []
-    return None, [str(e["entry_hash"]) for e in lines]
+    return None, lines
 
 
 def verify_with_archive(session: Session, data_dir: Path) -> ArchiveReport:
@@ -262,7 +262,8 @@ def verify_with_archive(session: Session, data_dir: Path) -> ArchiveReport:
             return ArchiveReport(False, len(hashes), expected, "archive file out of place "
                                  f"(expected one starting at entry {expected}, up to "
                                  f"{mark} at most)", file=path.name, archived=len(hashes))
-        problem, found = _check_file(path, first, last, prev, state, keys)
+        problem, entries = _check_file(path, first, last, prev, state, keys)
+        found = [str(e["entry_hash"]) for e in entries]
         if problem:
             return ArchiveReport(False, len(hashes), first, problem, file=path.name,
                                  archived=len(hashes))
@@ -302,3 +303,51 @@ def verify_with_archive(session: Session, data_dir: Path) -> ArchiveReport:
         return ArchiveReport(False, count, count + 1,
                              "entries removed from the end of the chain", archived=mark)
     return ArchiveReport(True, count, archived=mark, pending=pending, hashes=hashes)
+
+
+@dataclass(frozen=True)
+class ArchivedPrefix:
+    """Entries 1..mark as held by the archive files: their hashes (the first Merkle leaves)
+    and, per permit, (entries archived, last archived seq)."""
+
+    hashes: list[str]
+    permits: dict[str, tuple[int, int]]
+
+
+_prefix_cache: dict[tuple[str, int], ArchivedPrefix] = {}
+
+
+def archived_prefix(data_dir: Path, mark: int) -> ArchivedPrefix:
+    """The archived prefix up to ``mark``, each file fully checked (signature, hashes, links);
+    raises :class:`~spe.audit.checkpoints.LogTampered` naming a bad or missing file. Kept per
+    process by (data_dir, mark): files up to the mark never change legitimately."""
+    from spe.audit.checkpoints import LogTampered
+
+    key = (str(data_dir), mark)
+    if key in _prefix_cache:
+        return _prefix_cache[key]
+    keys = {k.key_id: k.public_key for k in KeyStore(data_dir).public_keys()}
+    prev, expected = GENESIS_HASH, 1
+    state: dict[str, int] = {}
+    hashes: list[str] = []
+    permits: dict[str, tuple[int, int]] = {}
+    for first, last, path in _files(data_dir):
+        if first > mark:
+            continue
+        if first != expected or last > mark:
+            raise LogTampered(f"archive file {path.name} is out of place")
+        problem, entries = _check_file(path, first, last, prev, state, keys)
+        if problem:
+            raise LogTampered(f"archive file {path.name}: {problem}")
+        for e in entries:
+            hashes.append(str(e["entry_hash"]))
+            pid = e.get("permit_id")
+            if pid is not None:
+                count, _ = permits.get(pid, (0, 0))
+                permits[pid] = (count + 1, int(e["seq"]))
+        prev, expected = hashes[-1], last + 1
+    if expected <= mark:
+        raise LogTampered(f"archive file missing for entries {expected}..{mark}")
+    prefix = ArchivedPrefix(hashes, permits)
+    _prefix_cache[key] = prefix
+    return prefix

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -38,13 +38,16 @@ from spe.audit.merkle import MerkleTree
 from spe.audit.models import AuditEntry, AuditHead
 from spe.audit.writer import iter_rows, row_fields
 
+if TYPE_CHECKING:
+    from spe.audit.archive import ArchivedPrefix
+
 _cache_lock = threading.Lock()
 _cache: dict[str, tuple[int, str, MerkleTree]] = {}
 
 
-def _leaves(session: Session, size: int) -> list[bytes]:
-    out: list[bytes] = []
-    last = 0
+def _leaves(session: Session, size: int, archived: list[str] | None = None) -> list[bytes]:
+    out: list[bytes] = [entry_leaf(h) for h in (archived or [])[:size]]
+    last = len(out)
     while last < size:
         hashes = session.execute(
             select(AuditEntry.seq, AuditEntry.entry_hash)
@@ -62,9 +65,11 @@ def _leaves(session: Session, size: int) -> list[bytes]:
     return out
 
 
-def _chain_head(session: Session, size: int) -> str:
+def _chain_head(session: Session, size: int, archived: list[str] | None = None) -> str:
     if size == 0:
         return GENESIS_HASH
+    if archived and size <= len(archived):
+        return archived[size - 1]
     digest = session.execute(select(AuditEntry.entry_hash)
                              .where(AuditEntry.seq == size)).scalar()
     if digest is None:
@@ -72,15 +77,17 @@ def _chain_head(session: Session, size: int) -> str:
     return str(digest)
 
 
-def tree_at(session: Session, size: int) -> MerkleTree:
-    """The Merkle tree over entries 1..size."""
+def tree_at(session: Session, size: int, archived: list[str] | None = None) -> MerkleTree:
+    """The Merkle tree over entries 1..size; ``archived``: the hashes of the entries moved to
+    retention archives (``spe.audit.archive.archived_prefix``), needed once the archived mark
+    is above 0."""
     key = str(session.get_bind().engine.url)
-    head = _chain_head(session, size)
+    head = _chain_head(session, size, archived)
     with _cache_lock:
         hit = _cache.get(key)
         if hit and hit[0] == size and hit[1] == head:
             return hit[2]
-    tree = MerkleTree(_leaves(session, size))
+    tree = MerkleTree(_leaves(session, size, archived))
     with _cache_lock:
         _cache[key] = (size, head, tree)
     return tree
@@ -91,13 +98,22 @@ def current_size(session: Session) -> int:
     return int(head.seq) if head is not None else 0
 
 
-def permit_heads(session: Session, size: int) -> list[tuple[str, int, int]]:
-    """(permit_id, entry count, last entry seq) of every permit with entries up to ``size``."""
+def permit_heads(session: Session, size: int, archived: ArchivedPrefix | None = None
+                 ) -> list[tuple[str, int, int]]:
+    """(permit_id, entry count, last entry seq) of every permit with entries up to ``size``
+    (with ``archived``: its archived entries counted, rows at or below the mark ignored)."""
+    floor = len(archived.hashes) if archived else 0
     rows = session.execute(
         select(AuditEntry.permit_id, func.count(), func.max(AuditEntry.seq))
-        .where(AuditEntry.seq <= size, AuditEntry.permit_id.is_not(None))
+        .where(AuditEntry.seq <= size, AuditEntry.seq > floor,
+               AuditEntry.permit_id.is_not(None))
         .group_by(AuditEntry.permit_id).order_by(AuditEntry.permit_id)).all()
-    return [(str(p), int(c), int(m)) for p, c, m in rows]
+    heads = {str(p): (int(c), int(m)) for p, c, m in rows}
+    if archived:
+        for pid, (count, last) in archived.permits.items():
+            live = heads.get(pid)
+            heads[pid] = (count + live[0], live[1]) if live else (count, last)
+    return [(p, c, m) for p, (c, m) in sorted(heads.items())]
 
 
 def _permits_tree(heads: list[tuple[str, int, int]]) -> MerkleTree:
@@ -118,15 +134,23 @@ def create_checkpoint(session: Session, keys: KeyStore, log: CheckpointLog,
 def _create_checkpoint(session: Session, keys: KeyStore, log: CheckpointLog,
                        origin: str) -> Checkpoint:
     size = current_size(session)
-    tree = tree_at(session, size)
+    prefix = None
+    head_row = session.get(AuditHead, 1)
+    if head_row is not None and head_row.archived_seq:
+        from spe.audit.archive import archived_prefix  # (archive imports this module)
+
+        # Entries moved to retention archives: their hashes come from the checked files.
+        prefix = archived_prefix(log.path.parent.parent, int(head_row.archived_seq))
+    archived = prefix.hashes if prefix else None
+    tree = tree_at(session, size, archived)
     last = log.last()
     if last is not None:
         problem = _contradiction(session, last, tree)
         if problem:
             raise LogTampered(problem)
-    heads = permit_heads(session, size)
+    heads = permit_heads(session, size, prefix)
     key_id, private = keys.current()
-    body = Checkpoint(origin=origin, size=size, chain_head=_chain_head(session, size),
+    body = Checkpoint(origin=origin, size=size, chain_head=_chain_head(session, size, archived),
                       root=tree.root().hex(), permits=len(heads),
                       permits_root=_permits_tree(heads).root().hex(),
                       time=datetime.now(UTC).isoformat(timespec="microseconds"),

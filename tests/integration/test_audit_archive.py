@@ -81,6 +81,21 @@ def test_archive_then_verify_intact(env: Database, tmp_path: Path) -> None:
     code, out = _cli("verify")
     assert code == 0, out
     assert "6 of them in signed archive files" in out and "matches 1 signed checkpoint" in out
+    # A checkpoint after archiving covers the archived entries (from the files) and extends
+    # the one before; its permits tree still counts p1's and p2's archived entries.
+    code, out = _cli("checkpoint")
+    assert code == 0, out
+    held = [json.loads(line) for line in
+            (tmp_path / "var" / "audit" / "checkpoints.jsonl").read_text().splitlines()]
+    assert [cp["size"] for cp in held] == [9, 11] and held[1]["permits"] == 2
+    from spe.audit.checkpoints import permit_leaf
+    from spe.audit.merkle import MerkleTree
+
+    # p1: entries 1, 4 archived and 7, 8, 9 live; p2: 3, 5 archived.
+    expected = MerkleTree([permit_leaf("p1", 5, 9), permit_leaf("p2", 2, 5)])
+    assert held[1]["permits_root"] == expected.root().hex()
+    code, out = _cli("verify")
+    assert code == 0 and "matches 2 signed checkpoint" in out, out
     with env.write() as s:  # p2 continues at permit_seq 3, verify still intact
         appended = record(s, AuditEvent(action="dp.query", actor="r", permit_id="p2"))
     assert appended.permit_seq == 3
@@ -103,6 +118,8 @@ def test_tampered_or_missing_archive_fails_naming_it(env: Database, tmp_path: Pa
     code, out = _cli("verify")
     assert code == 1
     assert path.name in out and "BROKEN" in out
+    code, out = _cli("checkpoint")  # nothing is signed over a changed archive
+    assert code == 1 and path.name in out and "NOT SIGNED" in out
     # A change that leaves the line valid JSON in canonical form: caught by the signed digest.
     path.write_bytes(original.replace(b'"actor":"r1"', b'"actor":"zz"'))
     code, out = _cli("verify")
