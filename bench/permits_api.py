@@ -10,6 +10,12 @@ costs little CPU) with ``--concurrency`` connections:
 * writes: ``PATCH /v1/permits/{id}`` with ``If-Match`` (each connection amends its own
   permit, chaining the returned ETag: a new version, an audit entry and an event each).
 
+With ``--background-load N`` the read phase runs again while N separate processes each run a
+DuckDB aggregation (a mean by group over 5M generated rows, the kind of work a DP query hands
+DuckDB) in a loop: a stand-in for DP queries competing for the CPU, not DP answers through
+the API. The load generator runs in its own process on the same machine; its CPU is not
+in "server CPU ms/req" (only the uvicorn processes' is).
+
 Each phase is bounded in requests and in seconds. Prints throughput and p50/p99 latency.
 The access body's client secret comes from ``SPE_BENCH_CLIENT_SECRET`` (default: the
 development realm's demo secret).
@@ -117,6 +123,19 @@ def load_main(spec_path: str) -> None:
 
 # Orchestration ------------------------------------------------------------------------------
 
+def background_main() -> None:
+    """Run a DuckDB aggregation in a loop until killed (the ``--background-load`` stand-in)."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET threads = 1")
+    con.execute("CREATE TABLE m AS SELECT i % 1000 AS concept, random() AS v "
+                "FROM range(5000000) t(i)")
+    while True:
+        con.execute("SELECT concept, avg(least(greatest(v, 0.1), 0.9)) FROM m "
+                    "GROUP BY concept").fetchall()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -201,8 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     ap.add_argument("--permits", type=int, default=32)
     ap.add_argument("--database-url", default=None)
+    ap.add_argument("--background-load", type=int, default=0,
+                    help="also measure reads while this many DuckDB aggregation loops run")
     ap.add_argument("--load-spec", help=argparse.SUPPRESS)
+    ap.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.background:
+        background_main()
+        return
     if args.load_spec:
         load_main(args.load_spec)
         return
@@ -243,31 +268,45 @@ def main(argv: list[str] | None = None) -> None:
             spec_path.write_text(json.dumps(spec))
             spec_path.chmod(0o600)
             results = []
-            for kind in ("read", "write"):
+            phases = ["read", "write"] + (["read+bg"] if args.background_load else [])
+            loaders: list[subprocess.Popen[bytes]] = []
+            for phase in phases:
+                kind = phase.split("+")[0]
                 spec_path.write_text(json.dumps({**spec, "reads": 0, "writes": 0,
                                                  f"{kind}s": spec[f"{kind}s"]}))
                 if not spec[f"{kind}s"]:
                     continue
+                if phase == "read+bg":
+                    loaders = [subprocess.Popen([sys.executable, "-m", "bench.permits_api",
+                                                 "--background"])
+                               for _ in range(args.background_load)]
+                    time.sleep(5)  # let each build its table and start querying
                 cpu0 = _cpu_seconds(server.pid)
                 out = subprocess.run([sys.executable, "-m", "bench.permits_api", "--load-spec",
                                       str(spec_path)], check=True, capture_output=True, text=True)
                 result = json.loads(out.stdout)[0]
                 cpu = _cpu_seconds(server.pid) - cpu0
+                for loader in loaders:
+                    loader.kill()
+                    loader.wait(30)
+                result["phase"] = phase
                 result["server_cpu_ms"] = round(1000 * cpu / max(result["requests"], 1), 3)
                 results.append(result)
             with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
                 for pid in ids:  # leave no Keycloak groups behind
                     client.post(f"/v1/permits/{pid}/revoke", json={"reason": "bench done"})
         finally:
+            for loader in locals().get("loaders", []):
+                loader.kill()
             server.terminate()
             server.wait(30)
     db_kind = "postgresql" if args.database_url else "sqlite"
     print(f"permit API on {HOST}, {args.workers} uvicorn worker(s), {db_kind}, "
           f"concurrency {args.concurrency}, {os.cpu_count()} CPUs")
-    print(f"{'phase':<6} {'requests':>9} {'seconds':>8} {'req/s':>9} {'p50 ms':>8} "
+    print(f"{'phase':<8} {'requests':>9} {'seconds':>8} {'req/s':>9} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'server CPU ms/req':>18}  errors")
     for r in results:
-        print(f"{r['phase']:<6} {r['requests']:>9} {r['seconds']:>8} {r['per_second']:>9} "
+        print(f"{r['phase']:<8} {r['requests']:>9} {r['seconds']:>8} {r['per_second']:>9} "
               f"{r['p50_ms']:>8} {r['p99_ms']:>8} {r['server_cpu_ms']:>18}  "
               f"{r['errors'] or '-'}")
 
