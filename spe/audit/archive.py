@@ -351,3 +351,16 @@ def archived_prefix(data_dir: Path, mark: int) -> ArchivedPrefix:
     prefix = ArchivedPrefix(hashes, permits)
     _prefix_cache[key] = prefix
     return prefix
+
+
+def archived_entries(data_dir: Path, mark: int, permit_id: str) -> list[dict[str, Any]]:
+    """``permit_id``'s archived entries (as exported: hashed fields, seq, hashes), from the
+    archive files up to ``mark`` (checked first by :func:`archived_prefix`)."""
+    archived_prefix(data_dir, mark)
+    out: list[dict[str, Any]] = []
+    for first, _last, path in _files(data_dir):
+        if first > mark:
+            continue
+        out += [e for e in _read(path) if e.get("kind") != "manifest"
+                and e.get("permit_id") == permit_id]
+    return out

@@ -128,9 +128,10 @@ def evidence(db: Database, keys: KeyStore, log: CheckpointLog, origin: str, perm
     with db.read() as session:
         cp = create_checkpoint(session, keys, log, origin)
         held = [c for c in log.all() if c.size <= cp.size and c != cp]
-        proofs = [{"checkpoint": c.to_json(), "proof": consistency(session, c.size, cp.size)}
-                  for c in held]
-        bundle = permit_bundle(session, cp, permit_id)
+        data_dir = log.path.parent.parent  # retention archives, once entries are archived
+        proofs = [{"checkpoint": c.to_json(),
+                   "proof": consistency(session, c.size, cp.size, data_dir)} for c in held]
+        bundle = permit_bundle(session, cp, permit_id, data_dir)
         state = frozen_state(session)
         receipts = release_receipts(session, permit_id)
     body: dict[str, Any] = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
@@ -131,16 +132,25 @@ def create_checkpoint(session: Session, keys: KeyStore, log: CheckpointLog,
         return _create_checkpoint(session, keys, log, origin)
 
 
+def _prefix(session: Session, data_dir: Path | None) -> ArchivedPrefix | None:
+    """The entries moved to retention archives (hashes, per-permit counts) from the checked
+    files in ``data_dir``; None while nothing is archived. Raises LogTampered on a bad file,
+    and when entries are archived but no ``data_dir`` was given."""
+    head = session.get(AuditHead, 1)
+    if head is None or not head.archived_seq:
+        return None
+    if data_dir is None:
+        raise LogTampered(f"entries 1..{head.archived_seq} are in retention archives: the "
+                          "data directory is needed to read them")
+    from spe.audit.archive import archived_prefix  # (archive imports this module)
+
+    return archived_prefix(data_dir, int(head.archived_seq))
+
+
 def _create_checkpoint(session: Session, keys: KeyStore, log: CheckpointLog,
                        origin: str) -> Checkpoint:
     size = current_size(session)
-    prefix = None
-    head_row = session.get(AuditHead, 1)
-    if head_row is not None and head_row.archived_seq:
-        from spe.audit.archive import archived_prefix  # (archive imports this module)
-
-        # Entries moved to retention archives: their hashes come from the checked files.
-        prefix = archived_prefix(log.path.parent.parent, int(head_row.archived_seq))
+    prefix = _prefix(session, log.path.parent.parent)
     archived = prefix.hashes if prefix else None
     tree = tree_at(session, size, archived)
     last = log.last()
@@ -213,11 +223,15 @@ def _leaves_prefix(session: Session, archived: list[str]) -> list[bytes]:
     return out
 
 
-def consistency(session: Session, first: int, second: int) -> list[str]:
-    """PROOF(first, D[second]) in hex."""
+def consistency(session: Session, first: int, second: int,
+                data_dir: Path | None = None) -> list[str]:
+    """PROOF(first, D[second]) in hex (``data_dir``: where retention archives are, needed once
+    entries are archived)."""
     if not 0 <= first <= second <= current_size(session):
         raise ValueError("sizes outside the log")
-    return [h.hex() for h in tree_at(session, second).consistency_proof(first)]
+    prefix = _prefix(session, data_dir)
+    tree = tree_at(session, second, prefix.hashes if prefix else None)
+    return [h.hex() for h in tree.consistency_proof(first)]
 
 
 def entry_json(row: Any) -> dict[str, Any]:
@@ -226,12 +240,16 @@ def entry_json(row: Any) -> dict[str, Any]:
             "entry_hash": row[14]}
 
 
-def permit_bundle(session: Session, checkpoint: Checkpoint, permit_id: str) -> dict[str, Any]:
-    """One permit's entries up to ``checkpoint`` with their proofs (see module docstring)."""
-    tree = tree_at(session, checkpoint.size)
+def permit_bundle(session: Session, checkpoint: Checkpoint, permit_id: str,
+                  data_dir: Path | None = None) -> dict[str, Any]:
+    """One permit's entries up to ``checkpoint`` with their proofs (see module docstring);
+    entries moved to retention archives are served from the checked files in ``data_dir``."""
+    prefix = _prefix(session, data_dir)
+    floor = len(prefix.hashes) if prefix else 0
+    tree = tree_at(session, checkpoint.size, prefix.hashes if prefix else None)
     if tree.root().hex() != checkpoint.root:
         raise LogTampered("the log no longer matches this checkpoint")
-    heads = permit_heads(session, checkpoint.size)
+    heads = permit_heads(session, checkpoint.size, prefix)
     index = next((i for i, h in enumerate(heads) if h[0] == permit_id), None)
     entries: list[dict[str, Any]] = []
     permit: dict[str, Any] | None = None
@@ -239,8 +257,16 @@ def permit_bundle(session: Session, checkpoint: Checkpoint, permit_id: str) -> d
         pid, count, last_seq = heads[index]
         permit = {"permit_id": pid, "count": count, "last_seq": last_seq, "index": index,
                   "path": [h.hex() for h in _permits_tree(heads).inclusion_proof(index)]}
+        if prefix and data_dir is not None and pid in prefix.permits:
+            from spe.audit.archive import archived_entries
+
+            for entry in archived_entries(data_dir, floor, pid):
+                if entry["seq"] <= checkpoint.size:
+                    entries.append({**entry, "inclusion": [
+                        h.hex() for h in tree.inclusion_proof(entry["seq"] - 1)]})
         seqs = [int(s) for s in session.execute(
             select(AuditEntry.seq).where(AuditEntry.permit_id == permit_id,
+                                         AuditEntry.seq > floor,
                                          AuditEntry.seq <= checkpoint.size)
             .order_by(AuditEntry.seq)).scalars()]
         for seq in seqs:

@@ -140,3 +140,30 @@ def test_retention_below_a_year_refused(env: Database, tmp_path: Path) -> None:
         archive_expired(env, tmp_path / "var", 100)
     # 400-day-old entries are not old enough for a 500-day retention: nothing archived.
     assert archive_expired(env, tmp_path / "var", 500) is None
+
+
+def test_proofs_cover_archived_entries(env: Database, tmp_path: Path) -> None:
+    """Consistency proofs and per-permit bundles still verify (with the standalone verifier)
+    once entries are archived: archived entries are served from the checked files."""
+    from spe.audit import verify_remote as vr
+    from spe.audit.checkpoints import CheckpointLog, LogTampered
+    from spe.audit.proofs import consistency, permit_bundle
+
+    assert _cli("checkpoint")[0] == 0
+    assert _cli("archive")[0] == 0
+    assert _cli("checkpoint")[0] == 0
+    data_dir = tmp_path / "var"
+    before, after = CheckpointLog(data_dir).all()
+    with env.read() as s:
+        proof = consistency(s, before.size, after.size, data_dir)
+        bundles = {p: permit_bundle(s, after, p, data_dir) for p in ("p1", "p2")}
+        with pytest.raises(LogTampered, match="retention archives"):
+            consistency(s, before.size, after.size)  # archived entries need the files
+    vr.verify_extends(before.to_json(), after.to_json(), proof)
+    assert vr.verify_permit_bundle(bundles["p1"], after.to_json(), "p1").entries == 5
+    assert vr.verify_permit_bundle(bundles["p2"], after.to_json(), "p2").entries == 2
+    assert [e["seq"] for e in bundles["p2"]["entries"]] == [3, 5]
+    # An archived entry withheld from the bundle is caught.
+    bundles["p1"]["entries"].pop(0)
+    with pytest.raises(vr.VerificationError):
+        vr.verify_permit_bundle(bundles["p1"], after.to_json(), "p1")

@@ -352,7 +352,7 @@ def consistency_proof(state: AppStateDep, principal: Holder,
     with state.db.read() as session:
         if not first <= second <= current_size(session):
             raise InvalidInput("first and second must satisfy first <= second <= log size.")
-        proof = consistency(session, first, second)
+        proof = consistency(session, first, second, state.settings.data_dir)
     return ConsistencyProof(first=first, second=second, proof=proof)
 
 
@@ -376,7 +376,7 @@ def permit_proofs(state: AppStateDep, principal: Prover, permit_id: PermitId,
         raise NotFound("No signed checkpoint of that size.")
     with state.db.read() as session:
         try:
-            bundle = permit_bundle(session, cp, permit_id)
+            bundle = permit_bundle(session, cp, permit_id, state.settings.data_dir)
         except LogTampered:
             raise Conflict("The audit log no longer matches that checkpoint.") from None
     _audit(state, principal, AuditAction.AUDIT_PROOF, permit_id,
