@@ -202,6 +202,11 @@ def _files(data_dir: Path) -> list[tuple[int, int, Path]]:
     return sorted(found)
 
 
+def pending_files(data_dir: Path, mark: int) -> list[str]:
+    """Archive files above ``mark``: written by a run whose transaction did not commit."""
+    return [path.name for first, _last, path in _files(data_dir) if first > mark]
+
+
 def _read(path: Path) -> Iterator[dict[str, Any]]:
     with path.open("rb") as fh:
         for raw in fh:

@@ -55,7 +55,7 @@ def verify() -> None:
     """Recompute the hash chain and check the log against every signed checkpoint; exit 1 at
     the first broken entry, 2 when there is no log to verify."""
     from spe.audit import verify_chain
-    from spe.audit.archive import verify_with_archive
+    from spe.audit.archive import pending_files, verify_with_archive
     from spe.audit.checkpoints import CheckpointLog
     from spe.audit.models import AuditHead
     from spe.audit.proofs import check_against_checkpoints
@@ -77,12 +77,14 @@ def verify() -> None:
                     typer.secho(f"audit archive {full.file} BROKEN at entry "
                                 f"{full.first_bad_seq}: {full.problem}", fg="red", err=True)
                     raise typer.Exit(1)
-                for name in full.pending:
-                    typer.echo(f"note: {name} is above the archived mark (a run that did not "
-                               "commit); ignored, the next archive run rewrites it")
+                pending = full.pending
                 report, archived = full, full.hashes
             else:
+                pending = pending_files(data_dir, 0)
                 report = verify_chain(session)
+            for name in pending:
+                typer.echo(f"note: {name} is above the archived mark (a run that did not "
+                           "commit); ignored, the next archive run rewrites it")
             check = check_against_checkpoints(session, held, archived)
     finally:
         db.dispose()

@@ -167,3 +167,18 @@ def test_proofs_cover_archived_entries(env: Database, tmp_path: Path) -> None:
     bundles["p1"]["entries"].pop(0)
     with pytest.raises(vr.VerificationError):
         vr.verify_permit_bundle(bundles["p1"], after.to_json(), "p1")
+
+
+def test_file_of_an_uncommitted_run_is_ignored(env: Database, tmp_path: Path) -> None:
+    """A crash after writing the file and before the deleting transaction leaves a file above
+    the mark: verify notes it and stays intact; the next run rewrites it and archives."""
+    folder = archive_dir(tmp_path / "var")
+    folder.mkdir(parents=True)
+    stale = folder / "audit-000000000001-000000000006.jsonl"
+    stale.write_text("not what a run would write\n")
+    code, out = _cli("verify")
+    assert code == 0 and stale.name in out and "ignored" in out, out
+    assert _cli("archive")[0] == 0
+    assert json.loads(stale.read_text().splitlines()[-1])["kind"] == "manifest"
+    code, out = _cli("verify")
+    assert code == 0 and "6 of them in signed archive files" in out, out
