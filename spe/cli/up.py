@@ -222,6 +222,10 @@ def up(
         kc_stop = _stop_keycloak() if kc_started else None
         if hub_process is not None:
             hub_process.stop(timeout=3.0)
+            # a workspace the hub had no time to stop (killed after 3 s) is an orphan now
+            with contextlib.suppress(Exception):
+                for line in _reconcile(s, db, include_live=True):
+                    typer.echo(f"stopped what the hub left: {line}")
         if kc_stop is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 kc_stop.wait(5)
