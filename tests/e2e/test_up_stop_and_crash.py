@@ -30,6 +30,7 @@ from tests.integration.test_hub_keycloak import pytestmark as hub_marks
 from tests.integration.test_permit_service import register_dataset
 from workspaces import accounts, network
 from workspaces.models import WorkspaceRow
+from workspaces.reconcile import reconcile
 
 pytestmark = hub_marks
 
@@ -84,12 +85,16 @@ def stack(tmp_path: Path, keycloak_url: str) -> Iterator[Stack]:
         for pid in _ours(st.data_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        db = Database(url)  # a failed run leaves nothing mounted either
+        reconcile(db, st.data_dir, cgroup_parent=st.cgroup_parent, include_live=True)
+        db.dispose()
         with contextlib.suppress(StopIteration):
             next(gen)
 
 
 def test_stop_within_5s_and_reconcile_after_kill9(
-        stack: Stack, client_headers: Callable[[str], dict[str, str]]) -> None:
+        stack: Stack, client_headers: Callable[[str], dict[str, str]],
+        user_headers: Callable[[str], dict[str, str]]) -> None:
     st = stack
     up = _up(st)
     pid = _issue(st, client_headers("hdab-alpha"), ["alice"])
@@ -129,7 +134,10 @@ def test_stop_within_5s_and_reconcile_after_kill9(
         assert audited, (st.data_dir / "up.log").read_text()[-3000:]
         row = session.get(WorkspaceRow, ws_id)
         assert row is not None and row.state == "stopped"
-    assert not net.exists() or net.table in _tables()  # gone, or remade by nobody yet
+    listed = httpx.get(f"{st.api_url}/v1/workspaces", headers=user_headers("op"), timeout=30)
+    assert listed.status_code == 200, listed.text
+    assert {w["id"]: w["state"] for w in listed.json()}[ws_id] == "stopped"  # the truth
+    assert not net.exists()
     _spawn(st, _login(st, "alice"), "alice", pid)  # first try: asserts 201/202 and ready
     with db.read() as session:
         row = session.get(WorkspaceRow, ws_id)
