@@ -4,11 +4,17 @@ Usage: ``python -m bench.dp_query --persons 1000000 --rows-per-person 10 --runs 
 
 The synthetic OMOP-like dataset (with the ingest rank column) is generated once into
 ``var/bench/data`` and reused by later runs with the same size; its tables are also exported
-to Parquet there for the Polars comparison. For each query of a fixed set, the median wall time
-of ``--runs`` runs is printed for raw DuckDB (the same SQL, no truncation, no noise), for the DP
-engine (plan, truncation, OpenDP noise, on a locked-down read-only connection) and for OpenDP's
-Polars API where it can express the query, with the ratios and peak memory (max RSS) of this
-process and of the Polars worker.
+to Parquet there for the Polars comparison. The per-person tables are stored in rank
+order, as ingest stores them; the cache file is named ``omop_ranked_<persons>_<rows>`` so a
+cache in the older row order is never reused. For each query of a fixed set (including a
+cohort count over three joined tables with date filters and the age-at-first-diagnosis
+histogram, which the engine refuses today and the table says so), raw DuckDB (the same SQL, no
+truncation, no noise) and the DP engine (plan, truncation, OpenDP noise) each run in a fresh
+process of this module, the same way (same imports, same DuckDB settings, a warm-up, then the
+median of ``--runs`` runs); the table prints both times, their ratio, both processes' peak
+memory (max RSS), a ``bound`` column against issue 17's bounds (dp/raw <= 1.2x, dp peak <=
+raw peak + 10 %) and a note saying which bound is missed. OpenDP's Polars API is timed too
+where it can express the query.
 
 OpenDP's Polars API (``opendp[polars]``) pins its own polars version, which differs from the
 project's, so it runs in a separate virtual environment created under
@@ -54,7 +60,23 @@ from spe.dp.testing import make_dataset, make_terms
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "var" / "bench"
 
-QUERIES = [
+# (name, raw SQL, the SQL given to the DP engine or None where it refuses every form tried).
+_COHORT = ("SELECT COUNT(DISTINCT p.person_id) FROM person p "
+           "JOIN condition_occurrence c ON p.person_id = c.person_id "
+           "JOIN drug_exposure d ON p.person_id = d.person_id "
+           "WHERE c.condition_start_date >= DATE '2015-01-01' "
+           "AND d.drug_exposure_start_date >= DATE '2016-01-01'")
+# Age at FIRST diagnosis needs MIN(date) per person before the histogram: the engine refuses
+# the CTE (WITH), the subquery and MIN (tried; see tests/unit/test_bench_dp_query.py).
+_FIRST_DIAGNOSIS = ("SELECT year(f.d) - p.year_of_birth AS age, COUNT(*) FROM "
+                    "(SELECT person_id, MIN(condition_start_date) AS d "
+                    "FROM condition_occurrence GROUP BY person_id) f "
+                    "JOIN person p ON f.person_id = p.person_id GROUP BY 1")
+# The nearest form it accepts: persons by age at ANY diagnosis (a person counts in up to m ages).
+_ANY_DIAGNOSIS = ("SELECT year(c.condition_start_date) - p.year_of_birth AS age, "
+                  "COUNT(DISTINCT p.person_id) FROM person p JOIN condition_occurrence c "
+                  "ON p.person_id = c.person_id GROUP BY 1")
+QUERIES: list[tuple[str, str, str | None]] = [(name, sql, sql) for name, sql in [
     ("global count with filter",
      "SELECT COUNT(*) FROM measurement WHERE value_as_number > 100"),
     ("count by gender", "SELECT gender_concept_id, COUNT(*) FROM person GROUP BY 1"),
@@ -67,7 +89,16 @@ QUERIES = [
      "SELECT COUNT(*) FROM condition_occurrence c JOIN drug_exposure d "
      "ON c.person_id = d.person_id WHERE d.drug_concept_id < 1100010"),
     ("median value", "SELECT MEDIAN(value_as_number) FROM measurement"),
+    ("cohort count, 3 tables, date filters", _COHORT),
+]] + [
+    ("age at first diagnosis histogram", _FIRST_DIAGNOSIS, None),
+    ("age at any diagnosis (persons)", _ANY_DIAGNOSIS, _ANY_DIAGNOSIS),
 ]
+REFUSED_NOTE = "refused by the engine: needs a per-person derived table"
+QUERY_NOTES = {"age at any diagnosis (persons)":
+               "nearest accepted form of the first-diagnosis histogram, not the same query"}
+TIME_BOUND = 1.2  # dp/raw wall time
+MEMORY_BOUND = 1.10  # dp peak RSS <= raw peak RSS + 10 %
 POLARS_TABLES = ("person", "measurement")
 
 # Runs inside the OpenDP Polars environment: argv = parquet dir, query index, runs, k, json
@@ -146,7 +177,8 @@ try:
 except Exception as err:
     print(json.dumps({"error": f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"}))
 '''
-POLARS_NA = {4: "n/a: no joins of private tables"}
+POLARS_NA = {4: "n/a: no joins of private tables", 6: "n/a: no joins of private tables",
+             7: "n/a: no subqueries", 8: "n/a: no joins of private tables"}
 
 
 def _peak_mb() -> float:
@@ -167,21 +199,27 @@ def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def dataset(persons: int, rows_per_person: int) -> tuple[Path, DatasetMetadata, Path]:
-    """The cached dataset file, its metadata and its Parquet export (built on first use)."""
-    data = BENCH_DIR / "data"
+def dataset(base: Path, persons: int, rows_per_person: int, parquet: bool = True
+            ) -> tuple[Path, DatasetMetadata, Path]:
+    """The cached dataset file, its metadata and its Parquet export (built on first use).
+
+    The per-person tables are stored in rank order, as ingest stores them; the cache name
+    says so (``omop_ranked_...``), so a cache written in the older row order is never reused.
+    The Parquet export (for the Polars comparison) is written only when ``parquet``.
+    """
+    data = base / "data"
     data.mkdir(parents=True, exist_ok=True)
-    stem = f"omop_{persons}_{rows_per_person}"
-    path, meta_path, parquet = (data / f"{stem}.duckdb", data / f"{stem}.meta.json",
-                                data / f"{stem}.parquet")
+    stem = f"omop_ranked_{persons}_{rows_per_person}"
+    path, meta_path, parquet_dir = (data / f"{stem}.duckdb", data / f"{stem}.meta.json",
+                                    data / f"{stem}.parquet")
     if path.exists() and meta_path.exists():
         meta = DatasetMetadata.model_validate_json(meta_path.read_text())
-        _progress(f"reusing {path.relative_to(ROOT)}")
+        _progress(f"reusing {path}")
     else:
         for p in (path, meta_path):
             p.unlink(missing_ok=True)
         _progress(f"generating {persons} persons x {rows_per_person} measurement rows "
-                  "(with the ingest row rank) ...")
+                  "(rank-ordered, with the ingest row rank) ...")
         t = time.perf_counter()
         tmp = path.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
@@ -189,12 +227,14 @@ def dataset(persons: int, rows_per_person: int) -> tuple[Path, DatasetMetadata, 
         tmp.rename(path)
         meta_path.write_text(meta.model_dump_json())
         _progress(f"generated in {time.perf_counter() - t:.1f}s")
-    parquet.mkdir(exist_ok=True)
+    if not parquet:
+        return path, meta, parquet_dir
+    parquet_dir.mkdir(exist_ok=True)
     import duckdb
 
     con = None
     for i, table in enumerate(POLARS_TABLES, 1):
-        out = parquet / f"{table}.parquet"
+        out = parquet_dir / f"{table}.parquet"
         if out.exists():
             continue
         con = con or duckdb.connect(str(path), read_only=True)
@@ -204,7 +244,7 @@ def dataset(persons: int, rows_per_person: int) -> tuple[Path, DatasetMetadata, 
         out.with_suffix(".tmp").rename(out)
     if con is not None:
         con.close()
-    return path, meta, parquet
+    return path, meta, parquet_dir
 
 
 def polars_env() -> tuple[Path | None, str]:
@@ -269,11 +309,81 @@ def polars_time(py: Path, parquet: Path, index: int, runs: int, k: int,
     return float(out["median_s"]), float(out["peak_mb"]), ""
 
 
+def _worker(args: argparse.Namespace) -> None:
+    """One measurement in this fresh process: prints one JSON line (see :func:`measure`)."""
+    path, meta, _ = dataset(args.data_dir, args.persons, args.rows_per_person, parquet=False)
+    settings = _settings(args)
+    _name, raw_sql, dp_sql = QUERIES[args.index]
+    con = duck.connect(path, settings)  # same instance settings for raw and DP
+    out: dict[str, float] = {}
+    if args.worker == "raw":
+        out["median_s"] = _median_time(lambda: con.execute(raw_sql).fetchall(), args.runs)
+        out["peak_mb"] = _peak_mb()
+    else:
+        assert dp_sql is not None
+        terms = make_terms(meta, epsilon=1e6, max_epsilon_per_query=10)
+        prep = prepare(dp_sql, meta, terms, epsilon=1.0, delta=1e-6)
+
+        def dp_run() -> None:
+            execute(prep.plan, prep.cost.units, con, settings)
+
+        out["median_s"] = _median_time(dp_run, args.runs)
+        out["peak_mb"] = _peak_mb()  # before the padded and planning runs below
+
+        def padded_run() -> None:
+            started = time.monotonic()
+            execute(prep.plan, prep.cost.units, con, settings)
+            pad_answer_time(started, args.bucket)
+
+        out["padded_s"] = _median_time(padded_run, args.runs)
+        out["plan_s"] = _median_time(lambda: prepare(dp_sql, meta, terms, epsilon=1.0,
+                                                     delta=1e-6), args.runs)
+    con.close()
+    print(json.dumps(out))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(data_dir=args.data_dir / "var", duckdb_threads=args.threads,
+                    duckdb_memory_limit="4GB")
+
+
+def measure(args: argparse.Namespace, kind: str, index: int) -> dict[str, float]:
+    """Run query ``index`` raw or through the DP engine in a fresh process of this module.
+
+    Both kinds run the same way: the same imports, the same DuckDB instance settings on the
+    same file, a warm-up then ``--runs`` timed runs; the peak is the process's max RSS
+    (``ru_maxrss``) right after the timed runs. Raises ``RuntimeError`` if the worker fails.
+    """
+    cmd = [sys.executable, "-m", "bench.dp_query", "--worker", kind, "--index", str(index),
+           "--data-dir", str(args.data_dir), "--persons", str(args.persons),
+           "--rows-per-person", str(args.rows_per_person), "--runs", str(args.runs),
+           "--threads", str(args.threads), "--bucket", str(args.bucket)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{kind} worker for query {index} failed: {tail[:200]}")
+    return dict(json.loads(lines[-1]))
+
+
+def _bound_note(ratio: float, raw_mb: float, dp_mb: float) -> tuple[str, str]:
+    """('ok' or 'MISSED', what was missed) against the bounds of issue 17."""
+    misses = []
+    if ratio > TIME_BOUND:
+        misses.append(f"time {ratio:.2f}x > {TIME_BOUND}x")
+    if dp_mb > raw_mb * MEMORY_BOUND:
+        misses.append(f"memory +{(dp_mb / raw_mb - 1) * 100:.0f}% > "
+                      f"+{(MEMORY_BOUND - 1) * 100:.0f}%")
+    return ("ok", "") if not misses else ("MISSED", "; ".join(misses))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--persons", type=int, default=1_000_000)
     ap.add_argument("--rows-per-person", type=int, default=10)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--data-dir", type=Path, default=BENCH_DIR,
+                    help="where the generated dataset is cached (default var/bench)")
     ap.add_argument("--polars-runs", type=int, default=3,
                     help="runs per query in OpenDP's Polars API (each has a fixed cost)")
     ap.add_argument("--polars-timeout", type=float, default=600.0)
@@ -287,59 +397,54 @@ def main() -> None:
     ap.add_argument("--http-requests", type=int, default=200,
                     help="requests per measurement over HTTP (padded runs: a fifth)")
     ap.add_argument("--http-only", action="store_true", help="only the HTTP part")
+    ap.add_argument("--worker", choices=("raw", "dp"), help=argparse.SUPPRESS)
+    ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        _worker(args)
+        return
     if args.http_only:
         http_bench(args.http_persons, args.http_requests, args.bucket)
         return
-    path, meta, parquet = dataset(args.persons, args.rows_per_person)
+    _path, meta, parquet = dataset(args.data_dir, args.persons, args.rows_per_person,
+                                   parquet=not args.no_polars)
     print(f"dataset: {args.persons} persons, {meta.tables['measurement'].row_count} "
           f"measurement rows")
-    settings = Settings(data_dir=BENCH_DIR / "var", duckdb_threads=args.threads,
-                        duckdb_memory_limit="4GB")
-    terms = make_terms(meta, epsilon=1e6, max_epsilon_per_query=10)
-    raw = duck.connect(path, settings)  # same instance settings; raw SQL runs unmodified
-    dpcon = duck.connect(path, settings)
     py, polars_note = (None, "skipped (--no-polars)") if args.no_polars else polars_env()
     k = meta.tables["measurement"].max_rows_per_person
     rows = []
-    for index, (name, sql) in enumerate(QUERIES):
+    for index, (name, _raw_sql, dp_sql) in enumerate(QUERIES):
         _progress(f"[{index + 1}/{len(QUERIES)}] {name}")
-        raw_t = _median_time(lambda sql=sql: raw.execute(sql).fetchall(), args.runs)
-        prep = prepare(sql, meta, terms, epsilon=1.0, delta=1e-6)
-
-        def dp_run(prep=prep) -> None:  # type: ignore[no-untyped-def]
-            execute(prep.plan, prep.cost.units, dpcon, settings)
-
-        dp_t = _median_time(dp_run, args.runs)
-
-        def padded_run(prep=prep) -> None:  # type: ignore[no-untyped-def]
-            started = time.monotonic()
-            execute(prep.plan, prep.cost.units, dpcon, settings)
-            pad_answer_time(started, args.bucket)
-
-        pad_t = _median_time(padded_run, args.runs)
-        plan_t = _median_time(lambda sql=sql: prepare(sql, meta, terms, epsilon=1.0,
-                                                      delta=1e-6), args.runs)
-        pl_t, pl_peak, note = (None, None, polars_note)
+        raw = measure(args, "raw", index)
+        dp = measure(args, "dp", index) if dp_sql is not None else None
+        pl_t, pl_peak, note = (None, None, "")  # the polars column's note, when it runs
         if py is not None:
             pl_t, pl_peak, note = polars_time(py, parquet, index, args.polars_runs, k, meta,
                                               args.polars_timeout)
-        rows.append((name, raw_t, dp_t, pad_t, plan_t, pl_t, pl_peak, note, _peak_mb()))
-    header = (f"{'query':34} {'raw ms':>8} {'dp ms':>8} {'plan ms':>7} {'dp/raw':>6} "
-              f"{'padded ms':>9} {'polars ms':>9} {'pl/raw':>7} {'peak MB':>7} {'pl MB':>6}"
-              "  note")
+        rows.append((name, raw, dp, pl_t, pl_peak, note))
+    header = (f"{'query':36} {'raw ms':>8} {'dp ms':>8} {'dp/raw':>6} {'raw MB':>6} "
+              f"{'dp MB':>6} {'bound':>6} {'plan ms':>7} {'padded ms':>9} {'polars ms':>9} "
+              f"{'pl MB':>6}  note")
     print(header)
     print("-" * len(header))
-    for name, raw_t, dp_t, pad_t, plan_t, pl_t, pl_peak, note, peak in rows:
+    for name, raw, dp, pl_t, pl_peak, note in rows:
         pl_ms = f"{pl_t * 1e3:9.1f}" if pl_t is not None else f"{'-':>9}"
-        pl_ratio = f"{pl_t / raw_t:7.1f}" if pl_t is not None else f"{'-':>7}"
         pl_mb = f"{pl_peak:6.0f}" if pl_peak is not None else f"{'-':>6}"
-        print(f"{name:34} {raw_t * 1e3:8.1f} {dp_t * 1e3:8.1f} {plan_t * 1e3:7.1f} "
-              f"{dp_t / raw_t:6.2f} {pad_t * 1e3:9.1f} {pl_ms} {pl_ratio} {peak:7.0f} "
-              f"{pl_mb}  {note}")
+        raw_part = f"{name:36} {raw['median_s'] * 1e3:8.1f}"
+        if dp is None:
+            print(f"{raw_part} {'-':>8} {'-':>6} {raw['peak_mb']:6.0f} {'-':>6} "
+                  f"{'-':>6} {'-':>7} {'-':>9} {pl_ms} {pl_mb}  {REFUSED_NOTE}")
+            continue
+        ratio = dp["median_s"] / raw["median_s"]
+        bound, missed = _bound_note(ratio, raw["peak_mb"], dp["peak_mb"])
+        notes = "; ".join(n for n in (missed, QUERY_NOTES.get(name, ""), note) if n)
+        print(f"{raw_part} {dp['median_s'] * 1e3:8.1f} {ratio:6.2f} {raw['peak_mb']:6.0f} "
+              f"{dp['peak_mb']:6.0f} {bound:>6} {dp['plan_s'] * 1e3:7.1f} "
+              f"{dp['padded_s'] * 1e3:9.1f} {pl_ms} {pl_mb}  {notes}")
     print(f"threads={args.threads}, runs={args.runs} (median; polars runs="
-          f"{args.polars_runs}), peak = max RSS (this process / polars worker), "
-          f"polars: {polars_note}")
+          f"{args.polars_runs}); raw and dp each in a fresh process, MB = its max RSS; "
+          f"bound: dp/raw <= {TIME_BOUND}x and dp MB <= raw MB + "
+          f"{(MEMORY_BOUND - 1) * 100:.0f}%; polars: {polars_note}")
     print("distinct persons by year: exact per-person year sets, each person kept in m="
           f"{meta.max_groups_per_person} year(s) (the raw query counts a person in every "
           f"year: not like for like); padded: answer time padded to {args.bucket:g} s buckets")
