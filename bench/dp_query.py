@@ -12,7 +12,7 @@ histogram, which the engine refuses today and the table says so), raw DuckDB (th
 truncation, no noise) and the DP engine (plan, truncation, OpenDP noise) each run in a fresh
 process of this module, the same way (same imports, same DuckDB settings, a warm-up, then the
 median of ``--runs`` runs); the table prints both times, their ratio, both processes' peak
-memory (max RSS), a ``bound`` column against issue 17's bounds (dp/raw <= 1.2x, dp peak <=
+memory (VmHWM), a ``bound`` column against issue 17's bounds (dp/raw <= 1.2x, dp peak <=
 raw peak + 10 %) and a note saying which bound is missed. OpenDP's Polars API is timed too
 where it can express the query.
 
@@ -182,6 +182,17 @@ POLARS_NA = {4: "n/a: no joins of private tables", 6: "n/a: no joins of private 
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` where /proc has it.
+
+    Not ``ru_maxrss``: Linux carries the forking parent's peak into it across exec, so a
+    worker started by a large parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -316,7 +327,9 @@ def _worker(args: argparse.Namespace) -> None:
     _name, raw_sql, dp_sql = QUERIES[args.index]
     con = duck.connect(path, settings)  # same instance settings for raw and DP
     out: dict[str, float] = {}
-    if args.worker == "raw":
+    if args.worker == "none":
+        out["peak_mb"] = _peak_mb()
+    elif args.worker == "raw":
         out["median_s"] = _median_time(lambda: con.execute(raw_sql).fetchall(), args.runs)
         out["peak_mb"] = _peak_mb()
     else:
@@ -352,7 +365,8 @@ def measure(args: argparse.Namespace, kind: str, index: int) -> dict[str, float]
 
     Both kinds run the same way: the same imports, the same DuckDB instance settings on the
     same file, a warm-up then ``--runs`` timed runs; the peak is the process's max RSS
-    (``ru_maxrss``) right after the timed runs. Raises ``RuntimeError`` if the worker fails.
+    (``VmHWM``, see :func:`_peak_mb`) right after the timed runs. ``kind`` "none" runs no
+    query (the floor: imports and the connection). Raises ``RuntimeError`` if it fails.
     """
     cmd = [sys.executable, "-m", "bench.dp_query", "--worker", kind, "--index", str(index),
            "--data-dir", str(args.data_dir), "--persons", str(args.persons),
@@ -397,7 +411,7 @@ def main() -> None:
     ap.add_argument("--http-requests", type=int, default=200,
                     help="requests per measurement over HTTP (padded runs: a fifth)")
     ap.add_argument("--http-only", action="store_true", help="only the HTTP part")
-    ap.add_argument("--worker", choices=("raw", "dp"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("raw", "dp", "none"), help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -412,6 +426,7 @@ def main() -> None:
           f"measurement rows")
     py, polars_note = (None, "skipped (--no-polars)") if args.no_polars else polars_env()
     k = meta.tables["measurement"].max_rows_per_person
+    floor = measure(args, "none", 0)["peak_mb"]
     rows = []
     for index, (name, _raw_sql, dp_sql) in enumerate(QUERIES):
         _progress(f"[{index + 1}/{len(QUERIES)}] {name}")
@@ -442,9 +457,10 @@ def main() -> None:
               f"{dp['peak_mb']:6.0f} {bound:>6} {dp['plan_s'] * 1e3:7.1f} "
               f"{dp['padded_s'] * 1e3:9.1f} {pl_ms} {pl_mb}  {notes}")
     print(f"threads={args.threads}, runs={args.runs} (median; polars runs="
-          f"{args.polars_runs}); raw and dp each in a fresh process, MB = its max RSS; "
+          f"{args.polars_runs}); raw and dp each in a fresh process, MB = its peak RSS (VmHWM); "
           f"bound: dp/raw <= {TIME_BOUND}x and dp MB <= raw MB + "
-          f"{(MEMORY_BOUND - 1) * 100:.0f}%; polars: {polars_note}")
+          f"{(MEMORY_BOUND - 1) * 100:.0f}%; a process running no query peaks at "
+          f"{floor:.0f} MB; polars: {polars_note}")
     print("distinct persons by year: exact per-person year sets, each person kept in m="
           f"{meta.max_groups_per_person} year(s) (the raw query counts a person in every "
           f"year: not like for like); padded: answer time padded to {args.bucket:g} s buckets")

@@ -30,6 +30,7 @@ def test_bench_prints_every_query_with_times_memory_and_bound(tmp_path: Path) ->
     for column in COLUMNS:
         assert column in header, column
     assert list((tmp_path / "data").glob("omop_ranked_300_10.duckdb"))  # the rank-ordered cache
+    assert "a process running no query peaks at" in out
     for name, _raw, dp_sql in dp_query.QUERIES:
         row = next((line for line in lines if line.startswith(name)), None)
         assert row is not None, f"missing row: {name}"
