@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,31 +182,6 @@ def iter_rows(session: Session, after: int = 0, upto: int | None = None,
             return
         yield from rows
         last = int(rows[-1][0])
-
-
-def _check(rows: Iterable[Any], head: AuditHead | None) -> ChainReport:
-    prev = GENESIS_HASH
-    expected_seq = 1
-    count = 0
-    per_permit: dict[str, int] = {}
-    for row in rows:
-        seq, permit_id, permit_seq, prev_hash, digest = row[0], row[4], row[12], row[13], row[14]
-        count += 1
-        if seq != expected_seq:
-            return ChainReport(False, count, expected_seq, "entry missing from the sequence")
-        if prev_hash != prev:
-            return ChainReport(False, count, seq, "previous-hash link broken")
-        if compute_entry_hash(seq, prev_hash, row_fields(row)) != digest:
-            return ChainReport(False, count, seq, "entry content changed")
-        if permit_seq is not None and permit_id is not None:
-            if permit_seq != per_permit.get(permit_id, 0) + 1:
-                return ChainReport(False, count, seq, "permit sequence broken")
-            per_permit[permit_id] = permit_seq
-        prev = digest
-        expected_seq += 1
-    if head is not None and (head.seq != count or head.last_hash != prev):
-        return ChainReport(False, count, count + 1, "entries removed from the end of the chain")
-    return ChainReport(True, count)
 
 
 def verify_chain(session: Session) -> ChainReport:
