@@ -386,7 +386,7 @@ def _bound_note(ratio: float, raw_mb: float, dp_mb: float) -> tuple[str, str]:
     if ratio > TIME_BOUND:
         misses.append(f"time {ratio:.2f}x > {TIME_BOUND}x")
     if dp_mb > raw_mb * MEMORY_BOUND:
-        misses.append(f"memory +{(dp_mb / raw_mb - 1) * 100:.0f}% > "
+        misses.append(f"memory +{(dp_mb / raw_mb - 1) * 100:.1f}% > "
                       f"+{(MEMORY_BOUND - 1) * 100:.0f}%")
     return ("ok", "") if not misses else ("MISSED", "; ".join(misses))
 
