@@ -36,10 +36,12 @@ The airlock (data side, never the workspace) then:
 
 The workspace extract (``workspaces.extracts``) holds the same permitted tables and columns
 with ``person_id`` replaced by a per-permit pseudonym, so counts, distinct persons and sums
-recompute identically on the store; a query that filters or groups on ``person_id`` values
-does not match (nor should it leave). Only pseudonymised permits get this: their researchers
-already see the rows, so a match or a rule's verdict tells them nothing new, whereas on a
-DP-only permit the comparison would be an exact-value oracle.
+recompute identically on the store. Person identifiers differ between the two (real ids
+against pseudonyms), so the person column is accepted only inside ``COUNT(DISTINCT ...)``:
+a key, filter or sum on it is not recomputed (reviewers decide), or the match verdict would
+tell the researcher something about the real ids. Only pseudonymised permits get this: their
+researchers already see the rows, so a match or a rule's verdict tells them nothing new,
+whereas on a DP-only permit the comparison would be an exact-value oracle.
 
 The researcher sees, per rule, pass/fail/needs review and how many cells fail, never a
 recomputed number. Reviewers see the per-cell verdicts (``details["cells"]``: group key and
@@ -135,8 +137,8 @@ def _render(node: exp.Expression, alias: str, allowed: frozenset[str]) -> str:
         if col.table and col.table != alias:
             raise NotRecomputable("a column of another table (joins are not recomputed)")
         if col.name not in allowed:
-            raise NotRecomputable(f"the column {col.name!r}, which the permit does not grant "
-                                  "on this table")
+            raise NotRecomputable(f"the column {col.name!r}, which is a person identifier "
+                                  "or not granted by the permit on this table")
         col.replace(exp.column(col.name, table="t", quoted=True))
     return node.sql(dialect=DIALECT)
 
@@ -165,9 +167,10 @@ def compile_query(sql: str, meta: DatasetMetadata, terms: PermitTerms) -> Recomp
         raise NotRecomputable(f"the table {name!r}, which is not a per-person table")
     unit = tmeta.privacy_unit
     alias = table_node.alias_or_name
-    # The person column counts as granted when the permit grants the table (it is how the
-    # query counts persons; it never leaves).
-    cols = allowed | {unit}
+    # Person identifiers are read only inside COUNT(DISTINCT ...): the store holds real ids
+    # where the extract holds pseudonyms, so a key, filter or sum on them would make the
+    # match verdict an oracle on the pseudonymisation (e.g. "WHERE person_id < x").
+    cols = allowed - {unit, "person_id"}
     groups = list(select.args["group"].expressions) if select.args.get("group") else []
     group_sql = {g.sql(dialect=DIALECT) for g in groups}
     keys: list[tuple[str, str]] = []

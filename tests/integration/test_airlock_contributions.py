@@ -170,6 +170,10 @@ def test_table_without_evidence_keeps_threshold_checks_and_review(
     "SELECT ward, COUNT(*) AS n, SUM(secret) AS total FROM visit GROUP BY ward",  # not granted
     "SELECT ward, COUNT(*) AS n FROM nowhere GROUP BY ward",              # unknown table
     "DROP TABLE visit",                                                   # not a SELECT
+    # person ids: real in the store, pseudonyms in the extract; a match would be an oracle
+    "SELECT ward, COUNT(*) AS n FROM visit WHERE person_id < 5 GROUP BY ward",
+    "SELECT person_id, COUNT(*) AS n FROM visit GROUP BY person_id",
+    "SELECT ward, SUM(person_id) AS n FROM visit GROUP BY ward",
 ])
 def test_query_outside_what_is_recomputed_goes_to_review(
         setup: tuple[AirlockService, str, str], sql: str) -> None:
