@@ -5,8 +5,9 @@ Contract
 :func:`first_page_png` returns ``(png, None)`` or ``(None, why)``. A researcher's PDF is never
 sent to a reviewer's browser: it is rasterised on the server, so no script, form, link or font
 of the file runs there. ``pdftoppm`` (Debian's poppler-utils) runs under bubblewrap with no
-network, no other processes, the system's programs read-only and a private folder holding
-only the file; it is limited to :data:`CPU_SECONDS` of CPU, :data:`MEMORY_BYTES` of address
+network, no other processes, no privilege (user ``nobody`` in its own user namespace, every
+capability dropped), the system's programs read-only and a private folder holding only the
+file; it is limited to :data:`CPU_SECONDS` of CPU, :data:`MEMORY_BYTES` of address
 space, :data:`OUTPUT_BYTES` per written file and :data:`TIMEOUT` seconds of wall time. Without
 ``pdftoppm`` or ``bwrap`` there is no preview (the reason says which is missing); the file is
 never rendered outside the sandbox.
@@ -58,6 +59,16 @@ def available() -> str | None:
     return None
 
 
+def sandboxed(work: Path, program: list[str]) -> list[str]:
+    """``program`` under bubblewrap with ``work`` as its only writable folder ``/w``."""
+    # As root, bwrap keeps root's capabilities unless told: a user namespace mapped to nobody
+    # and every capability dropped, so a parser exploit holds no privilege.
+    return ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
+            "--cap-drop", "ALL", "--die-with-parent", "--new-session", *_system_binds(),
+            "--dev", "/dev", "--bind", str(work), "/w", "--chdir", "/w", "--clearenv",
+            "--setenv", "PATH", "/usr/bin", "--", *program]
+
+
 def first_page_png(data: bytes) -> tuple[bytes | None, str | None]:
     """The first page of ``data`` as a PNG (see module docstring)."""
     why = available()
@@ -66,11 +77,8 @@ def first_page_png(data: bytes) -> tuple[bytes | None, str | None]:
     with tempfile.TemporaryDirectory(prefix="spe-pdf-") as tmp:
         work = Path(tmp)
         (work / "in.pdf").write_bytes(data)
-        command = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
-                   *_system_binds(), "--dev", "/dev", "--bind", str(work), "/w",
-                   "--chdir", "/w", "--clearenv", "--setenv", "PATH", "/usr/bin",
-                   "--", "pdftoppm", "-png", "-r", str(DPI), "-f", "1", "-l", "1",
-                   "-singlefile", "in.pdf", "out"]
+        command = sandboxed(work, ["pdftoppm", "-png", "-r", str(DPI), "-f", "1", "-l", "1",
+                                   "-singlefile", "in.pdf", "out"])
         try:
             done = subprocess.run(command, capture_output=True, timeout=TIMEOUT,
                                   preexec_fn=_limits, check=False)

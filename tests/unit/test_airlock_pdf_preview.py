@@ -4,6 +4,9 @@ console then says there is no preview)."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from spe.airlock import pdf_preview
@@ -37,3 +40,13 @@ def test_garbage_and_disguised_files_get_no_preview() -> None:
 def test_the_sandbox_binds_only_system_folders() -> None:
     binds = pdf_preview._system_binds()
     assert "/usr" in binds and "/home" not in binds and "/root" not in binds
+
+
+def test_the_rasteriser_runs_as_nobody_without_capabilities(tmp_path: Path) -> None:
+    shell = ["/bin/sh", "-c", "id -u; grep -c . /w/marker; cat /root/x 2>&1 || true"]
+    (tmp_path / "marker").write_text("only this folder\n")
+    done = subprocess.run(pdf_preview.sandboxed(tmp_path, shell), capture_output=True,
+                          text=True, timeout=20, check=False)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "65534" and lines[1] == "1", done.stdout + done.stderr
+    assert "No such file" in done.stdout  # /root is not in the sandbox
