@@ -146,6 +146,8 @@ def _render(node: exp.Expression, alias: str, allowed: frozenset[str]) -> str:
 def compile_query(sql: str, meta: DatasetMetadata, terms: PermitTerms) -> Recompute:
     """Reduce ``sql`` to a :class:`Recompute` or raise NotRecomputable / QueryRefused."""
     select = parse_sql(sql)
+    if select.args.get("with_") or select.args.get("with"):
+        raise NotRecomputable("a WITH table (per-person derived tables are not recomputed)")
     if select.args.get("joins"):
         raise NotRecomputable("a join (only single-table queries are recomputed)")
     for key in ("having", "order", "limit", "offset"):

@@ -43,9 +43,21 @@ class Ctx:
     dataset: str
     aliases: dict[str, TableRef] = field(default_factory=dict)  # user alias -> ref
     refs: list[TableRef] = field(default_factory=list)
+    #: per-person derived tables (see :mod:`spe.dp.derived`), by generated alias
+    derived: dict[str, TableMeta] = field(default_factory=dict)
+    alias_prefix: str = "t"  # generated aliases: t0, t1, ... (d0_0, ... inside a derived table)
 
     def table_meta(self, ref: TableRef) -> TableMeta:
+        if ref.source_sql is not None:
+            return self.derived[ref.alias]
         return self.meta.tables[ref.table]
+
+    def allowed(self, ref: TableRef) -> frozenset[str]:
+        """The columns of ``ref`` a query may name: the permit's grant, or a derived table's
+        outputs (each computed from granted columns only)."""
+        if ref.source_sql is not None:
+            return frozenset(c.name for c in self.derived[ref.alias].columns)
+        return self.terms.allowed_columns(self.dataset, ref.table)
 
 
 def column_ref(node: exp.Expression, ctx: Ctx) -> tuple[str, TableRef, ColumnMeta]:
@@ -68,7 +80,7 @@ def column_ref(node: exp.Expression, ctx: Ctx) -> tuple[str, TableRef, ColumnMet
         raise refuse(f"the column {name!r}, which is unknown or not granted by the permit")
     ref = candidates[0]
     col = ctx.table_meta(ref).column(name)
-    allowed = ctx.terms.allowed_columns(ctx.dataset, ref.table)
+    allowed = ctx.allowed(ref)
     if col is None or name not in allowed or name == ROW_RANK_COLUMN:
         raise refuse(f"the column {name!r} of {ref.table!r}, which is unknown or not granted "
                      "by the permit", "use the permitted columns: " + ", ".join(sorted(

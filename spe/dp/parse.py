@@ -184,7 +184,15 @@ def _split(reason: str) -> QueryRefused:
     return refuse(reason)
 
 
-def _check_select(select: exp.Select) -> None:
+_DERIVED = ("a subquery outside FROM / JOIN",
+            "derive per-person values in FROM or WITH: (SELECT person_id, MIN(col) AS first "
+            "FROM table GROUP BY person_id) AS f, joined on person_id")
+
+
+def _check_select(select: exp.Select, derived: bool = False) -> None:
+    """Check one SELECT; ``derived``: a per-person derived table inside the query (a subquery
+    in FROM / JOIN or a WITH table, see :mod:`spe.dp.derived`), which may hold MIN / MAX but
+    no WITH, subquery or join of its own."""
     for key in ("distinct", "qualify", "with_", "with", "into", "kind", "windows", "prewhere",
                 "connect", "match", "laterals", "settings", "format", "sample", "options"):
         value = select.args.get(key)
@@ -192,17 +200,71 @@ def _check_select(select: exp.Select) -> None:
             if key == "distinct":
                 raise refuse("SELECT DISTINCT", "use GROUP BY (group keys are released "
                              "with DP) or COUNT(DISTINCT person_id)")
+            if key in ("with_", "with") and not derived:
+                _check_with(value)
+                continue
             if key in ("with_", "with"):
-                raise _split(dict(_REFUSALS)[exp.With])
+                raise refuse("WITH inside a derived table", "define every WITH table at the "
+                             "top of the query")
             raise refuse(f"the SELECT clause {key.upper()}")
     if not select.args.get("from_") and not select.args.get("from"):
         raise refuse("a SELECT without FROM", "select from a permitted table")
-    for node in select.walk():
+    if derived:
+        for key in ("joins", "having", "order", "limit", "offset"):
+            if select.args.get(key):
+                raise refuse(f"{key.upper().removesuffix('S')} inside a derived table",
+                             "a derived table reads one table: SELECT person_id, MIN(col) AS "
+                             "name FROM table [WHERE ...] GROUP BY person_id")
+
+    def checked_apart(node: exp.Expr) -> bool:
+        return node is not select and isinstance(node, exp.Subquery | exp.With)
+
+    for node in select.walk(prune=checked_apart):
         assert isinstance(node, exp.Expression)
-        _check_node(node, select)
+        if node is not select and isinstance(node, exp.With):
+            if derived or node.parent is not select:
+                raise _split(dict(_REFUSALS)[exp.With])
+            continue  # checked by _check_with above
+        if node is not select and isinstance(node, exp.Subquery):
+            _check_subquery(node, select, derived)
+            continue
+        _check_node(node, select, derived)
 
 
-def _check_node(node: exp.Expression, root: exp.Select) -> None:
+def _check_with(with_: exp.Expression) -> None:
+    if not isinstance(with_, exp.With) or with_.args.get("recursive"):
+        raise refuse("WITH RECURSIVE", "derive per-person values with one WITH table per step")
+    for cte in with_.expressions:
+        alias = cte.args.get("alias")
+        if not isinstance(cte, exp.CTE) or not isinstance(cte.this, exp.Select) \
+                or not isinstance(alias, exp.TableAlias) or alias.columns \
+                or any(v for k, v in cte.args.items() if k not in ("this", "alias")):
+            raise refuse("this WITH table", "WITH name AS (SELECT person_id, MIN(col) AS first "
+                         "FROM table GROUP BY person_id)")
+        _check_select(cte.this, derived=True)
+
+
+def _check_subquery(node: exp.Subquery, root: exp.Select, derived: bool) -> None:
+    """A subquery is allowed only as a derived table in the top query's FROM / JOIN."""
+    holder = node.parent
+    if derived or not isinstance(holder, exp.From | exp.Join) or holder.parent is not root \
+            or holder.this is not node:
+        raise refuse(*_DERIVED)
+    alias = node.args.get("alias")
+    if not isinstance(node.this, exp.Select) or not isinstance(alias, exp.TableAlias) \
+            or alias.columns or not alias.name \
+            or any(v for k, v in node.args.items() if k not in ("this", "alias")):
+        raise refuse("a subquery in FROM / JOIN that is not a named derived table",
+                     "write (SELECT person_id, MIN(col) AS first FROM table GROUP BY "
+                     "person_id) AS f")
+    _check_select(node.this, derived=True)
+
+
+def _check_node(node: exp.Expression, root: exp.Select, derived: bool = False) -> None:
+    if derived and isinstance(node, exp.Min | exp.Max) and (
+            node.parent is root or (isinstance(node.parent, exp.Alias)
+                                    and node.parent.parent is root)):
+        return  # a derived table's per-person MIN / MAX (its argument is walked on)
     for cls, reason in _REFUSALS:
         if isinstance(node, cls):
             raise _split(reason)

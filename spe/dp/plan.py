@@ -44,6 +44,7 @@ from spe.datasets.metadata import (
     LinkHop,
     refusal_text,
 )
+from spe.dp.derived import compile_derived
 from spe.dp.expressions import (
     BINARY_OPS,
     DEFAULT_YEAR_RANGE,
@@ -170,7 +171,8 @@ def _resolve_table(node: exp.Table, ctx: Ctx, rows_per_person: int | None) -> Ta
     # per person: rank <= k keeps every row for any k >= 1, so the filter is dropped and the
     # table counts 1 (not k) in the product K; the stability argument is unchanged.
     one = tmeta.kind == "person" and tmeta.unique_key == [ctx.meta.privacy_unit]
-    ref = TableRef(alias=f"t{len(ctx.refs)}", table=name, person_level=person_level,
+    ref = TableRef(alias=f"{ctx.alias_prefix}{len(ctx.refs)}", table=name,
+                   person_level=person_level,
                    k=1 if one else int(k), one_per_person=one,
                    unit=tmeta.privacy_unit if person_level else None)
     alias = node.alias_or_name
@@ -181,20 +183,56 @@ def _resolve_table(node: exp.Table, ctx: Ctx, rows_per_person: int | None) -> Ta
     return ref
 
 
+def _common_tables(select: exp.Select, ctx: Ctx) -> dict[str, exp.Select]:
+    """The query's WITH tables by name (each a derived table, see :mod:`spe.dp.derived`)."""
+    with_ = select.args.get("with_") or select.args.get("with")
+    out: dict[str, exp.Select] = {}
+    for cte in with_.expressions if with_ is not None else []:
+        name = cte.alias
+        if name in out:
+            raise refuse(f"the WITH name {name!r} defined twice", "give each its own name")
+        if name in ctx.meta.tables:
+            raise refuse(f"the WITH name {name!r}, which is also a table of the dataset",
+                         "name common table expressions differently from tables")
+        out[name] = cte.this
+    return out
+
+
+def _resolve_source(node: exp.Expression, ctx: Ctx, rows_per_person: int | None,
+                    common: dict[str, exp.Select]) -> TableRef:
+    """A FROM / JOIN item: a stored table, or a derived table (subquery or WITH name)."""
+    if isinstance(node, exp.Table) and (node.args.get("db") or node.name not in common):
+        return _resolve_table(node, ctx, rows_per_person)
+    if isinstance(node, exp.Table):
+        select, alias = common[node.name], node.alias_or_name
+    elif isinstance(node, exp.Subquery) and isinstance(node.this, exp.Select) and node.alias:
+        select, alias = node.this, node.alias
+    else:
+        raise refuse("this FROM / JOIN item", "select from a permitted table by name")
+    if alias in ctx.aliases:
+        raise refuse(f"the table alias {alias!r} used twice", "give each table its own alias")
+    ref = compile_derived(select, alias, ctx,
+                          lambda table, sub: _resolve_table(table, sub, None))
+    ctx.aliases[alias] = ref
+    ctx.refs.append(ref)
+    return ref
+
+
 def _compile_from(select: exp.Select, ctx: Ctx, rows_per_person: int | None
                   ) -> tuple[str, str]:
     from_ = select.args.get("from_") or select.args.get("from")
     if from_ is None:
         raise refuse("a SELECT without FROM", "select from a permitted table")
-    first = _resolve_table(from_.this, ctx, rows_per_person)
-    parts = [f"{quote_ident(first.table)} AS {first.alias}"]
+    common = _common_tables(select, ctx)
+    first = _resolve_source(from_.this, ctx, rows_per_person, common)
+    parts = [first.from_sql]
     joins = select.args.get("joins") or []
     if len(joins) + 1 > MAX_JOIN_TABLES:
         raise refuse(f"more than {MAX_JOIN_TABLES} tables in one query")
     for join in joins:
         if join.args.get("using") or join.args.get("on") is None:
             raise refuse("a join without ON", "join with ON a.person_id = b.person_id")
-        ref = _resolve_table(join.this, ctx, rows_per_person)
+        ref = _resolve_source(join.this, ctx, rows_per_person, common)
         on = join.args["on"]
         conds = on.flatten() if isinstance(on, exp.And) else [on]
         rendered = []
@@ -250,7 +288,7 @@ def _compile_from(select: exp.Select, ctx: Ctx, rows_per_person: int | None
                          and any(r in (column_ref(c.this, ctx)[1], column_ref(c.expression, ctx)[1])
                                  for c in conds))
             rendered.append(f"{ref.unit_sql} = {other.unit_sql}")
-        parts.append(f"JOIN {quote_ident(ref.table)} AS {ref.alias} ON " + " AND ".join(rendered))
+        parts.append(f"JOIN {ref.from_sql} ON " + " AND ".join(rendered))
     trunc = " AND ".join(f"{r.alias}.{quote_ident(ROW_RANK_COLUMN)} <= {r.k}"
                          for r in ctx.refs if r.person_level and not r.one_per_person)
     if not any(r.person_level for r in ctx.refs):

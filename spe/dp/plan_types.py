@@ -22,6 +22,15 @@ class TableRef:
     k: int  # rows per person kept (1 for reference tables: unused)
     one_per_person: bool = False  # unique on the privacy unit (checked at ingest): no rank
     unit: str | None = None  # the column holding the row's person (hidden for linked tables)
+    #: a per-person derived table (``(SELECT person_id, MIN(..) ... GROUP BY person_id)``):
+    #: its generated SQL; ``table`` is then the table it reads
+    source_sql: str | None = None
+
+    @property
+    def from_sql(self) -> str:
+        """``table AS alias`` (or ``(derived SQL) AS alias``) for FROM / JOIN."""
+        src = f"({self.source_sql})" if self.source_sql is not None else quote_ident(self.table)
+        return f"{src} AS {self.alias}"
 
     @property
     def unit_sql(self) -> str:

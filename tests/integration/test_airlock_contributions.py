@@ -174,6 +174,11 @@ def test_table_without_evidence_keeps_threshold_checks_and_review(
     "SELECT ward, COUNT(*) AS n FROM visit WHERE person_id < 5 GROUP BY ward",
     "SELECT person_id, COUNT(*) AS n FROM visit GROUP BY person_id",
     "SELECT ward, SUM(person_id) AS n FROM visit GROUP BY ward",
+    # per-person derived tables (the DP engine accepts them; the airlock does not recompute)
+    "WITH visit2 AS (SELECT person_id, COUNT(*) AS k FROM visit GROUP BY person_id) "
+    "SELECT COUNT(*) AS n FROM visit2",
+    "SELECT COUNT(*) AS n FROM (SELECT person_id, COUNT(*) AS k FROM visit "
+    "GROUP BY person_id) f",
 ])
 def test_query_outside_what_is_recomputed_goes_to_review(
         setup: tuple[AirlockService, str, str], sql: str) -> None:

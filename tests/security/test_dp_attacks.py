@@ -70,6 +70,29 @@ def test_truncation_bounds_a_person_with_10000_rows(pair) -> None:  # type: igno
     assert unit.d_in == k and unit.scale >= k / 1.0
 
 
+def test_derived_table_reads_a_bounded_number_of_rows_per_person(pair) -> None:  # type: ignore[no-untyped-def]
+    """A per-person derived table counts 1 row per person in K, and its aggregation reads at
+    most DERIVED_ROWS_PER_PERSON of a person's rows: the heavy person's COUNT(*) is capped
+    (the work, and so the answer time, cannot grow with one person's 10,000 rows)."""
+    from spe.dp.derived import DERIVED_ROWS_PER_PERSON
+
+    sql = ("SELECT COUNT(*), SUM(f.n) FROM (SELECT person_id, COUNT(*) AS n, "
+           "MIN(measurement_date) AS first FROM measurement GROUP BY person_id) f")
+    a, b, prepared = _exact(sql, pair)
+    assert prepared.plan.rows_per_person == 1
+    assert a[0]["rows"] - b[0]["rows"] == 1  # the heavy person is one derived row
+    _meta, with_path, _without, _ = pair
+    con = duckdb.connect(str(with_path), read_only=True)
+    source = next(t.source_sql for t in prepared.plan.tables if t.source_sql)
+    heavy = con.execute(f"SELECT n FROM ({source}) WHERE person_id = {HEAVY}").fetchone()
+    total = con.execute(f"SELECT COUNT(*) FROM measurement WHERE person_id = {HEAVY}").fetchone()
+    con.close()
+    assert heavy is not None and total is not None
+    assert total[0] > HEAVY_ROWS and heavy[0] == DERIVED_ROWS_PER_PERSON
+    sum_unit = next(u for u in prepared.cost.units if u.role == "sum")
+    assert sum_unit.d_in >= DERIVED_ROWS_PER_PERSON / (sum_unit.grid or 1) * 0.99
+
+
 def test_self_join_does_not_multiply_weight(pair) -> None:  # type: ignore[no-untyped-def]
     a, b, prepared = _exact(
         "SELECT COUNT(*) FROM measurement x JOIN measurement y ON x.person_id = y.person_id",

@@ -302,3 +302,117 @@ def test_metadata_without_kinds_is_read_safely() -> None:
     assert TableMeta.model_validate({**old, "name": "concept"}).kind == "public"
     assert TableMeta.model_validate({**old, "name": "note", "privacy_unit": "person_id"}
                                     ).kind == "person"
+
+
+def _derivable(table: TableMeta) -> tuple[str | None, str | None]:
+    """(a DATE column, a DOUBLE or BIGINT column other than ids) of ``table``, or None."""
+    date = next((c.name for c in table.columns if c.type == "DATE"), None)
+    num = next((c.name for c in table.columns if c.type == "DOUBLE"), None) or next(
+        (c.name for c in table.columns if c.type == "BIGINT" and not c.name.endswith("_id")),
+        None)
+    return date, num
+
+
+def test_per_person_derived_tables_move_one_row_per_person(pair: Pair) -> None:
+    """A derived table (``(SELECT person_id, MIN(..) .. GROUP BY person_id)``, or WITH) over
+    every per-person table: the target (TARGET_ROWS rows of extreme values in each table) moves
+    the exact statistics by no more than one row's worth (K = 1), alone or joined to person,
+    and by the other table's k when joined to a truncated table. Control: the derived table
+    really holds the target (one more row with it than without)."""
+    checked = 0
+    for name in TABLES:
+        table = pair.meta.tables[name]
+        if table.kind != "person" or name == "person":
+            continue
+        date, num = _derivable(table)
+        if date is None and num is None:
+            continue
+        aggs = ", ".join(x for x in (f"MIN({date}) AS first" if date else "",
+                                     f"MAX({num}) AS top" if num else "", "COUNT(*) AS n") if x)
+        derived = f"(SELECT person_id, {aggs} FROM {name} GROUP BY person_id)"
+        mean = "AVG(LEAST(GREATEST(f.top, 0), 1000))" if num else ""
+        outer = ", ".join(x for x in ("COUNT(*)", "SUM(f.n)", mean) if x)
+        plans = [_check_bound(pair, f"SELECT {outer} FROM {derived} f"),
+                 _check_bound(pair, f"WITH f AS {derived} SELECT {outer}, "
+                              "COUNT(DISTINCT p.person_id) FROM f JOIN person p "
+                              "ON f.person_id = p.person_id")]
+        if date:
+            plans.append(_check_bound(pair, f"SELECT year(f.first) AS y, COUNT(*) FROM "
+                                      f"{derived} f GROUP BY 1"))
+        assert all(p.rows_per_person == 1 for p in plans), name
+        other = "measurement" if name != "measurement" else "observation"
+        joined = _check_bound(pair, f"SELECT COUNT(*), SUM(f.n) FROM {derived} f JOIN {other} o "
+                              "ON o.person_id = f.person_id")
+        assert joined.rows_per_person == pair.meta.tables[other].max_rows_per_person
+        rows = []
+        for path in pair.paths:
+            con = duckdb.connect(str(path), read_only=True)
+            row = con.execute(f"SELECT COUNT(*) FROM {plans[0].join_sql}").fetchone()
+            con.close()
+            assert row is not None
+            rows.append(int(row[0]))
+        assert rows[0] - rows[1] == 1, name
+        checked += 1
+    assert checked >= 10
+
+
+DERIVED_REFUSALS = [
+    # not a per-person table, or the unit reached another way
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM note_nlp GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT concept_id, COUNT(*) AS n FROM concept GROUP BY concept_id) f",
+    # grouping other than by the unit alone
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement "
+    "GROUP BY person_id, measurement_concept_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement GROUP BY 1) f",
+    # the unit copied into a value column, or a non-unit column selected raw
+    "SELECT COUNT(*) FROM (SELECT person_id, MIN(person_id) AS n FROM measurement "
+    "GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id AS pid, COUNT(*) AS n FROM measurement "
+    "GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, measurement_concept_id, COUNT(*) AS n "
+    "FROM measurement GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, MIN(value_source_value) AS n FROM measurement "
+    "GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, MIN(value_as_number + 1) AS n FROM measurement "
+    "GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, SUM(value_as_number) AS n FROM measurement "
+    "GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(DISTINCT measurement_concept_id) AS n "
+    "FROM measurement GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, MIN(_spe_row_rank) AS n FROM measurement "
+    "GROUP BY person_id) f",
+    # joins, nesting, clauses inside
+    "SELECT COUNT(*) FROM (SELECT m.person_id, COUNT(*) AS n FROM measurement m JOIN person p "
+    "ON m.person_id = p.person_id GROUP BY m.person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM (SELECT person_id, COUNT(*) AS "
+    "k FROM measurement GROUP BY person_id) g GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement GROUP BY person_id "
+    "HAVING COUNT(*) > 3) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement GROUP BY person_id "
+    "LIMIT 5) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement GROUP BY person_id)",
+    "WITH f AS (SELECT person_id, COUNT(*) AS n FROM measurement GROUP BY person_id), "
+    "g AS (SELECT person_id, COUNT(*) AS n FROM f GROUP BY person_id) SELECT COUNT(*) FROM g",
+    "WITH RECURSIVE f AS (SELECT person_id, COUNT(*) AS n FROM measurement GROUP BY person_id) "
+    "SELECT COUNT(*) FROM f",
+    "WITH measurement AS (SELECT person_id, COUNT(*) AS n FROM person GROUP BY person_id) "
+    "SELECT COUNT(*) FROM measurement",
+    "WITH f(a, b) AS (SELECT person_id, COUNT(*) AS n FROM measurement GROUP BY person_id) "
+    "SELECT COUNT(*) FROM f",
+    # subqueries anywhere else
+    "SELECT COUNT(*) FROM measurement WHERE value_as_number > (SELECT 1)",
+    "SELECT (SELECT COUNT(*) FROM person) AS c, COUNT(*) FROM measurement",
+    # the outer query may not release or group by the derived person id
+    "SELECT f.person_id, COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement "
+    "GROUP BY person_id) f GROUP BY 1",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n FROM measurement "
+    "GROUP BY person_id) f JOIN person p ON f.n = p.person_id",
+]
+
+
+@pytest.mark.parametrize("sql", DERIVED_REFUSALS)
+def test_derived_tables_outside_the_shape_are_refused(pair: Pair, sql: str) -> None:
+    with pytest.raises(QueryRefused) as info:
+        _plan(pair.meta, sql)
+    assert str(info.value).startswith("Refused:") or "cannot be queried" in str(info.value)
