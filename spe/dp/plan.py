@@ -287,7 +287,9 @@ def _compile_from(select: exp.Select, ctx: Ctx, rows_per_person: int | None
             other = next(r for r in ctx.refs if r.person_level and r is not ref
                          and any(r in (column_ref(c.this, ctx)[1], column_ref(c.expression, ctx)[1])
                                  for c in conds))
-            rendered.append(f"{ref.unit_sql} = {other.unit_sql}")
+            same = {f"{ref.unit_sql} = {other.unit_sql}", f"{other.unit_sql} = {ref.unit_sql}"}
+            if not same & set(rendered):  # not already said by the researcher's condition
+                rendered.append(f"{ref.unit_sql} = {other.unit_sql}")
         parts.append(f"JOIN {ref.from_sql} ON " + " AND ".join(rendered))
     trunc = " AND ".join(f"{r.alias}.{quote_ident(ROW_RANK_COLUMN)} <= {r.k}"
                          for r in ctx.refs if r.person_level and not r.one_per_person)
