@@ -103,20 +103,20 @@ def compile_derived(select: exp.Select, name: str, ctx: Ctx, resolve: Resolve) -
                 raise refuse(f"MIN / MAX of the column {col.name!r} in the derived table {name!r}",
                              "take MIN or MAX of a number, date or timestamp column")
             fn = "MIN" if isinstance(inner, exp.Min) else "MAX"
-            out = _name(given, f"{fn.lower()}_{col.name}", name)
+            out = _name(given, f"{fn.lower()}_{col.name}", name, unit)
             parts.append(f"{fn}({sql}) AS {quote_ident(out)}")
             columns.append(col.model_copy(update={"name": out, "nullable": True}))
         elif isinstance(inner, exp.Count) and isinstance(inner.this, exp.Star) \
                 and not inner.args.get("distinct"):
-            out = _name(given, "n", name)
+            out = _name(given, "n", name, unit)
             parts.append(f"COUNT(*) AS {quote_ident(out)}")
             columns.append(ColumnMeta(name=out, type="BIGINT", nullable=False, lower=1,
                                       upper=DERIVED_ROWS_PER_PERSON))
         else:
             raise refuse(f"this expression in the derived table {name!r}",
                          f"a derived table has the shape {_SHAPE}")
-    names = [c.name for c in columns]
-    if names.count(unit) != 1:
+    names = [c.name.lower() for c in columns]  # DuckDB matches names without case
+    if names.count(unit.lower()) != 1:
         raise refuse(f"a derived table {name!r} that does not select {unit} exactly once",
                      f"a derived table has the shape {_SHAPE}")
     if len(set(names)) != len(names):
@@ -154,9 +154,15 @@ def _check_group(select: exp.Select, sub: Ctx, src: TableRef, name: str, unit: s
                  f"a derived table has the shape {_SHAPE}")
 
 
-def _name(given: str | None, default: str, table: str) -> str:
+def _name(given: str | None, default: str, table: str, unit: str) -> str:
+    """An aggregate's output name: a plain identifier, never the privacy unit's name (a value
+    named ``person_id`` would be joined as if it were the person: one person's row could then
+    meet many derived rows)."""
     out = given if given is not None else default
-    if not _NAME.fullmatch(out) or out.lower().startswith("_spe"):
+    if not _NAME.fullmatch(out):
         raise refuse(f"the column name {out[:70]!r} in the derived table {table!r}",
                      "name columns with a letter then letters, digits and '_'")
+    if out.lower() == unit.lower():
+        raise refuse(f"an aggregate named {unit} in the derived table {table!r}",
+                     f"{unit} names only the grouped person; give the aggregate another name")
     return out

@@ -370,6 +370,15 @@ DERIVED_REFUSALS = [
     "GROUP BY person_id) f",
     "SELECT COUNT(*) FROM (SELECT person_id AS pid, COUNT(*) AS n FROM measurement "
     "GROUP BY person_id) f",
+    # a value named like the person: joined as the person, one person row would meet many
+    "SELECT COUNT(*) FROM (SELECT MIN(measurement_concept_id) AS person_id, COUNT(*) AS n "
+    "FROM measurement GROUP BY person_id) f JOIN person p ON f.person_id = p.person_id",
+    "SELECT COUNT(*) FROM (SELECT MIN(measurement_concept_id) AS \"PERSON_ID\" "
+    "FROM measurement GROUP BY person_id) f JOIN person p ON f.person_id = p.person_id",
+    "SELECT COUNT(*) FROM (SELECT person_id, MIN(measurement_concept_id) AS Person_Id "
+    "FROM measurement GROUP BY person_id) f",
+    "SELECT COUNT(*) FROM (SELECT person_id, COUNT(*) AS n, MIN(measurement_date) AS N "
+    "FROM measurement GROUP BY person_id) f",
     "SELECT COUNT(*) FROM (SELECT person_id, measurement_concept_id, COUNT(*) AS n "
     "FROM measurement GROUP BY person_id) f",
     "SELECT COUNT(*) FROM (SELECT person_id, MIN(value_source_value) AS n FROM measurement "
