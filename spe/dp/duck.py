@@ -146,7 +146,8 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._loop, name="spe-duckdb-watchdog",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][1] == ident:  # the earliest deadline now: wake the thread; a
+                self._cond.notify()        # later one is seen when it wakes for the earlier
         return ident, fired
 
     def disarm(self, ident: int) -> None:
