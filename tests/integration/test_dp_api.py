@@ -373,3 +373,39 @@ def test_deep_and_failing_queries_over_http(api_client: TestClient, db: Database
         assert outcomes == ["refused", "failure"]
     finally:
         permits.cleanup()
+
+
+def test_per_person_derived_table_over_http(api_client: TestClient, db: Database,
+                                            dataset: str, client_headers: Headers,
+                                            user_headers: Headers) -> None:
+    """The age at first measurement through the API (a WITH per-person derived table): a noisy
+    table with a receipt, the cost charged, and the audit log holding the SQL as sent; a
+    derived table over a column the permit does not grant is refused without its name
+    reaching DuckDB."""
+    permits = Permits(api_client.post, client_headers("hdab-alpha"))
+    try:
+        pid = permits.issue("DP/0009/2026/FI")
+        alice = user_headers("alice")
+        sql = ("WITH f AS (SELECT person_id, MIN(measurement_date) AS first, COUNT(*) AS n "
+               "FROM measurement GROUP BY person_id) SELECT year(f.first) AS y, COUNT(*) AS "
+               "persons FROM f JOIN person p ON f.person_id = p.person_id GROUP BY 1")
+        r = api_client.post(f"/v1/permits/{pid}/queries", json={"sql": sql, "epsilon": 0.3},
+                            headers=alice)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["columns"] == ["y", "persons"] and answer["receipt"]
+        assert answer["cost"]["epsilon"] == pytest.approx(0.3)
+        refused = api_client.post(
+            f"/v1/permits/{pid}/queries", headers=alice,
+            json={"sql": "SELECT COUNT(*) FROM (SELECT person_id, MAX(value_source_value) AS v "
+                         "FROM measurement GROUP BY person_id) f", "epsilon": 0.1})
+        assert refused.status_code == 400 and refused.json()["type"].endswith("query-refused")
+        with db.read() as s:
+            texts = [e.details.get("sql") for e in s.execute(
+                select(AuditEntry).where(AuditEntry.permit_id == pid,
+                                         AuditEntry.action.like("dp.query%"))).scalars()]
+        assert sql in texts  # the reserve entry holds the text as sent
+        budget = api_client.get(f"/v1/permits/{pid}/budget", headers=alice).json()
+        assert budget["epsilon_spent"] == pytest.approx(0.3)
+    finally:
+        permits.cleanup()
