@@ -291,12 +291,48 @@ def _compile_from(select: exp.Select, ctx: Ctx, rows_per_person: int | None
             if not same & set(rendered):  # not already said by the researcher's condition
                 rendered.append(f"{ref.unit_sql} = {other.unit_sql}")
         parts.append(f"JOIN {ref.from_sql} ON " + " AND ".join(rendered))
-    trunc = " AND ".join(f"{r.alias}.{quote_ident(ROW_RANK_COLUMN)} <= {r.k}"
-                         for r in ctx.refs if r.person_level and not r.one_per_person)
+    trunc = _truncation_sql(ctx, select.args.get("where"))
     if not any(r.person_level for r in ctx.refs):
         raise refuse("a query over reference tables only (no person-level table)",
                      "reference tables are public: aggregate a person-level table")
     return " ".join(parts), trunc or "TRUE"
+
+
+def _truncation_sql(ctx: Ctx, where: exp.Expression | None) -> str:
+    """The rank filters ``rank <= k`` of every truncated table, ANDed ("" when none).
+
+    Join order. DuckDB estimates every filtered table at 20 % of its rows and builds its hash
+    table on the side it estimates smaller; the rank filters make every truncated table look
+    filtered, so a truncated table that keeps most of its rows could be built on where the raw
+    query builds on a table the researcher's WHERE filters (measured: +36 % peak memory). When
+    two or more truncated tables are joined, the filter of the one expected to keep the most
+    rows (metadata row count, a fifth of it if the WHERE reads it) is written so that it
+    references another joined table's rank (``rank + 0 * other_rank <= k``): DuckDB cannot
+    push it into that table's scan and applies it in the join instead, so it sees that table
+    as the raw query does. Ranks are never NULL, so the filter keeps exactly the same rows.
+    Work stays linear in each person's rows: the deferred table's rows of a person meet at
+    most the product of the other tables' k kept rows.
+    """
+    rank = quote_ident(ROW_RANK_COLUMN)
+    truncated = [r for r in ctx.refs if r.person_level and not r.one_per_person]
+    deferred: TableRef | None = None
+    if len(truncated) >= 2:
+        filtered = {column_ref(c, ctx)[1].alias for c in where.find_all(exp.Column)} \
+            if where is not None else set()
+
+        def expected_rows(ref: TableRef) -> float:
+            rows = float(ctx.table_meta(ref).row_count)
+            return rows * 0.2 if ref.alias in filtered else rows
+
+        deferred = max(truncated, key=expected_rows)
+    parts = []
+    for ref in truncated:
+        if ref is deferred:
+            other = next(r for r in truncated if r is not ref)
+            parts.append(f"({ref.alias}.{rank} + 0 * {other.alias}.{rank}) <= {ref.k}")
+        else:
+            parts.append(f"{ref.alias}.{rank} <= {ref.k}")
+    return " AND ".join(parts)
 
 
 def _link_hop(lref: TableRef, lcol: ColumnMeta, rref: TableRef, rcol: ColumnMeta,

@@ -93,6 +93,52 @@ def test_derived_table_reads_a_bounded_number_of_rows_per_person(pair) -> None: 
     assert sum_unit.d_in >= DERIVED_ROWS_PER_PERSON / (sum_unit.grid or 1) * 0.99
 
 
+@pytest.mark.parametrize("sql", [
+    "SELECT COUNT(*) FROM measurement m JOIN condition_occurrence c "
+    "ON m.person_id = c.person_id",
+    "SELECT COUNT(*), SUM(m.value_as_number) FROM condition_occurrence c JOIN measurement m "
+    "ON m.person_id = c.person_id WHERE m.measurement_concept_id = 3004249",
+    "SELECT COUNT(DISTINCT a.person_id) FROM measurement a JOIN measurement b "
+    "ON a.person_id = b.person_id JOIN condition_occurrence c ON c.person_id = a.person_id",
+])
+def test_deferred_rank_filter_keeps_exactly_the_truncated_rows(pair, sql: str) -> None:  # type: ignore[no-untyped-def]
+    """With two or more truncated tables one rank filter is written so DuckDB applies it in
+    the join (see plan._truncation_sql): the statistics, the heavy person's included, are the
+    same as with every filter pushed into its scan, and DuckDB really keeps it out of the
+    scan (so it estimates that table as the raw query does)."""
+    import re
+    from dataclasses import replace
+
+    from spe.dp.engine import distinct_sql
+
+    meta, with_path, _without, _ = pair
+    plan = prepare(sql, meta, make_terms(meta), epsilon=1.0, delta=1e-6).plan
+    deferred = re.findall(r'\((t\d+)\."_spe_row_rank" \+ 0 \* t\d+\."_spe_row_rank"\)',
+                          plan.truncation_sql)
+    assert len(deferred) == 1
+    plain = replace(plan, truncation_sql=re.sub(
+        r'\((t\d+\."_spe_row_rank") \+ 0 \* t\d+\."_spe_row_rank"\)', r"\1",
+        plan.truncation_sql))
+    assert plain.truncation_sql != plan.truncation_sql
+    con = duckdb.connect(str(with_path), read_only=True)
+    try:
+        if "DISTINCT" in sql:
+            stats = [sorted(con.execute(distinct_sql(p, 7)).fetchall(), key=str)
+                     for p in (plan, plain)]
+            query = distinct_sql(plan, 7)
+        else:
+            stats = [sorted(con.execute(row_stats_sql(p)[0]).fetchall(), key=str)
+                     for p in (plan, plain)]
+            query = row_stats_sql(plan)[0]
+        assert stats[0] == stats[1] and stats[0]
+        shown = con.execute("EXPLAIN " + query).fetchall()[0][1]
+        truncated = sum(1 for t in plan.tables if t.person_level and not t.one_per_person)
+        # every rank filter but the deferred one is pushed into its table's scan
+        assert shown.count("_spe_row_rank <= ") == truncated - 1, shown
+    finally:
+        con.close()
+
+
 def test_self_join_does_not_multiply_weight(pair) -> None:  # type: ignore[no-untyped-def]
     a, b, prepared = _exact(
         "SELECT COUNT(*) FROM measurement x JOIN measurement y ON x.person_id = y.person_id",
