@@ -305,11 +305,12 @@ def _truncation_sql(ctx: Ctx, where: exp.Expression | None) -> str:
     table on the side it estimates smaller; the rank filters make every truncated table look
     filtered, so a truncated table that keeps most of its rows could be built on where the raw
     query builds on a table the researcher's WHERE filters (measured: +36 % peak memory). When
-    two or more truncated tables are joined, the filter of the one expected to keep the most
-    rows (metadata row count, a fifth of it if the WHERE reads it) is written so that it
-    references another joined table's rank (``rank + 0 * other_rank <= k``): DuckDB cannot
-    push it into that table's scan and applies it in the join instead, so it sees that table
-    as the raw query does. Ranks are never NULL, so the filter keeps exactly the same rows.
+    two or more truncated tables are joined, the filter of the largest one (metadata row
+    count) that the WHERE does not read is written so that it references another joined
+    table's rank (``rank + 0 * other_rank <= k``): DuckDB cannot push it into that table's
+    scan and applies it in the join instead, so it sees that table unfiltered, as the raw
+    query does (a table the WHERE filters looks filtered either way: it keeps its pushdown).
+    Ranks are never NULL, so the filter keeps exactly the same rows.
     Work stays linear in each person's rows: the deferred table's rows of a person meet at
     most the product of the other tables' k kept rows.
     """
@@ -319,12 +320,9 @@ def _truncation_sql(ctx: Ctx, where: exp.Expression | None) -> str:
     if len(truncated) >= 2:
         filtered = {column_ref(c, ctx)[1].alias for c in where.find_all(exp.Column)} \
             if where is not None else set()
-
-        def expected_rows(ref: TableRef) -> float:
-            rows = float(ctx.table_meta(ref).row_count)
-            return rows * 0.2 if ref.alias in filtered else rows
-
-        deferred = max(truncated, key=expected_rows)
+        unfiltered = [r for r in truncated if r.alias not in filtered]
+        if unfiltered:
+            deferred = max(unfiltered, key=lambda r: ctx.table_meta(r).row_count)
     parts = []
     for ref in truncated:
         if ref is deferred:

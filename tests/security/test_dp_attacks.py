@@ -139,6 +139,16 @@ def test_deferred_rank_filter_keeps_exactly_the_truncated_rows(pair, sql: str) -
         con.close()
 
 
+def test_rank_filters_stay_pushed_down_where_the_where_filters_every_table(pair) -> None:  # type: ignore[no-untyped-def]
+    meta = pair[0]
+    for sql in ("SELECT COUNT(*) FROM measurement",
+                "SELECT COUNT(*) FROM measurement m JOIN condition_occurrence c "
+                "ON m.person_id = c.person_id WHERE m.value_as_number > 1 "
+                "AND c.condition_start_date > DATE '2015-01-01'"):
+        plan = prepare(sql, meta, make_terms(meta), epsilon=1.0, delta=1e-6).plan
+        assert "+ 0 *" not in plan.truncation_sql and "_spe_row_rank" in plan.truncation_sql
+
+
 def test_self_join_does_not_multiply_weight(pair) -> None:  # type: ignore[no-untyped-def]
     a, b, prepared = _exact(
         "SELECT COUNT(*) FROM measurement x JOIN measurement y ON x.person_id = y.person_id",
