@@ -90,12 +90,6 @@ QUERIES: list[tuple[str, str, str | None]] = [(name, sql, sql) for name, sql in 
 ]]
 REFUSED_NOTE = "refused by the engine"
 QUERY_NOTES: dict[str, str] = {}
-#: Why a bound is missed where the cause is known and outside the engine (printed on a miss).
-MISS_NOTES = {"join condition x drug, filter": (
-    "memory: DuckDB estimates every filtered table at 20 % of its rows; truncation filters "
-    "both tables, so it builds the hash table on the truncated condition_occurrence (about "
-    "89 % of its rows kept here) where the raw query builds on the filtered drug_exposure "
-    "(33 %); no join-order hint exists in DuckDB's SQL")}
 TIME_BOUND = 1.2  # dp/raw wall time
 FIXED_COST_MS = 1.0  # a time miss smaller than this is the engine's fixed cost, said so
 MEMORY_BOUND = 1.10  # dp peak RSS <= raw peak RSS + 10 %
@@ -465,7 +459,7 @@ def main() -> None:
             continue
         ratio = dp["median_s"] / raw["median_s"]
         bound, missed = _bound_note(ratio, raw["peak_mb"], dp["peak_mb"])
-        why = MISS_NOTES.get(name, "") if "memory" in missed else ""
+        why = ""
         extra_ms = (dp["median_s"] - raw["median_s"]) * 1e3
         if "time" in missed and extra_ms < FIXED_COST_MS:
             why = "; ".join(x for x in (why, (
