@@ -234,7 +234,7 @@ def _compile_from(select: exp.Select, ctx: Ctx, rows_per_person: int | None
             raise refuse("a join without ON", "join with ON a.person_id = b.person_id")
         ref = _resolve_source(join.this, ctx, rows_per_person, common)
         on = join.args["on"]
-        conds = on.flatten() if isinstance(on, exp.And) else [on]
+        conds = list(on.flatten()) if isinstance(on, exp.And) else [on]  # read twice
         rendered = []
         person_join = False  # a condition that puts the joined rows on one person
         extra: list[exp.Expression] = []  # other conditions between person-level tables

@@ -166,6 +166,16 @@ def test_join_with_other_table_bounded(pair) -> None:  # type: ignore[no-untyped
     assert 0 <= a[0]["rows"] - b[0]["rows"] <= prepared.plan.rows_per_person == 15
 
 
+def test_join_on_the_person_and_another_column_is_planned_and_bounded(pair) -> None:  # type: ignore[no-untyped-def]
+    """ON a.person_id = b.person_id AND a.x = b.y (two conditions) was a crash in planning."""
+    a, b, prepared = _exact(
+        "SELECT COUNT(*) FROM measurement m JOIN condition_occurrence c "
+        "ON m.person_id = c.person_id AND m.measurement_date = c.condition_start_date", pair)
+    assert 'm."measurement_date"' not in prepared.plan.join_sql  # re-rendered, not copied
+    assert '"measurement_date" = ' in prepared.plan.join_sql
+    assert 0 <= a[0]["rows"] - b[0]["rows"] <= prepared.plan.rows_per_person == 15
+
+
 def test_sum_case_person_literal_is_clamped(pair) -> None:  # type: ignore[no-untyped-def]
     sql = f"SELECT SUM(CASE WHEN person_id = {HEAVY} THEN 1e6 ELSE 0 END) AS s FROM measurement"
     a, b, prepared = _exact(sql, pair)
