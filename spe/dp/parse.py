@@ -64,9 +64,11 @@ _REFUSALS: tuple[tuple[type[exp.Expression], str], ...] = (
     (exp.Max, "MAX is not released under DP; use QUANTILE_CONT(x, 0.95) (a DP quantile)"),
     (exp.Window, "window functions (OVER) are not supported; use GROUP BY"),
     (exp.With, "WITH other than at the top of the query; define per-person derived tables "
-               "in one WITH at the top (see docs/dp-queries.md)"),
-    (exp.Subquery, "a subquery here; per-person derived tables go in FROM / JOIN or WITH "
-                   "(see docs/dp-queries.md), other data through joins on person_id"),
+               "in one WITH at the top: WITH f AS (SELECT person_id, MIN(col) AS first FROM "
+               "table GROUP BY person_id)"),
+    (exp.Subquery, "a subquery here; per-person derived tables go in FROM / JOIN: (SELECT "
+                   "person_id, MIN(col) AS first FROM table GROUP BY person_id) AS f, other "
+                   "data through joins on person_id"),
     (exp.Exists, "EXISTS subqueries are not supported; use an inner join on person_id"),
     (exp.Union, "UNION is not supported; run separate queries"),
     (exp.Intersect, "INTERSECT is not supported; run separate queries"),
