@@ -221,6 +221,11 @@ def _client_token(keycloak: str, realm: str, client_id: str, secret: str) -> str
     return str(r.json()["access_token"])
 
 
+#: The dataset the benchmark's permits name: unique per run, so a run against a PostgreSQL
+#: database that earlier runs used (the schema persists there) registers its own.
+DATASET = f"bench_{os.getpid()}_{int(time.time())}"
+
+
 def _prepare(data_dir: Path, env: dict[str, str]) -> None:
     """Create the schema and register a tiny generated dataset (real ingest)."""
     code = (
@@ -233,7 +238,7 @@ def _prepare(data_dir: Path, env: dict[str, str]) -> None:
         "s = Settings()\n"
         "db = Database(s.resolved_database_url); db.upgrade()\n"
         f"src = Path({str(data_dir / 'src')!r}); generator.generate(src, 20, seed=1)\n"
-        "ingest(db, s, 'bench', src, SYSTEM)\n"
+        f"ingest(db, s, {DATASET!r}, src, SYSTEM)\n"
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
@@ -245,7 +250,7 @@ def _permit_body(i: int) -> dict[str, Any]:
         "reference": f"BENCH-{i}-{int(now)}", "title": f"Bench project {i}",
         "holder": {"organisation": "Bench Institute", "principal_investigator": "Dr Bench"},
         "purposes": ["scientific_research"], "purpose_justification": "benchmark",
-        "datasets": [{"dataset": "bench", "tables": {"person": ["person_id", "year_of_birth"]}}],
+        "datasets": [{"dataset": DATASET, "tables": {"person": ["person_id", "year_of_birth"]}}],
         "persons": ["alice"], "valid_from": iso(now - 86400), "valid_until": iso(now + 86400 * 30),
         "privacy_budget": {"epsilon": 5, "delta": 1e-6, "max_epsilon_per_query": 1},
     }

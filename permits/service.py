@@ -30,7 +30,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
@@ -189,9 +189,22 @@ class PermitView:
         return json.dumps(self.document, separators=(",", ":")).encode()
 
 
-def _view(row: Any, now: datetime) -> PermitView:
+def _utc(value: datetime | str) -> datetime:
+    """A driver's timestamp as an aware UTC datetime, as ``UTCDateTime`` reads it (SQLite
+    returns the stored text, naive UTC; PostgreSQL an aware datetime)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _view(row: Sequence[Any], now: datetime) -> PermitView:
+    """The view of a ``_VIEW_QUERY`` row as the driver returns it (``Database.read_one``)."""
     (pid, access_body, status, version, etag, valid_from, valid_until, extended, created,
      updated, snapshot) = row
+    valid_from, valid_until = _utc(valid_from), _utc(valid_until)
+    created, updated = _utc(created), _utc(updated)
+    if isinstance(snapshot, str | bytes):
+        snapshot = json.loads(snapshot)
     snapshot = read_snapshot(snapshot)
     return PermitView({
         **snapshot, "id": pid, "access_body": access_body,
@@ -699,10 +712,9 @@ class PermitService:
     def view(self, principal: Principal, permit_id: str) -> PermitView:
         """The permit for display (404 when absent or not visible to the caller)."""
         policy.check_read_permits(principal)
-        # The hot read path: one Core query in a read transaction on the engine (what
-        # Database.read() does, minus the ORM session, which costs more than the query).
-        with self.db.engine.begin() as conn:
-            row = conn.execute(_VIEW_QUERY, {"permit_id": permit_id}).one_or_none()
+        # The hot read path: one statement on a pooled driver connection (Database.read_one:
+        # its own snapshot, no BEGIN/COMMIT, no ORM or result machinery).
+        row = self.db.read_one(_VIEW_QUERY, {"permit_id": permit_id})
         if row is None:
             raise NotFound(f"No permit {permit_id} visible to the caller.")
         view = _view(row, self.clock())

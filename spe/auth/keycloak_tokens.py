@@ -71,17 +71,27 @@ class KeycloakTokenValidator:
         self._verified: dict[bytes, tuple[float, str, Principal]] = {}
         self._lock = threading.Lock()
 
-    def validate(self, token: str) -> Principal:
+    def cached(self, token: str) -> Principal | None:
+        """The Principal of ``token`` if it passed :meth:`verify` within the cache's bounds
+        (see the module docstring), else None (an expired entry is dropped)."""
         digest = hashlib.sha256(token.encode()).digest()
-        now = time.time()
         with self._lock:
             hit = self._verified.get(digest)
+        if hit is None:
+            return None
+        until, kid, principal = hit
+        if time.time() < until and self.jwks.key(kid) is not None:
+            return principal
+        with self._lock:
+            self._verified.pop(digest, None)
+        return None
+
+    def validate(self, token: str) -> Principal:
+        hit = self.cached(token)
         if hit is not None:
-            until, kid, principal = hit
-            if now < until and self.jwks.key(kid) is not None:
-                return principal
-            with self._lock:
-                self._verified.pop(digest, None)
+            return hit
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.time()
         claims = self.verify(token)
         principal = principal_from_claims(claims)
         exp = claims.get("exp")

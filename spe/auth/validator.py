@@ -6,7 +6,10 @@
 ``state.put(VALIDATOR_KEY, v)``).
 ``validate(token)`` returns a Principal or raises NotAuthenticated (401); it routes SPE
 workspace tokens to :class:`WorkspaceTokenValidator` and everything else to
-:class:`KeycloakTokenValidator`; each verifies the signature with its own keys only.
+:class:`KeycloakTokenValidator`; each verifies the signature with its own keys only. A token
+in the Keycloak validator's verified cache (``KeycloakTokenValidator.cached``) is answered
+from it first: only a token that passed every Keycloak check is there, and workspace tokens
+never are (they are not signed with the realm's keys).
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ class SPETokenValidator:
     def validate(self, token: str) -> Principal:
         if len(token) > _MAX_TOKEN_BYTES:
             raise NotAuthenticated("The bearer token is too long.")
+        # A token in the Keycloak validator's verified cache passed every Keycloak check
+        # (realm key, realm issuer), so it is no workspace token: answered without the
+        # routing hint's unverified decode, which costs more than the cache lookup.
+        hit = self.keycloak.cached(token)
+        if hit is not None:
+            return hit
         if is_workspace_token(token):
             return self.workspace.validate(token)
         return self.keycloak.validate(token)
