@@ -1,17 +1,31 @@
-"""Ingest against DuckDB's own load of the same files, with peak memory.
+"""SPE ingest against DuckDB's own load of the same files, with each process's peak memory.
 
-Run: ``python -m bench.ingest --persons 200000 [--format csv|parquet] [--keep DIR]``.
-Generates the dataset into a temporary directory (or ``--keep``), then, each in its own child
-process (so its peak resident memory is its own):
+Run: ``python -m bench.ingest --persons 200000 [--format csv|parquet] [--repeat 3]
+[--memory-sizes 100000 400000] [--keep DIR]``.
 
-* **raw DuckDB**: ``CREATE TABLE t AS SELECT * FROM read_csv(file, columns = the spec's types)``
-  (or ``read_parquet``) for every file, into a fresh DuckDB file with the SPE's DuckDB settings
-  (threads, memory limit): what loading costs without any check;
-* **SPE ingest**: ``spe.datasets.ingest.ingest`` with every check it makes (types, required
-  values, keys, date ranges, links, ranks, metadata, atomic registration).
+Generates the dataset (CSV and Parquet by default, same seed: the same rows) into a temporary
+directory (or ``--keep``). Then, per format, ``--repeat`` times, alternating, each in a fresh
+child process (so its peak resident memory is its own):
 
-Prints per table and in total the rows, seconds of each and their ratio, and each process's
-peak RSS. Generation time is printed for reference.
+* **raw DuckDB load**: a process that imports only ``duckdb`` and runs, for every table file,
+  ``CREATE TABLE t AS SELECT * FROM read_csv(file, columns = the spec's types)`` (or
+  ``read_parquet(file)``) into a fresh DuckDB file with the SPE's DuckDB settings (threads,
+  memory limit, spill directory), then ``CHECKPOINT``: loading without any check;
+* **SPE ingest**: a process that imports the SPE, creates and migrates a fresh control database
+  and calls ``spe.datasets.ingest.ingest``, with every check it makes (header, types, required
+  values, keys, date ranges, links, errors naming file/line/column, ranks and rank order,
+  content hash, metadata, atomic registration with its audit event).
+
+What is compared: **load s** is the raw process's timed load (connect to close) and **ingest s**
+the SPE process's ``ingest()`` call; the bound (``<= 1.5x``) applies to their ratio. What each
+process spends outside that (interpreter start, imports, for the SPE also creating and
+migrating its control database, and exit) is printed separately as **start-up s** and is in
+the **process** ratio (process wall against process wall), which is printed as well. Each
+number is the median of ``--repeat`` runs; the spread (min-max) of the ratio follows it.
+**peak RSS** is each process's peak resident memory (its ``VmHWM``, median).
+
+``--memory-sizes A B``: additionally one run per side and format at each of these person
+counts, printing peak RSS against the source size (does memory grow with the file?).
 """
 
 from __future__ import annotations
@@ -19,54 +33,64 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spe.datasets import generator
+BOUND = 1.5
+FORMATS = ("csv", "parquet")
 
 
 def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _raw_load(source: Path, work: Path) -> dict[str, float]:
-    """DuckDB's own load of every table file (no checks), seconds per table."""
+# Children ---------------------------------------------------------------------------------
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: since its exec, all threads).
+
+    Not the parent's ``wait4`` ``ru_maxrss``: Linux folds the forking parent's high-water mark
+    into the child's at exec, so a child of a large parent reports the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _raw_child(plan: dict[str, Any], work: Path) -> dict[str, Any]:
+    """DuckDB's own load of every file in ``plan`` (no checks); imports nothing of the SPE."""
     import duckdb
 
-    from spe.config import Settings
-    from spe.datasets.ingest import discover
-    from spe.datasets.omop_spec import load_spec
-
-    settings = Settings(data_dir=work / "var")
-    specs = load_spec()
-    target = work / "raw.duckdb"
-    con = duckdb.connect(str(target))
-    con.execute(f"SET threads = {int(settings.duckdb_threads)}")
-    con.execute(f"SET memory_limit = {_lit(settings.duckdb_memory_limit)}")
+    started = time.perf_counter()
+    con = duckdb.connect(str(work / "raw.duckdb"))
+    con.execute(f"SET threads = {int(plan['threads'])}")
+    con.execute(f"SET memory_limit = {_lit(plan['memory_limit'])}")
     con.execute(f"SET temp_directory = {_lit(str(work / 'raw.spill'))}")
     seconds: dict[str, float] = {}
-    for sf in discover(source):
-        types = specs[sf.table].duckdb_columns()
-        started = time.perf_counter()
-        if sf.kind == "parquet":
-            src = f"read_parquet({_lit(str(sf.path))})"
+    for f in plan["files"]:
+        t0 = time.perf_counter()
+        if f["kind"] == "parquet":
+            src = f"read_parquet({_lit(f['path'])})"
         else:
-            cols = "{" + ", ".join(f"{_lit(c)}: {_lit(types[c])}" for c in sf.columns) + "}"
-            src = (f"read_csv({_lit(str(sf.path))}, header=true, auto_detect=false, "
-                   f"delim={_lit(sf.delimiter or ',')}, quote='\"', escape='\"', "
-                   f"columns={cols})")
-        con.execute(f'CREATE TABLE "{sf.table}" AS SELECT * FROM {src}')
-        seconds[sf.table] = time.perf_counter() - started
+            cols = "{" + ", ".join(f"{_lit(c)}: {_lit(t)}" for c, t in f["columns"]) + "}"
+            src = (f"read_csv({_lit(f['path'])}, header=true, auto_detect=false, "
+                   f"delim={_lit(f['delimiter'])}, quote='\"', escape='\"', columns={cols})")
+        con.execute(f'CREATE TABLE "{f["table"]}" AS SELECT * FROM {src}')
+        seconds[f["table"]] = time.perf_counter() - t0
     con.execute("CHECKPOINT")
     con.close()
-    return seconds
+    return {"work": time.perf_counter() - started, "tables": seconds, "rss": _peak_rss()}
 
 
-def _spe_ingest(source: Path, work: Path) -> dict[str, float]:
+def _spe_child(source: Path, work: Path) -> dict[str, Any]:
+    """The SPE's ingest of ``source``; start-up (imports, control database) is not timed."""
     from spe.auth.principal import operator_principal
     from spe.config import Settings
     from spe.datasets.ingest import ingest
@@ -75,72 +99,206 @@ def _spe_ingest(source: Path, work: Path) -> dict[str, float]:
     settings = Settings(data_dir=work / "var")
     db = Database(settings.resolved_database_url)
     db.upgrade()
-    result = ingest(db, settings, "bench", source, operator_principal("bench"))
-    db.dispose()
-    return result.seconds
-
-
-def _child(kind: str, source: Path, work: Path) -> tuple[dict[str, float], float, int]:
-    """Run one phase in a child process: (seconds per table, wall seconds, peak RSS bytes)."""
-    work.mkdir(parents=True, exist_ok=True)
+    principal = operator_principal("bench")
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--child", kind,
-                             "--source", str(source), "--work", str(work)],
+    result = ingest(db, settings, "bench", source, principal)
+    elapsed = time.perf_counter() - started
+    db.dispose()
+    return {"work": elapsed, "tables": result.seconds, "rss": _peak_rss()}
+
+
+# Parent -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One child process: timed work, process wall, peak RSS, seconds per table."""
+
+    work: float
+    wall: float
+    rss: int
+    tables: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def startup(self) -> float:
+        return self.wall - self.work
+
+
+def _child(args: list[str]) -> Run:
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.ingest", *args],
                             stdout=subprocess.PIPE)
     assert proc.stdout is not None
     out = proc.stdout.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    status = proc.wait()
     wall = time.perf_counter() - started
     if status != 0:
-        raise SystemExit(f"{kind} phase failed (status {status})")
-    proc.returncode = 0
-    return json.loads(out), wall, usage.ru_maxrss * 1024
+        raise SystemExit(f"bench child {args[:2]} failed (status {status})")
+    data = json.loads(out)
+    return Run(data["work"], wall, data["rss"], data["tables"])
+
+
+def _plan(source: Path) -> dict[str, Any]:
+    """The files as the SPE finds them, with the spec's types, for the raw child."""
+    from spe.config import Settings
+    from spe.datasets.ingest import discover
+    from spe.datasets.omop_spec import load_spec
+
+    settings = Settings()
+    specs = load_spec()
+    files = []
+    for sf in discover(source):
+        types = specs[sf.table].duckdb_columns()
+        files.append({"table": sf.table, "path": str(sf.path), "kind": sf.kind,
+                      "delimiter": sf.delimiter or ",",
+                      "columns": [(c, types[c]) for c in sf.columns]})
+    return {"threads": settings.duckdb_threads, "memory_limit": settings.duckdb_memory_limit,
+            "files": files}
+
+
+def _pair(source: Path, work: Path, index: int) -> tuple[Run, Run]:
+    plan = work / "plan.json"
+    if not plan.exists():
+        plan.write_text(json.dumps(_plan(source)))
+    raw_dir, spe_dir = work / f"raw{index}", work / f"spe{index}"
+    raw_dir.mkdir()
+    spe_dir.mkdir()
+    raw = _child(["--child", "raw", "--source", str(plan), "--work", str(raw_dir)])
+    spe = _child(["--child", "spe", "--source", str(source), "--work", str(spe_dir)])
+    for d in (raw_dir, spe_dir):  # keep the disk free for the next run
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+    return raw, spe
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _size_mb(source: Path) -> float:
+    return sum(p.stat().st_size for p in source.iterdir()
+               if p.suffix in (".csv", ".parquet")) / 1e6
+
+
+def _generate(root: Path, persons: int, seed: int, fmt: str) -> tuple[Path, Any, float]:
+    from spe.datasets import generator
+
+    source = root / f"{fmt}-{persons}"
+    t0 = time.perf_counter()
+    gen = generator.generate(source, persons, seed=seed, fmt=fmt,  # type: ignore[arg-type]
+                             progress=True)
+    return source, gen, time.perf_counter() - t0
+
+
+def _main_table(results: dict[str, tuple[float, list[tuple[Run, Run]]]]) -> list[str]:
+    header = (f"{'format':<8} {'source MB':>9} {'load s':>7} {'ingest s':>8} {'ratio':>6} "
+              f"{'spread':>11} {'bound':>8} {'start-up s raw/SPE':>19} {'process':>8} "
+              f"{'peak RSS MB raw/SPE':>20}")
+    lines = [header, "-" * len(header)]
+    notes = []
+    for fmt, (size, runs) in results.items():
+        ratios = [s.work / r.work for r, s in runs]
+        load = _median([r.work for r, _ in runs])
+        ing = _median([s.work for _, s in runs])
+        ratio = _median(ratios)
+        proc = _median([s.wall / r.wall for r, s in runs])
+        ok = ratio <= BOUND
+        verdict = f"<={BOUND}x " + ("ok" if ok else "MISS")
+        lines.append(
+            f"{fmt:<8} {size:>9,.0f} {load:>7.2f} {ing:>8.2f} {ratio:>5.2f}x "
+            f"{min(ratios):>5.2f}-{max(ratios):.2f}x {verdict:>8} "
+            f"{_median([r.startup for r, _ in runs]):>9.2f} / "
+            f"{_median([s.startup for _, s in runs]):<7.2f} {proc:>7.2f}x "
+            f"{_median([r.rss for r, _ in runs]) / 2**20:>9,.0f} / "
+            f"{_median([s.rss for _, s in runs]) / 2**20:<8,.0f}")
+        if not ok:
+            runs_text = ", ".join(f"{x:.2f}x" for x in ratios)
+            notes.append(f"note: {fmt} misses the {BOUND}x bound: ingest {ing:.2f} s against "
+                         f"DuckDB's load {load:.2f} s (runs {runs_text})")
+    return lines + notes
+
+
+def _table_lines(rows: dict[str, int], results: dict[str, tuple[float, list[tuple[Run, Run]]]]
+                 ) -> list[str]:
+    header = f"{'table':<21} {'rows':>10}" + "".join(
+        f" {fmt + ' load':>13} {fmt + ' ingest':>15} {'ratio':>6}" for fmt in results)
+    lines = [header, "-" * len(header)]
+    for table, n in rows.items():
+        line = f"{table:<21} {n:>10,}"
+        for _fmt, (_size, runs) in results.items():
+            r = _median([raw.tables.get(table, 0.0) for raw, _ in runs])
+            s = _median([spe.tables.get(table, 0.0) for _, spe in runs])
+            ratio = f"{s / r:.2f}x" if r > 0.005 else "-"
+            line += f" {r:>13.2f} {s:>15.2f} {ratio:>6}"
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--persons", type=int, default=100_000)
-    parser.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--persons", type=int, default=200_000)
+    parser.add_argument("--format", choices=[*FORMATS, "both"], default="both")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per side and format (alternating; medians)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-sizes", type=int, nargs="*", default=[],
+                        help="also one run per side at each of these person counts: peak RSS")
     parser.add_argument("--keep", type=Path, default=None,
-                        help="write the generated files here and keep them")
+                        help="write the generated files under this directory and keep them")
     parser.add_argument("--child", choices=["raw", "spe"], help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.child:
-        phase = _raw_load if args.child == "raw" else _spe_ingest
-        print(json.dumps(phase(args.source, args.work)))
+    if args.child == "raw":
+        print(json.dumps(_raw_child(json.loads(args.source.read_text()), args.work)))
+        return
+    if args.child == "spe":
+        print(json.dumps(_spe_child(args.source, args.work)))
         return
 
+    formats = FORMATS if args.format == "both" else (args.format,)
     with tempfile.TemporaryDirectory(prefix="spe-bench-") as tmp:
-        work = Path(tmp)
-        source = args.keep or work / "source"
-        t0 = time.perf_counter()
-        gen = generator.generate(source, args.persons, seed=args.seed, fmt=args.format,
-                                 progress=True)
-        gen_wall = time.perf_counter() - t0
-        size = sum(p.stat().st_size for p in source.iterdir())
-        raw, raw_wall, raw_rss = _child("raw", source, work / "raw")
-        spe, spe_wall, spe_rss = _child("spe", source, work / "spe")
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        results: dict[str, tuple[float, list[tuple[Run, Run]]]] = {}
+        rows: dict[str, int] = {}
+        gen_note = []
+        for fmt in formats:
+            source, gen, gen_s = _generate(root, args.persons, args.seed, fmt)
+            rows = dict(gen.rows)
+            gen_note.append(f"{fmt} generated in {gen_s:.1f} s")
+            work = Path(tmp) / f"work-{fmt}"
+            work.mkdir()
+            runs = [_pair(source, work, i) for i in range(args.repeat)]
+            results[fmt] = (_size_mb(source), runs)
+        memory: list[str] = []
+        for persons in args.memory_sizes:
+            for fmt in formats:
+                source, _gen, _s = _generate(root, persons, args.seed, fmt)
+                work = Path(tmp) / f"mem-{fmt}-{persons}"
+                work.mkdir()
+                raw, spe = _pair(source, work, 0)
+                memory.append(f"{persons:>10,} {fmt:<8} {_size_mb(source):>9,.0f} "
+                              f"{raw.rss / 2**20:>12,.0f} {spe.rss / 2**20:>12,.0f} "
+                              f"{spe.work / raw.work:>6.2f}x")
+                subprocess.run(["rm", "-rf", str(source)], check=False)
 
-    print(f"\npersons {args.persons:,}  format {args.format}  source {size / 1e6:,.0f} MB  "
-          f"cpus {os.cpu_count()}  (generated in {gen_wall:.1f} s)")
-    header = (f"{'table':<22} {'rows':>12} {'raw DuckDB s':>13} {'SPE ingest s':>13} "
-              f"{'ratio':>6}")
-    print(header)
-    print("-" * len(header))
-    rows: dict[str, Any] = gen.rows
-    for table in generator.TABLES:
-        r, s = raw.get(table, 0.0), spe.get(table, 0.0)
-        ratio = f"{s / r:.2f}x" if r > 0 else "-"
-        print(f"{table:<22} {rows[table]:>12,} {r:>13.2f} {s:>13.2f} {ratio:>6}")
-    print("-" * len(header))
-    print(f"{'total (process wall)':<22} {gen.total_rows:>12,} {raw_wall:>13.2f} "
-          f"{spe_wall:>13.2f} {spe_wall / raw_wall:>5.2f}x")
-    print(f"{'peak RSS':<22} {'':>12} {raw_rss / 2**20:>10,.0f} MB {spe_rss / 2**20:>10,.0f} MB "
-          f"{spe_rss / raw_rss:>5.2f}x")
+    total = sum(rows.values())
+    print(f"\ningest: {args.persons:,} persons, {len(rows)} tables, {total:,} rows; "
+          f"{os.cpu_count()} CPUs; {args.repeat} alternating fresh processes per side "
+          f"(medians; {'; '.join(gen_note)})")
+    print("load s: raw DuckDB process, connect..close; ingest s: SPE ingest() call; "
+          "start-up s: the rest of each process's wall (imports, SPE control DB, exit)")
+    for line in _main_table(results):
+        print(line)
+    print()
+    for line in _table_lines(rows, results):
+        print(line)
+    if memory:
+        print(f"\n{'persons':>10} {'format':<8} {'source MB':>9} {'raw RSS MB':>12} "
+              f"{'SPE RSS MB':>12} {'ratio':>7}")
+        for line in memory:
+            print(line)
 
 
 if __name__ == "__main__":

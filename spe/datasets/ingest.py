@@ -41,11 +41,11 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
-import pyarrow.parquet as pq
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
@@ -241,6 +241,8 @@ def discover(source: Path) -> list[SourceFile]:
             raise IngestError(f"{path.name} and {found[table].path.name} both hold table "
                               f"{table}; keep one")
         if match.group("kind").lower() == "parquet":
+            import pyarrow.parquet as pq  # only for Parquet sources (its import takes ~0.1 s)
+
             try:
                 names = pq.read_schema(path).names
             except (OSError, ValueError):  # pyarrow.ArrowInvalid is a ValueError
@@ -489,7 +491,10 @@ def _resolve_link(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpe
     return linked
 
 
-def _final_columns(sf: SourceFile, spec: TableSpec, unit: str | None) -> list[str]:
+def _final_columns(sf: SourceFile, spec: TableSpec, unit: str | None,
+                   rank: str | None) -> list[str]:
+    """The stored columns: the spec's (NULL where the file lacks one), then the hidden person
+    column of a linked table and the row rank (``rank``, an expression) of a person-level one."""
     cols = [
         _q(f.name) if f.name in sf.columns else f"CAST(NULL AS {f.duckdb_type}) AS {_q(f.name)}"
         for f in spec.fields
@@ -497,16 +502,45 @@ def _final_columns(sf: SourceFile, spec: TableSpec, unit: str | None) -> list[st
     if unit is not None:
         if unit != PRIVACY_UNIT:
             cols.append(_q(unit))
-        cols.append(f"row_number() OVER (PARTITION BY {_q(unit)} ORDER BY _spe_draw) "
-                    f"AS {_q(ROW_RANK_COLUMN)}")
+        assert rank is not None
+        cols.append(f"{rank} AS {_q(ROW_RANK_COLUMN)}")
     return cols
+
+
+def _rank_key(sf: SourceFile, spec: TableSpec, unit: str) -> str | None:
+    """The column that identifies a row of the file for :func:`_rank_table`: the row number of
+    a Parquet file, else a one-column primary key (unique, checked before the table is kept);
+    None when there is none (ranks are then computed over the whole rows)."""
+    if sf.kind == "parquet":
+        return "_spe_pos"
+    if len(spec.primary_key) == 1 and spec.primary_key[0] in sf.columns \
+            and spec.primary_key[0] != unit:
+        return spec.primary_key[0]
+    return None
+
+
+def _rank_query(source: str, unit: str, key: str) -> str:
+    """A subquery (``_spe_k`` row key, ``_spe_u`` person, ``_spe_r`` rank): a uniformly random
+    rank of each row among its person's rows, computed over the key and person columns only,
+    so the window sorts two columns rather than whole rows (DuckDB reads only these columns
+    of the file)."""
+    return (f"(SELECT _spe_k, _spe_u, row_number() OVER (PARTITION BY _spe_u ORDER BY "
+            f"_spe_draw) AS _spe_r FROM (SELECT {_q(key)} AS _spe_k, {_q(unit)} AS _spe_u, "
+            f"random() AS _spe_draw FROM {source}))")
 
 
 def _build_checked(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,
                    meta: TableMeta, built: dict[str, TableMeta], stage: str) -> int | None:
     """Fast path: load the file straight into its final table (typed, linked, ranked) and run
     every check in one aggregate over it. Returns the row count, or None when a check failed
-    (the table is dropped; :func:`_build_staged` then finds and names the first bad line)."""
+    (the table is dropped; :func:`_build_staged` then finds and names the first bad line).
+
+    Ranks: a table with one row per person (its key is the person) ranks every row 1 (a
+    duplicated person fails the key check). Otherwise the ranks are drawn in a first pass over
+    the row key and person only (:func:`_rank_query`) and joined to the rows by key; a row whose
+    key finds no rank, or a rank drawn for another person, gets a NULL rank, which fails the
+    checks. With the key unique and no NULL rank, every row holds a distinct rank among its
+    person's rows. Tables without such a key rank whole rows in one window."""
     if sf.kind == "parquet":
         source = _parquet_source(con, sf, spec)
     else:
@@ -516,16 +550,36 @@ def _build_checked(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSp
         joins, person = _link_parts(spec, tuple(meta.link), built, "s")
         source = (f"(SELECT s.*, {person} AS {_q(LINKED_PERSON_COLUMN)} FROM {source} AS s "
                   f"{joins})")
-    order = ""
-    if unit is not None:
-        # Window ORDER BY may not be volatile: draw the random key in a subquery.
-        source = f"(SELECT *, random() AS _spe_draw FROM {source})"
-        if spec.primary_key != [unit]:
-            # Stored in rank order: a query's truncation filter (rank <= k) then reads a prefix
-            # of the table and DuckDB skips the row groups above k by their min/max.
-            order = f" ORDER BY {_q(ROW_RANK_COLUMN)}"
-    con.execute(f"CREATE TABLE {_q(spec.name)} AS SELECT "
-                f"{', '.join(_final_columns(sf, spec, unit))} FROM {source}{order}")
+    order, rank, joined = "", None, False
+    if unit is not None and spec.primary_key == [unit]:
+        rank = "1"
+    elif unit is not None:
+        # Stored in rank order: a query's truncation filter (rank <= k) then reads a prefix of
+        # the table and DuckDB skips the row groups above k by their min/max.
+        order = f" ORDER BY {_q(ROW_RANK_COLUMN)}"
+        key = _rank_key(sf, spec, unit)
+        if key is None:
+            # Window ORDER BY may not be volatile: draw the random key in a subquery.
+            source = f"(SELECT *, random() AS _spe_draw FROM {source})"
+            rank = f"row_number() OVER (PARTITION BY {_q(unit)} ORDER BY _spe_draw)"
+        else:
+            narrow = source if sf.kind == "parquet" else \
+                source.replace(f"'{stage}_rejects'", f"'{stage}_nrejects'").replace(
+                    f"'{stage}_scan'", f"'{stage}_nscan'")
+            source = (f"{source} AS s LEFT JOIN {_rank_query(narrow, unit, key)} AS r "
+                      f"ON s.{_q(key)} = r._spe_k")
+            rank = f"CASE WHEN r._spe_u = s.{_q(unit)} THEN r._spe_r END"
+            joined = True
+    if joined:
+        # Build the join's hash table on the ranks, never on the file's rows (DuckDB guesses
+        # a CSV file's rows from its size and can pick the wide side).
+        con.execute("SET disabled_optimizers = 'build_side_probe_side,join_order'")
+    try:
+        con.execute(f"CREATE TABLE {_q(spec.name)} AS SELECT "
+                    f"{', '.join(_final_columns(sf, spec, unit, rank))} FROM {source}{order}")
+    finally:
+        if joined:
+            con.execute("RESET disabled_optimizers")
     if sf.kind != "parquet":
         _check_rejects(con, sf, spec, stage)
     checks = ["count(*)"]
@@ -540,6 +594,8 @@ def _build_checked(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSp
                and f.duckdb_type in ("DATE", "TIMESTAMP")]
     if meta.kind == "linked":
         checks.append(f"count(*) FILTER (WHERE {_q(LINKED_PERSON_COLUMN)} IS NULL)")
+    if unit is not None:
+        checks.append(f"count(*) FILTER (WHERE {_q(ROW_RANK_COLUMN)} IS NULL)")
     row = con.execute(f"SELECT {', '.join(checks)} FROM {_q(spec.name)}").fetchone()
     assert row is not None
     if any(int(v or 0) for v in row[1:]):
@@ -715,11 +771,17 @@ def _ingest_locked(db: Database, settings: Settings, name: str, source: Path,
             record(session, AuditEvent(
                 action="dataset.recover", actor=principal.actor, role=principal.primary_role(),
                 target=name, details={"removed": swept}))
-    digest = content_hash([f.path for f in files] + ([decl_path] if decl_path else []))
     tmp = store / f".{name}.{uuid.uuid4().hex}.tmp{STORE_SUFFIX}"
     moved = False
     try:
-        tables, seconds = build_database(settings, name, files, decl, tmp, progress=progress)
+        # The files are hashed on a second thread while DuckDB loads them: hashing and file
+        # reads release the GIL, and DuckDB leaves a core idle for part of every load.
+        with ThreadPoolExecutor(1, thread_name_prefix="spe-ingest-hash") as pool:
+            hashing = pool.submit(
+                content_hash, [f.path for f in files] + ([decl_path] if decl_path else []))
+            tables, seconds = build_database(settings, name, files, decl, tmp,
+                                             progress=progress)
+            digest = hashing.result()
         meta = DatasetMetadata(
             name=name, cdm_version=CDM_VERSION, privacy_unit=PRIVACY_UNIT,
             max_groups_per_person=decl.max_groups_per_person or 1,
