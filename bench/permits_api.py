@@ -20,8 +20,9 @@ The load generator runs in its own process on the same machine.
 The server runs ``--workers`` uvicorn processes (default 1: ``spe up`` serves the API from
 one uvicorn process; an operator who runs ``uvicorn spe.api.app:create_app --factory
 --workers N`` behind a proxy passes N here). Every CPU second of each phase's window is
-accounted for: the server's (per read), the load generator's (per read), the DP loops' and
-every other process's on the machine (``/proc/stat``). A read phase under ``--target``
+accounted for: the server's (per read), the load generator's (per read), PostgreSQL's (per
+read, when it runs on this machine), the DP loops' and every other process's on the machine
+(``/proc/stat``). A read phase under ``--target``
 (1,000 reads/s, issue 17) prints a note with the ceiling those numbers give: the cores the
 DP queries and other processes left, divided by the CPU one read costs (server plus load
 generator).
@@ -263,6 +264,22 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _postgres_cpu_seconds() -> float:
+    """CPU seconds of every PostgreSQL process on this machine (0 when none runs here)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "postgres":
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def _children() -> float:
     """CPU seconds of this process's waited-for children (the load generators)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -299,23 +316,25 @@ def _stop_dp_load(loaders: list[subprocess.Popen[str]]) -> int:
 def cpu_note(r: dict[str, Any], cores: int, target: float) -> str | None:
     """Why a phase stayed under ``target`` reads/s, from its CPU measurements (or None).
 
-    Every read costs ``server_cpu_ms`` in the server and ``client_cpu_ms`` in the load
-    generator, both on this machine's ``cores``; the DP queries (``dp_cores``) and any other
+    Every read costs ``server_cpu_ms`` in the server, ``client_cpu_ms`` in the load
+    generator and ``db_cpu_ms`` in PostgreSQL's processes (when it runs here), all on this
+    machine's ``cores``; the DP queries (``dp_cores``) and any other
     process (``other_cores``) used the rest. The ceiling is what the cores left over would
     serve if every cycle went to reads.
     """
     if r["per_second"] >= target:
         return None
-    per_read = r["server_cpu_ms"] + r["client_cpu_ms"]
+    per_read = r["server_cpu_ms"] + r["client_cpu_ms"] + r["db_cpu_ms"]
     left = max(cores - r.get("dp_cores", 0.0) - r["other_cores"], 0.0)
     ceiling = left * 1000 / per_read if per_read else float("inf")
     dp = f"the DP queries used {r['dp_cores']:.2f}, " if "dp_cores" in r else ""
+    db = f" + {r['db_cpu_ms']:.3f} ms in PostgreSQL" if r["db_cpu_ms"] else ""
     verdict = ("out of reach on what was left" if ceiling < target
                else "CPU was left over: bound by scheduling, not by CPU")
     return (f"{r['phase']}: {r['per_second']:,.0f} reads/s < {target:,.0f}: of {cores} cores "
             f"{dp}other processes {r['other_cores']:.2f}; a read costs "
             f"{r['server_cpu_ms']:.3f} ms of server CPU + {r['client_cpu_ms']:.3f} ms in the "
-            f"load generator, so the {left:.2f} cores left serve at most {ceiling:,.0f} "
+            f"load generator{db}, so the {left:.2f} cores left serve at most {ceiling:,.0f} "
             f"reads/s ({verdict})")
 
 
@@ -372,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
                 for i in range(args.permits):
                     r = client.post("/v1/permits", json=_permit_body(i),
-                                    headers={"Idempotency-Key": f"bench-{i}"})
+                                    headers={"Idempotency-Key": f"{DATASET}-{i}"})
                     r.raise_for_status()
                     ids.append(r.json()["id"])
             spec = {"port": port, "token": token, "permit_ids": ids,
@@ -394,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
                 cpu0 = _cpu_seconds(server.pid)
                 dp0 = sum(_cpu_seconds(p.pid) for p in loaders)
                 busy0, wall0, child0 = _machine_busy_seconds(), time.perf_counter(), _children()
+                pg0 = _postgres_cpu_seconds() if args.database_url else 0.0
                 out = subprocess.run([sys.executable, "-m", "bench.permits_api", "--load-spec",
                                       str(spec_path)], check=True, capture_output=True, text=True)
                 # The window is the load generator's whole life (its start-up included), so
@@ -401,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
                 # another process's.
                 busy, wall = _machine_busy_seconds() - busy0, time.perf_counter() - wall0
                 cpu = _cpu_seconds(server.pid) - cpu0
-                other = busy - cpu - (_children() - child0)
+                pg = _postgres_cpu_seconds() - pg0 if args.database_url else 0.0
+                other = busy - cpu - pg - (_children() - child0)
                 result = json.loads(out.stdout)[0]
                 n = max(result["requests"], 1)
                 if loaders:
@@ -413,6 +434,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["phase"] = phase
                 result["server_cpu_ms"] = round(1000 * cpu / n, 3)
                 result["client_cpu_ms"] = round(1000 * result["client_cpu_s"] / n, 3)
+                result["db_cpu_ms"] = round(1000 * pg / n, 3)
                 result["other_cores"] = max(other, 0.0) / wall
                 results.append(result)
             with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
@@ -435,13 +457,15 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
           "queries share them)")
     print(f"{'phase':<8} {'requests':>9} {'seconds':>8} {'req/s':>9} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'server CPU ms/req':>18} {'client CPU ms/req':>18} "
+          f"{'DB CPU ms/req':>14} "
           f"{'DP q/s':>7} {'DP cores':>8}  errors")
     for r in results:
         dp_q = f"{r['dp_queries'] / r['seconds']:.1f}" if "dp_queries" in r else "-"
         dp_c = f"{r['dp_cores']:.2f}" if "dp_cores" in r else "-"
         print(f"{r['phase']:<8} {r['requests']:>9} {r['seconds']:>8} {r['per_second']:>9} "
               f"{r['p50_ms']:>8} {r['p99_ms']:>8} {r['server_cpu_ms']:>18} "
-              f"{r['client_cpu_ms']:>18} {dp_q:>7} {dp_c:>8}  {r['errors'] or '-'}")
+              f"{r['client_cpu_ms']:>18} {r['db_cpu_ms'] or '-':>14} {dp_q:>7} {dp_c:>8}  "
+              f"{r['errors'] or '-'}")
     if args.background_load:
         print(f"read+dp: {args.background_load} process(es) looping bench.dp_query's queries "
               f"through the DP engine ({args.dp_persons:,} persons x 10 rows, the SPE's DuckDB "

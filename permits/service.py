@@ -27,6 +27,7 @@ import binascii
 import hashlib
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -157,36 +158,95 @@ def to_public(permit: Permit, snapshot: dict[str, Any], now: datetime) -> Permit
     })
 
 
-_VIEW_QUERY = (
+#: The permit row alone (the read path's per-request query: status, version, ETag, owner).
+_HEAD_QUERY = (
     select(Permit.id, Permit.access_body, Permit.status, Permit.version, Permit.etag,
            Permit.valid_from, Permit.valid_until, Permit.extended, Permit.created_at,
-           Permit.updated_at, PermitVersion.snapshot)
-    .join(PermitVersion, and_(PermitVersion.permit_id == Permit.id,
-                              PermitVersion.version == Permit.version))
+           Permit.updated_at)
     .where(Permit.id == bindparam("permit_id"))
 )
+_SNAPSHOT_QUERY = (
+    select(PermitVersion.snapshot)
+    .where(PermitVersion.permit_id == bindparam("permit_id"),
+           PermitVersion.version == bindparam("version"))
+)
+#: The fields of PermitPublic that come from the permit row, not from the version snapshot.
+_HEAD_FIELDS = ("id", "access_body", "status", "version", "etag", "extended", "created_at",
+                "updated_at")
+
+
+@dataclass(frozen=True)
+class VersionSnapshot:
+    """One stored version's content as the read path uses it: its persons and its JSON (read
+    through ``read_snapshot``, without the row's fields), serialised once."""
+
+    persons: frozenset[str]
+    json_prefix: bytes  # the JSON object without its closing brace
+
+
+def _version_snapshot(raw: dict[str, Any] | str | bytes) -> VersionSnapshot:
+    snapshot = read_snapshot(json.loads(raw) if isinstance(raw, str | bytes) else raw)
+    content = {k: v for k, v in snapshot.items() if k not in _HEAD_FIELDS}
+    encoded = json.dumps(content, separators=(",", ":")).encode()
+    return VersionSnapshot(frozenset(snapshot["persons"]),
+                           encoded[:-1] + b"," if content else b"{")
+
+
+class VersionCache:
+    """Snapshots of stored permit versions by (permit id, version), at most ``max_entries``
+    (oldest dropped first).
+
+    Safe because what it holds never changes: ``permit_versions`` is append-only (a database
+    trigger refuses UPDATE), a change writes a new version, and the read path looks the
+    permit row up in the database on every request and takes the snapshot of the version
+    that row names. Status, validity, ETag and owner are never cached; the persons who may
+    read are those of the current version, so a suspension, revocation or removed person is
+    seen by the next read in every process.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple[str, int], VersionSnapshot] = {}
+        self._lock = threading.Lock()
+
+    def get(self, permit_id: str, version: int) -> VersionSnapshot | None:
+        return self._entries.get((permit_id, version))
+
+    def put(self, permit_id: str, version: int, snapshot: VersionSnapshot) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[(permit_id, version)] = snapshot
 
 
 @dataclass(frozen=True)
 class PermitView:
-    """A permit as read for display: ``document`` has exactly the shape of ``PermitPublic``
-    in JSON mode (the fast read path: one query, no re-validation of the stored snapshot)."""
+    """A permit as read for display (the fast read path: the stored snapshot is not
+    re-validated). ``json_bytes()`` and ``document`` have exactly the content of
+    ``PermitPublic`` in JSON mode; ``document`` is a fresh copy on each access."""
 
-    document: dict[str, Any]
+    head: dict[str, Any]
+    snapshot: VersionSnapshot
 
     @property
     def etag(self) -> str:
-        return str(self.document["etag"])
+        return str(self.head["etag"])
 
     @property
     def persons(self) -> frozenset[str]:
-        return frozenset(self.document["persons"])
+        return self.snapshot.persons
+
+    @property
+    def document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.json_bytes())
+        return doc
 
     def public(self) -> PermitPublic:
         return PermitPublic.model_validate(self.document)
 
     def json_bytes(self) -> bytes:
-        return json.dumps(self.document, separators=(",", ":")).encode()
+        head = json.dumps(self.head, separators=(",", ":")).encode()
+        return self.snapshot.json_prefix + head[1:]
 
 
 def _utc(value: datetime | str) -> datetime:
@@ -197,22 +257,18 @@ def _utc(value: datetime | str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _view(row: Sequence[Any], now: datetime) -> PermitView:
-    """The view of a ``_VIEW_QUERY`` row as the driver returns it (``Database.read_one``)."""
+def _head(row: Sequence[Any], now: datetime) -> dict[str, Any]:
+    """The row fields of PermitPublic (JSON mode) from a ``_HEAD_QUERY`` row as the driver
+    returns it (``Database.read_one``), with the effective status at ``now``."""
     (pid, access_body, status, version, etag, valid_from, valid_until, extended, created,
-     updated, snapshot) = row
-    valid_from, valid_until = _utc(valid_from), _utc(valid_until)
-    created, updated = _utc(created), _utc(updated)
-    if isinstance(snapshot, str | bytes):
-        snapshot = json.loads(snapshot)
-    snapshot = read_snapshot(snapshot)
-    return PermitView({
-        **snapshot, "id": pid, "access_body": access_body,
-        "status": effective_status(status, valid_from, valid_until, now).value,
+     updated) = row
+    return {
+        "id": pid, "access_body": access_body,
+        "status": effective_status(status, _utc(valid_from), _utc(valid_until), now).value,
         "version": version, "etag": etag, "extended": bool(extended),
-        "created_at": _DATETIME.dump_python(created, mode="json"),
-        "updated_at": _DATETIME.dump_python(updated, mode="json"),
-    })
+        "created_at": _DATETIME.dump_python(_utc(created), mode="json"),
+        "updated_at": _DATETIME.dump_python(_utc(updated), mode="json"),
+    }
 
 
 def terms_of(permit: Permit, snapshot: dict[str, Any], now: datetime) -> PermitTerms:
@@ -319,6 +375,7 @@ class PermitService:
         self.db = db
         self.groups = groups
         self.clock = clock
+        self.versions_cache = VersionCache()
 
     # Keycloak ---------------------------------------------------------------------------
     def _kc(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -712,14 +769,24 @@ class PermitService:
     def view(self, principal: Principal, permit_id: str) -> PermitView:
         """The permit for display (404 when absent or not visible to the caller)."""
         policy.check_read_permits(principal)
-        # The hot read path: one statement on a pooled driver connection (Database.read_one:
-        # its own snapshot, no BEGIN/COMMIT, no ORM or result machinery).
-        row = self.db.read_one(_VIEW_QUERY, {"permit_id": permit_id})
+        # The hot read path: the permit row, read fresh on every request with one statement
+        # on a pooled driver connection (Database.read_one: no BEGIN/COMMIT, no ORM or result
+        # machinery); the snapshot of the version it names is immutable, so it is read once
+        # per process (VersionCache). Who may see it is decided on that row and version.
+        row = self.db.read_one(_HEAD_QUERY, {"permit_id": permit_id})
         if row is None:
             raise NotFound(f"No permit {permit_id} visible to the caller.")
-        view = _view(row, self.clock())
-        policy.check_see(principal, permit_id, view.document["access_body"], view.persons)
-        return view
+        head = _head(row, self.clock())
+        snapshot = self.versions_cache.get(head["id"], head["version"])
+        if snapshot is None:
+            stored = self.db.read_one(_SNAPSHOT_QUERY, {"permit_id": head["id"],
+                                                        "version": head["version"]})
+            if stored is None:  # deleted since the first statement
+                raise NotFound(f"No permit {permit_id} visible to the caller.")
+            snapshot = _version_snapshot(stored[0])
+            self.versions_cache.put(head["id"], head["version"], snapshot)
+        policy.check_see(principal, permit_id, head["access_body"], snapshot.persons)
+        return PermitView(head, snapshot)
 
     def versions(self, principal: Principal, permit_id: str) -> list[PermitVersionPublic]:
         policy.check_read_permits(principal)

@@ -1,7 +1,8 @@
-"""The permit read path (``PermitService.view`` over ``Database.read_one``) on SQLite and
-PostgreSQL: it returns exactly what the schema read (ORM, ``to_public``) returns; a status
-change or a removed person is seen by the very next read (nothing is cached); it sees
-committed data only; on PostgreSQL a dead pooled connection is replaced and the read retried."""
+"""The permit read path (``PermitService.view`` over ``Database.read_one`` and the version
+snapshot cache) on SQLite and PostgreSQL: it returns exactly what the schema read (ORM,
+``to_public``) returns; a status change or a removed person is seen by the very next read,
+in the service that made it and in another one (another worker process's); it sees committed
+data only; on PostgreSQL a dead pooled connection is replaced and the read retried."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sqlalchemy import select, text
 
 from permits.models import Permit
 from permits.schemas import PermitCreate, PermitUpdate
-from permits.service import _VIEW_QUERY, PermitService, _load, to_public
+from permits.service import _HEAD_QUERY, PermitService, _load, to_public
 from permits.states import Action
 from spe.db import Database
 from spe.errors import NotFound
@@ -60,15 +61,43 @@ def test_a_change_is_seen_by_the_next_read(svc: PermitService) -> None:
     assert svc.view(ALPHA, pid).document["status"] == "revoked"
 
 
+def test_another_service_sees_a_change_at_once(db: Database) -> None:
+    register_dataset(db)
+    writer = PermitService(db, clock=lambda: NOW + timedelta(hours=1))
+    reader = PermitService(db, clock=lambda: NOW + timedelta(hours=1))  # another worker
+    pid = writer.issue(ALPHA, PermitCreate.model_validate(body())).permit_id
+    assert reader.view(ALICE, pid).document["status"] == "active"
+    writer.transition(ALPHA, pid, Action.SUSPEND, reason="review")
+    assert reader.view(ALICE, pid).document["status"] == "suspended"
+    writer.transition(ALPHA, pid, Action.RESUME, reason="done")
+    etag = writer.view(ALPHA, pid).etag
+    writer.amend(ALPHA, pid, PermitUpdate.model_validate({"persons": ["bob"]}), etag)
+    with pytest.raises(NotFound):
+        reader.view(ALICE, pid)
+    assert reader.view(ALPHA, pid).document == _schema_read(writer, pid)
+    writer.transition(ALPHA, pid, Action.REVOKE, reason="end")
+    assert reader.view(ALPHA, pid).document["status"] == "revoked"
+
+
+def test_document_is_a_copy(svc: PermitService) -> None:
+    pid = svc.issue(ALPHA, PermitCreate.model_validate(body())).permit_id
+    doc = svc.view(ALPHA, pid).document
+    doc["persons"].append("mallory")
+    doc["datasets"][0]["tables"]["person"].append("secret")
+    again = svc.view(ALPHA, pid)
+    assert "mallory" not in again.persons and "mallory" not in again.document["persons"]
+    assert again.document == _schema_read(svc, pid)
+
+
 def test_read_one_sees_committed_data_only(svc: PermitService) -> None:
     pid = svc.issue(ALPHA, PermitCreate.model_validate(body())).permit_id
     with svc.db.write() as s:
         s.execute(text("UPDATE permits SET status = 'suspended' WHERE id = :id"), {"id": pid})
-        row = svc.db.read_one(_VIEW_QUERY, {"permit_id": pid})
+        row = svc.db.read_one(_HEAD_QUERY, {"permit_id": pid})
         assert row is not None and row[2] == "active"  # the writer has not committed
-    row = svc.db.read_one(_VIEW_QUERY, {"permit_id": pid})
+    row = svc.db.read_one(_HEAD_QUERY, {"permit_id": pid})
     assert row is not None and row[2] == "suspended"
-    assert svc.db.read_one(_VIEW_QUERY, {"permit_id": "no-such-permit"}) is None
+    assert svc.db.read_one(_HEAD_QUERY, {"permit_id": "no-such-permit"}) is None
     with svc.db.read() as s:
         assert s.execute(select(Permit.status).where(Permit.id == pid)).scalar() == "suspended"
 
@@ -77,12 +106,12 @@ def test_read_one_replaces_a_dead_connection(svc: PermitService) -> None:
     if svc.db.is_sqlite:
         pytest.skip("PostgreSQL only: SQLite has no server connection to lose")
     pid = svc.issue(ALPHA, PermitCreate.model_validate(body())).permit_id
-    assert svc.db.read_one(_VIEW_QUERY, {"permit_id": pid}) is not None
+    assert svc.db.read_one(_HEAD_QUERY, {"permit_id": pid}) is not None
     with svc.db.write() as s:  # what a database restart does to every pooled connection
         killed = s.execute(text(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
     assert killed and killed >= 1
-    row = svc.db.read_one(_VIEW_QUERY, {"permit_id": pid})
+    row = svc.db.read_one(_HEAD_QUERY, {"permit_id": pid})
     assert row is not None and row[0] == pid
     assert svc.view(ALPHA, pid).document["id"] == pid
