@@ -14,7 +14,7 @@
   COMMITTED), so the answer is what a ``db.read()`` transaction holding only that statement
   would see, committed data only. SQLite uses the engine's own pool; PostgreSQL a small
   autocommit pool of its own without pre-ping and without a rollback on return (one round
-  trip per read instead of five: ping, BEGIN, the query, COMMIT, the pool's reset), where a
+  trip per read, where a pooled transaction adds the pre-ping, BEGIN and COMMIT), where a
   connection found dead is invalidated and the read retried once on a fresh one (the
   statement is a read, so a retry changes nothing).
 * Pools (PostgreSQL): the main engine keeps ``pool_size`` 10 + ``max_overflow`` 20 per
