@@ -1,7 +1,7 @@
 """Row ranks drawn at ingest, for CSV and Parquet sources.
 
-Ranks are drawn over each table's key and person only and joined back to the rows by the key
-(the Parquet row number, or a CSV table's one-column primary key): every person's rows hold a
+From Parquet, ranks are drawn over the row number and person only and joined back to the rows
+by row number; from CSV, over whole rows in one window. Either way every person's rows hold a
 uniformly random permutation of 1..n, stored in rank order, and a bad key in a ranked table is
 still named by its file, line and column.
 """
