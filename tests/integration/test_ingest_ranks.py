@@ -110,3 +110,49 @@ def test_missing_key_or_person_of_a_ranked_table_is_named(db: Database, settings
         _set_parquet(src / "measurement.parquet", "person_id", 4, None)
         expect_failure(db, settings, src, "measurement.parquet row 5", "column person_id",
                        "required value is empty")
+
+
+def test_parquet_ranks_linked_tables_like_csv(db: Database, settings: Settings,
+                                              tmp_path: Path) -> None:
+    """The same export as CSV (ranks over whole rows) and as Parquet (ranks joined by row
+    number, behind the links' joins) stores the same rows with the same resolved persons, and
+    every person-level table's ranks are a permutation of 1..n per person."""
+    from spe.datasets.ingest import _delimited_source, discover
+    from spe.datasets.omop_spec import load_spec
+    from tests.security.omop_neighbours import write_export
+
+    csv_src = write_export(tmp_path / "csv", True)
+    pq_src = tmp_path / "parquet"
+    pq_src.mkdir()
+    specs = load_spec()
+    con = duckdb.connect()
+    for sf in discover(csv_src):
+        target = str(pq_src / f"{sf.table}.parquet").replace("'", "''")
+        con.execute(f"COPY (SELECT * FROM {_delimited_source(sf, specs[sf.table], 'c')}) "
+                    f"TO '{target}' (FORMAT parquet)")
+    con.close()
+    for extra in csv_src.iterdir():
+        if extra.suffix not in (".csv", ".parquet"):
+            shutil.copy(extra, pq_src / extra.name)
+    from_csv = ingest(db, settings, "from-csv", csv_src, OPERATOR)
+    from_pq = ingest(db, settings, "from-parquet", pq_src, OPERATOR)
+    assert from_pq.metadata.source_format == "parquet"
+    linked = [t for t, m in from_pq.metadata.tables.items() if m.kind == "linked"]
+    assert linked, "the export declares linked tables"
+    a = duckdb.connect(str(from_csv.path), read_only=True)
+    b = duckdb.connect(str(from_pq.path), read_only=True)
+    try:
+        for table, meta in from_pq.metadata.tables.items():
+            query = f'SELECT * EXCLUDE (_spe_row_rank) FROM "{table}" ORDER BY ALL' \
+                if meta.row_rank_column else f'SELECT * FROM "{table}" ORDER BY ALL'
+            assert a.execute(query).fetchall() == b.execute(query).fetchall(), table
+            if meta.row_rank_column and meta.privacy_unit:
+                unit = meta.privacy_unit
+                bad = b.execute(
+                    f"SELECT count(*) FROM (SELECT count(*) n, min(_spe_row_rank) lo, "
+                    f"max(_spe_row_rank) hi, count(DISTINCT _spe_row_rank) d FROM \"{table}\" "
+                    f"GROUP BY {unit}) WHERE lo <> 1 OR hi <> n OR d <> n").fetchone()
+                assert bad == (0,), table
+    finally:
+        a.close()
+        b.close()
