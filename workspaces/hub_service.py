@@ -71,6 +71,7 @@ from spe.audit import AuditEvent, Outcome, record
 from spe.config import Settings, get_settings
 from spe.db import Database
 from spe.db.base import utcnow
+from spe.errors import NotFound
 from workspaces import accounts, cgroups, lifecycle, network
 from workspaces.extracts import sync_extract
 from workspaces.models import WorkspaceRow
@@ -394,7 +395,12 @@ class HubService:
                 WorkspaceRow.state != "deleted").distinct()).scalars().all()
             ended = []
             for permit_id in rows:
-                terms = get_terms(session, permit_id, now)
+                try:
+                    terms = get_terms(session, permit_id, now)
+                except NotFound:  # one bad row must not stop retention for every other one
+                    log.warning("workspace rows name permit %r, which does not exist: left "
+                                "for the operator", permit_id)
+                    continue
                 if terms.status in (PermitStatus.EXPIRED, PermitStatus.REVOKED):
                     at = terms.valid_until if terms.status is PermitStatus.EXPIRED else now
                     ended.append((permit_id, min(at, now), terms.status.value,

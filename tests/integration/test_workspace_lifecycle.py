@@ -110,6 +110,9 @@ def test_schedule_ended_catches_expiry_without_an_event(
     service = HubService(settings, WorkspaceSettings(), db,
                          "http://127.0.0.1:9/hub/api", "unused")
     assert service.schedule_ended(utcnow()) == []
+    with db.write() as session:  # a row naming no permit must not stop the round
+        session.add(WorkspaceRow(id="ws-orphan", person="bob", permit_id="", unix_user="x",
+                                 state="stopped"))
     after_expiry = utcnow() + timedelta(days=366)  # body() permits run for 365 days
     assert service.schedule_ended(after_expiry) == [accounts.workspace_id("alice", pid)]
 
