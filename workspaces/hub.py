@@ -40,6 +40,9 @@ class HubProcess:
     proc: subprocess.Popen[bytes]
     public_url: str
     log_path: Path
+    #: the proxy's pid file (``ConfigurableHTTPProxy.pid_file``): JupyterHub starts the proxy
+    #: in a session of its own, so a hub killed before its cleanup leaves it running
+    proxy_pid_file: Path | None = None
 
     def log_tail(self, chars: int = 6000) -> str:
         try:
@@ -57,6 +60,36 @@ class HubProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
+        self._stop_orphaned_proxy()
+
+    def _stop_orphaned_proxy(self) -> None:
+        """Terminate the proxy named in ``proxy_pid_file`` if it still runs (the hub had no
+        time to stop it); only a configurable-http-proxy process is ever signalled."""
+        if self.proxy_pid_file is None:
+            return
+        try:
+            pid = int(self.proxy_pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return  # no pid file, or the proxy is gone
+        if b"configurable-http-proxy" not in cmdline:
+            return  # the pid was reused by another program
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() \
+                    and not _zombie(pid):
+                time.sleep(0.05)
+            if not Path(f"/proc/{pid}").exists() or _zombie(pid):
+                return
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None,
@@ -75,8 +108,10 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None,
 
 
 def start_hub(*, public_url: str, env: Mapping[str, str], log_path: Path,
-              config: Path = CONFIG, timeout: float = 60.0) -> HubProcess:
-    """Start the hub with ``env`` added to this process's environment; wait until ready."""
+              config: Path = CONFIG, timeout: float = 60.0,
+              proxy_pid_file: Path | None = None) -> HubProcess:
+    """Start the hub with ``env`` added to this process's environment; wait until ready.
+    ``proxy_pid_file``: where the config has the proxy write its pid (stopped with the hub)."""
     full_env = {**os.environ, **env}
     full_env["SPE_HUB_PUBLIC_URL"] = public_url
     full_env.setdefault("PYTHONPATH", str(REPO))
@@ -87,7 +122,7 @@ def start_hub(*, public_url: str, env: Mapping[str, str], log_path: Path,
             [str(bindir / "jupyterhub"), "-f", str(config)], cwd=str(REPO), env=full_env,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
-    hub = HubProcess(proc, public_url.rstrip("/"), log_path)
+    hub = HubProcess(proc, public_url.rstrip("/"), log_path, proxy_pid_file)
     try:
         wait_ready(hub.public_url, proc, timeout)
     except BaseException as exc:

@@ -103,7 +103,8 @@ def _start_hub(s: Settings, public_url: str) -> tuple[str, HubProcess | None]:
         if s.profile != "dev":
             return "not started (set SPE_HUB_OAUTH_CLIENT_SECRET_FILE)", None
         env["SPE_HUB_OAUTH_CLIENT_SECRET"] = "jupyterhub-dev-secret"  # noqa: S105 - dev realm
-    hub = start_hub(public_url=public_url, env=env, log_path=s.data_dir / "hub" / "hub.log")
+    hub = start_hub(public_url=public_url, env=env, log_path=s.data_dir / "hub" / "hub.log",
+                    proxy_pid_file=s.data_dir / "hub" / "proxy.pid")
     return f"{public_url}/hub/login  (log: {hub.log_path})", hub
 
 
