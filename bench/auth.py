@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from spe.auth.validator import get_validator
 from spe.auth.workspace_tokens import mint_workspace_token
 from spe.config import Settings
 from spe.db import Database
+from tests.ports import free_port
 
 
 def _token(url: str) -> str:
@@ -72,14 +72,8 @@ def _bench_app(settings: Settings, db: Database) -> FastAPI:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _serve(app: FastAPI) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)

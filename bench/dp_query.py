@@ -40,7 +40,6 @@ import importlib.metadata
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from spe.dp.engine import execute
 from spe.dp.runner import prepare
 from spe.dp.service import pad_answer_time
 from spe.dp.testing import make_dataset, make_terms
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "var" / "bench"
@@ -495,12 +495,6 @@ NO_LIMITS = {"SPE_API_TOKEN_REQUESTS_PER_MINUTE": "1e9", "SPE_API_TOKEN_BURST": 
              "SPE_DP_PERMIT_QUERY_BURST": "1000000000"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def _http_setup(data_dir: Path, persons: int) -> tuple[str, str, Path]:
     """A temporary SPE with one ingested dataset, one permit and a workspace token:
     (permit id, token, store file)."""
@@ -554,7 +548,7 @@ def _pcts(times: list[float]) -> tuple[float, float]:
 def _serve(data_dir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SPE_DATA_DIR": str(data_dir / "var"), "SPE_LOG_LEVEL": "WARNING",
            **NO_LIMITS, **extra_env}
     env.pop("SPE_DATABASE_URL", None)

@@ -40,7 +40,6 @@ import json
 import os
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.ports import free_port
 
 HOST = "127.0.0.1"
 
@@ -175,12 +176,6 @@ def background_main(persons: int) -> None:
         execute(prep.plan, prep.cost.units, con, settings)
         done += 1
     print(json.dumps({"queries": done, "seconds": time.perf_counter() - t0}), flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -371,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     loaders: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory(prefix="spe-bench-") as tmp:
         data_dir = Path(tmp)
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "SPE_DATA_DIR": str(data_dir / "var"),
                "SPE_KEYCLOAK_URL": keycloak, "SPE_KEYCLOAK_REALM": realm,
                "SPE_LOG_LEVEL": "WARNING"}

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.stack import free_port, run_code
+from tests.e2e.stack import run_code
+from tests.ports import free_port
 from workspaces.hub import REPO, HubProcess, start_hub
 
 CONFIG = '''

@@ -48,9 +48,10 @@ from spe.budget import ledger
 from spe.config import Settings
 from spe.db import Database
 from tests.e2e.console import ensure_console_realm
-from tests.e2e.stack import REPO, free_port
+from tests.e2e.stack import REPO
 from tests.integration.test_permit_service import body, register_dataset
 from tests.keycloak_fixtures import password_of
+from tests.ports import free_port
 
 CHROMIUM = os.environ.get("SPE_TEST_CHROMIUM") or shutil.which("chromium") or ""
 pytestmark = [pytest.mark.timeout(600), pytest.mark.skipif(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from spe.datasets import generator
 from spe.datasets.ingest import ingest
 from spe.db import Database
 from tests.integration.test_permit_service import body
+from tests.ports import free_port
 
 pytestmark = pytest.mark.keycloak
 SEED = 20260411
@@ -52,19 +52,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield f"sqlite:///{tmp_path / 'control.db'}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def live_api(db: Database, api_settings: Settings, tmp_path: Path) -> Iterator[str]:
     source = tmp_path / "omop"
     generator.generate(source, 40, seed=11, fmt="csv")
     settings = api_settings.model_copy(update={"dp_answer_time_bucket_seconds": 0.01})
     ingest(db, settings, DATASET, source, SYSTEM)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, db), host="127.0.0.1",
                                            port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -11,22 +11,16 @@ die exactly between its service cleanup and its proxy cleanup.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from workspaces.hub import REPO, HubProcess
 
 PROXY = REPO / "node_modules" / ".bin" / "configurable-http-proxy"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _alive(proc: subprocess.Popen[bytes]) -> bool:
@@ -37,8 +31,8 @@ def _alive(proc: subprocess.Popen[bytes]) -> bool:
                     reason="configurable-http-proxy not installed (scripts/setup.sh installs it)")
 def test_stop_ends_the_proxy_the_hub_left(tmp_path: Path) -> None:
     proxy = subprocess.Popen(
-        [str(PROXY), "--ip", "127.0.0.1", "--port", str(_free_port()), "--api-ip",
-         "127.0.0.1", "--api-port", str(_free_port())],
+        [str(PROXY), "--ip", "127.0.0.1", "--port", str(free_port()), "--api-ip",
+         "127.0.0.1", "--api-port", str(free_port())],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     hub = subprocess.Popen(["sleep", "60"], start_new_session=True)
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)

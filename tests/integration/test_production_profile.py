@@ -13,7 +13,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
@@ -37,6 +36,7 @@ from spe.tls import TlsFiles, certificate_problems, ensure_local_ca, private_key
 from tests import fscrypt_fs
 from tests.conftest import PG_URL, ROOT, _drop_pg_database, _fresh_pg_database
 from tests.keycloak_fixtures import bearer, secret_of, token_endpoint
+from tests.ports import free_port, free_port_pair
 from workspaces.settings import WorkspaceSettings, get_workspace_settings
 
 NOT_HERE = {  # controls this machine cannot give (see the module docstring)
@@ -64,19 +64,6 @@ def _need_postgres() -> None:
         pytest.skip("PostgreSQL not started (run scripts/services.sh start)")
 
 
-def _free_port_pair() -> int:
-    """A free port P whose P+1 (Keycloak's management interface) is free too."""
-    for _ in range(50):
-        port = _free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two free adjacent ports")
-
-
 @pytest.fixture(scope="module")
 def prod_keycloak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TlsFiles]]:
     """Keycloak in production mode over TLS (local CA) with its own PostgreSQL database."""
@@ -94,7 +81,7 @@ def prod_keycloak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         conn.execute(text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
         conn.execute(text(f"CREATE DATABASE {name} OWNER {name}"))
     pg = make_url(PG_URL)
-    port = _free_port_pair()
+    port = free_port_pair()
     url = f"https://127.0.0.1:{port}"
     subprocess.run([str(script), "stop"], check=False, capture_output=True)
     try:
@@ -124,12 +111,6 @@ def _secret_file(directory: Path, name: str) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(48) + "\n")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -231,7 +212,7 @@ def test_production_profile_serves_tls_and_passes_doctor(
     from spe.api.app import create_app
 
     kc_url, tls = prod_keycloak  # one local CA for Keycloak and the API, as `spe up --tls`
-    port = _free_port()
+    port = free_port()
     stack = contextlib.ExitStack()
     root = tmp_path
     if fscrypt_fs.AVAILABLE:  # the data directory on an encrypt-capable ext4 filesystem

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from tests.integration.test_dp_api import (  # noqa: F401 - fixtures
     dataset,
     omop_source,
 )
+from tests.ports import free_port
 from workspaces import labserver, runtime
 from workspaces.errors import StaleRuntime
 
@@ -54,12 +54,6 @@ def current_runtime() -> None:
         runtime.ensure_current(RUNTIME)
     except StaleRuntime as exc:
         pytest.skip(str(exc))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Lab:
@@ -83,7 +77,7 @@ def _start_lab(tmp: Path, api_url: str, permit_id: str, token: str,
     token_file = home / ".spe" / "token"
     token_file.parent.mkdir()
     token_file.write_text(token)
-    login, port = secrets.token_hex(16), _free_port()
+    login, port = secrets.token_hex(16), free_port()
     env = {"HOME": str(home), "PATH": f"{RUNTIME}/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
            "SPE_API_URL": api_url, "SPE_PERMIT_ID": permit_id,
            "SPE_TOKEN_FILE": str(token_file), "JUPYTER_CONFIG_DIR": str(home / ".jupyter")}
