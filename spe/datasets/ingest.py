@@ -226,45 +226,75 @@ def discover(source: Path) -> list[SourceFile]:
         raise IngestError(f"{source}: not a directory of OMOP table files")
     specs = load_spec()
     found: dict[str, SourceFile] = {}
-    for path in sorted(source.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or not _ANY_DATA.search(path.name):
-            continue
-        match = DATA_FILE.match(path.name)
-        table = match.group("table").lower() if match else ""
-        spec = specs.get(table)
-        if match is None or spec is None or (match.group("gz") and
-                                              match.group("kind").lower() == "parquet"):
-            raise IngestError(f"{path.name}: not an OMOP CDM {CDM_VERSION} table file "
-                              "(names must be table names, e.g. person.csv, PERSON.tsv, "
-                              "person.csv.gz or person.parquet)")
-        if table in found:
-            raise IngestError(f"{path.name} and {found[table].path.name} both hold table "
-                              f"{table}; keep one")
-        if match.group("kind").lower() == "parquet":
-            import pyarrow.parquet as pq  # only for Parquet sources (its import takes ~0.1 s)
-
-            try:
-                names = pq.read_schema(path).names
-            except (OSError, ValueError):  # pyarrow.ArrowInvalid is a ValueError
-                raise IngestError(f"{path.name}: not a readable Parquet file") from None
-            columns = tuple(n.strip().lower() for n in names)
-            sf = SourceFile(table, path, "parquet", None, columns)
-        else:
-            line, delimiter = _read_header(path)
-            columns = _header_columns(path, line, delimiter)
-            # Tab-separated files with a bare header (the OHDSI vocabulary downloads) do not
-            # quote: a name such as '"Cold" remedy' is text, not a quoted field.
-            quoted = delimiter != "\t" or '"' in line
-            sf = SourceFile(table, path, "tsv" if delimiter == "\t" else "csv", delimiter,
-                            columns, _compact_dates(path, spec, columns, delimiter), quoted)
-        _check_columns(path, spec, sf.columns)
-        found[table] = sf
+    schema_reader: duckdb.DuckDBPyConnection | None = None  # one for every Parquet file
+    try:
+        for path in sorted(source.iterdir()):
+            if not path.is_file() or path.name.startswith(".") or \
+                    not _ANY_DATA.search(path.name):
+                continue
+            match = DATA_FILE.match(path.name)
+            table = match.group("table").lower() if match else ""
+            spec = specs.get(table)
+            if match is None or spec is None or (match.group("gz") and
+                                                  match.group("kind").lower() == "parquet"):
+                raise IngestError(f"{path.name}: not an OMOP CDM {CDM_VERSION} table file "
+                                  "(names must be table names, e.g. person.csv, PERSON.tsv, "
+                                  "person.csv.gz or person.parquet)")
+            if table in found:
+                raise IngestError(f"{path.name} and {found[table].path.name} both hold table "
+                                  f"{table}; keep one")
+            if match.group("kind").lower() == "parquet":
+                schema_reader = schema_reader or duckdb.connect()
+                columns = tuple(n.strip().lower()
+                                for n in _parquet_columns(schema_reader, path))
+                sf = SourceFile(table, path, "parquet", None, columns)
+            else:
+                line, delimiter = _read_header(path)
+                columns = _header_columns(path, line, delimiter)
+                # Tab-separated files with a bare header (the OHDSI vocabulary downloads) do
+                # not quote: a name such as '"Cold" remedy' is text, not a quoted field.
+                quoted = delimiter != "\t" or '"' in line
+                sf = SourceFile(table, path, "tsv" if delimiter == "\t" else "csv", delimiter,
+                                columns, _compact_dates(path, spec, columns, delimiter), quoted)
+            _check_columns(path, spec, sf.columns)
+            found[table] = sf
+    finally:
+        if schema_reader is not None:
+            schema_reader.close()
     if not found:
         raise IngestError(f"{source}: no OMOP table files (.csv, .tsv, .txt or .parquet)")
     if "person" not in found:
         raise IngestError(f"{source}: the person table is required (it defines the "
                           "privacy unit person_id)")
     return list(found.values())
+
+
+def _parquet_columns(con: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
+    """The top-level column names of a Parquet file as its schema stores them (duplicates
+    kept, so the header check can name them; DuckDB's DESCRIBE would rename them)."""
+    try:
+        rows = con.execute("SELECT name, num_children FROM parquet_schema(?)",
+                           [str(path)]).fetchall()
+    except duckdb.Error:
+        raise IngestError(f"{path.name}: not a readable Parquet file") from None
+    if not rows:
+        raise IngestError(f"{path.name}: not a readable Parquet file")
+    # Depth-first schema tree: the root, then each field followed by its children.
+    names: list[str] = []
+    pending = [int(rows[0][1] or 0)]  # children still to read at each open level
+    for name, children in rows[1:]:
+        while pending and pending[-1] == 0:
+            pending.pop()
+        if not pending:
+            raise IngestError(f"{path.name}: not a readable Parquet file")
+        pending[-1] -= 1
+        if len(pending) == 1:
+            names.append(str(name))
+        if children:
+            pending.append(int(children))
+    if any(pending):
+        raise IngestError(f"{path.name}: not a readable Parquet file")
+    return names
 
 
 def content_hash(files: list[Path]) -> str:
@@ -579,7 +609,8 @@ def _build_checked(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSp
     checks = ["count(*)"]
     checks += [f"count(*) FILTER (WHERE {_q(c)} IS NULL)"
                for c in spec.required_columns if c in sf.columns]
-    checks += [f"count(*) - count(DISTINCT {_q(k)})" for k in spec.primary_key
+    types = spec.duckdb_columns()
+    checks += [_duplicates_check(con, spec.name, k, types[k]) for k in spec.primary_key
                if k in sf.columns]
     checks += [f"count(*) FILTER (WHERE {_q(f.name)} IS NOT NULL AND NOT ("
                f"isfinite({_q(f.name)}) AND {_q(f.name)} >= {f.duckdb_type} '{_MIN_TIME}' AND "
@@ -596,6 +627,30 @@ def _build_checked(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSp
         con.execute(f"DROP TABLE {_q(spec.name)}")
         return None
     return int(row[0])
+
+
+_INTEGER_TYPES = ("BIGINT", "INTEGER", "SMALLINT", "TINYINT")
+_BITMAP_BITS_PER_ROW = 64  # a key range up to 64x the row count: a bitmap of 8 bytes a row
+
+
+def _duplicates_check(con: duckdb.DuckDBPyConnection, table: str, key: str,
+                      key_type: str) -> str:
+    """An aggregate over ``table`` that is 0 exactly when ``key`` holds distinct values and
+    no NULL: ``count(*)`` less the number of distinct values. An integer key whose range is
+    at most 64 times the row count is counted in a bitmap over its range (``bitstring_agg``:
+    measured 6x faster than ``count(DISTINCT)`` on 1.9M ids); other keys by
+    ``count(DISTINCT)``."""
+    if key_type in _INTEGER_TYPES:
+        row = con.execute(f"SELECT min({_q(key)}), max({_q(key)}), count(*) "
+                          f"FROM {_q(table)}").fetchone()
+        assert row is not None
+        lo, hi, rows = row
+        if lo is None:  # no value at all: every row counts as a missing one
+            return "count(*)"
+        if int(hi) - int(lo) < max(_BITMAP_BITS_PER_ROW * int(rows), 1 << 16):
+            return (f"count(*) - bit_count(bitstring_agg({_q(key)}, {int(lo)}::{key_type}, "
+                    f"{int(hi)}::{key_type}))")
+    return f"count(*) - count(DISTINCT {_q(key)})"
 
 
 def _build_staged(con: duckdb.DuckDBPyConnection, sf: SourceFile, spec: TableSpec,

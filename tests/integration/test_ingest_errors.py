@@ -234,3 +234,39 @@ def test_parquet_null_and_duplicate_name_rows(db: Database, settings: Settings,
     pq.write_table(original.set_column(0, "person_id", pa.array(ids, pa.int64())), path)
     with pytest.raises(IngestError, match=r"person.parquet row 21, column person_id: required"):
         ingest(db, settings, "bad", src, OPERATOR)
+
+
+def _person_parquet(tmp_path: Path) -> tuple[Path, pa.Table]:
+    src = tmp_path / "pq3"
+    generator.generate(src, 30, seed=3, fmt="parquet")
+    return src, pq.read_table(src / "person.parquet")
+
+
+def test_parquet_column_twice_is_named(db: Database, settings: Settings,
+                                       tmp_path: Path) -> None:
+    """The header check reads the file's own schema: a repeated column is named, not renamed
+    away as DuckDB's DESCRIBE would."""
+    src, original = _person_parquet(tmp_path)
+    twice = original.append_column("year_of_birth", original.column("year_of_birth"))
+    pq.write_table(twice, src / "person.parquet")
+    expect_failure(db, settings, src, "person.parquet line 1 (header)",
+                   "column 'year_of_birth' appears twice")
+
+
+def test_parquet_struct_fields_are_not_columns(db: Database, settings: Settings,
+                                               tmp_path: Path) -> None:
+    src, original = _person_parquet(tmp_path)
+    nested = original.append_column(
+        "extra", pa.array([{"person_id": 1, "gender_concept_id": 2}] * original.num_rows))
+    pq.write_table(nested, src / "person.parquet")
+    detail = expect_failure(db, settings, src, "person.parquet line 1 (header)",
+                            "unknown column 'extra'")
+    assert "appears twice" not in detail
+
+
+def test_unreadable_parquet_file_is_named(db: Database, settings: Settings,
+                                          tmp_path: Path) -> None:
+    src = tmp_path / "pq4"
+    generator.generate(src, 30, seed=4, fmt="parquet")
+    (src / "death.parquet").write_bytes(b"PAR1" + SECRET.encode() * 10)
+    expect_failure(db, settings, src, "death.parquet: not a readable Parquet file")
