@@ -95,6 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await run_in_threadpool(service.sweep_quarantine)
         await run_in_threadpool(service.close_ended)
+        await run_in_threadpool(service.resume_mia_jobs)
         follower.start()
         interval = app.state.spe.settings.airlock_purge_interval_seconds
         if interval > 0:

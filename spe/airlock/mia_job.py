@@ -49,6 +49,14 @@ def initial_check(settings: Settings) -> Check:
                  "background job; reviewers see its result here.", details={"state": "queued"})
 
 
+def not_run(settings: Settings, why: str) -> Check:
+    """The check of a queued job that will not run (``why``): reviewers judge without it."""
+    if configured(settings) is None:
+        return initial_check(settings)
+    return Check(NAME, REVIEW, f"MIA not run: {why}; reviewers judge the model without it.",
+                 details={"state": "lost"})
+
+
 def run(settings: Settings, model_path: Path, kind: str, training_rows: int | None) -> Check:
     python = configured(settings)
     if python is None:

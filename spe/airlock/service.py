@@ -77,6 +77,12 @@ class Download:
         return b"".join(self.chunks())
 
 
+def _mia_queued(f: ExportFile) -> bool:
+    """Whether ``f`` waits for its membership-inference result."""
+    return any(c.get("name") == mia_job.NAME and (c.get("details") or {}).get("state") == "queued"
+               for c in (f.checks or []))
+
+
 class AirlockService:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
@@ -309,6 +315,40 @@ class AirlockService:
             self.mia_threads.append(mia_job.start(
                 self.settings, self.quarantine.path(request_id, file_id), kind, rows, record))
 
+    def resume_mia_jobs(self) -> int:
+        """Start again the membership-inference jobs of files in review whose result never
+        came (the process that ran them stopped): approving such a file waits for it. Without
+        a configured SACRO-ML environment now, the file gets the "not run" check instead.
+        Returns the number of files seen. A job still running in another worker runs twice;
+        the later result replaces the earlier one."""
+        jobs: list[MiaJob] = []
+        waiting: list[tuple[str, str]] = []
+        with self.db.read() as s:
+            found = s.execute(select(ExportFile, ExportRequest).join(
+                ExportRequest, ExportRequest.id == ExportFile.request_id).where(
+                ExportRequest.state == State.IN_REVIEW.value)).all()
+            for f, req in found:
+                if not _mia_queued(f):
+                    continue
+                waiting.append((req.id, f.id))
+                if mia_job.configured(self.settings) is None:
+                    continue
+                try:
+                    data = self.quarantine.get(req.id, f.id)
+                except OSError:
+                    continue
+                model = models_check.model_kind(f.kind or "", data)
+                rows = models_check.declared_rows(list(req.receipts or [])).get(f.name)
+                if model is not None:
+                    jobs.append((req.id, f.id, model, rows))
+        started = {(r, f) for r, f, _k, _n in jobs}
+        for request_id, file_id in waiting:
+            if (request_id, file_id) not in started:  # nothing can run it: say so
+                self.record_mia(request_id, file_id, mia_job.not_run(
+                    self.settings, "the job was lost when the SPE stopped"))
+        self._start_mia_jobs(jobs)
+        return len(waiting)
+
     def record_mia(self, request_id: str, file_id: str, found: chk.Check) -> None:
         """Store a membership-inference result on its file (replacing the queued check),
         audited as ``airlock.mia``. The file's outcome never becomes ``pass`` by it."""
@@ -450,6 +490,10 @@ class AirlockService:
                                             "msg": f"{len(unknown)} unknown file ids"}])
             per_file = {f.id: (files or {}).get(f.id, decision) for f in rows}
             for f in rows:
+                if per_file[f.id] == "approve" and _mia_queued(f):
+                    raise Conflict(f"The membership-inference attack on file {f.id} has not "
+                                   "finished: approving it waits for the result (rejecting "
+                                   "or returning the request does not).")
                 failed = f.outcome == chk.FAIL or any(c["outcome"] == chk.FAIL
                                                       for c in f.checks)
                 if per_file[f.id] == "approve" and failed and not override_reason:

@@ -299,3 +299,75 @@ def test_mia_job_that_breaks_goes_to_review(
     got = _submit(airlock, pid, name, data)
     done = _checks(_after_jobs(airlock, pid, got["id"]))["model_mia"]
     assert done["outcome"] == "needs_review" and "failed" in done["reason"]
+
+
+ADMINS = [Principal(subject=f"h{i}", username=f"hadmin{i}", kind="user",
+                    roles=frozenset({Role.HOSPITAL_ADMIN})) for i in (1, 2)]
+
+
+def _stand_in(tmp_path: Path, name: str, body_: str) -> Path:
+    path = tmp_path / name
+    path.write_text(f"#!/bin/sh\ncat >/dev/null\n{body_}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_approving_waits_for_the_attack_result(
+        setup: tuple[PermitService, AirlockService, str], tmp_path: Path) -> None:
+    """A stand-in attack (see above) that waits until the test lets it answer: while it runs,
+    an approval is refused; rejecting is not; once it answered, approval counts."""
+    from spe.errors import Conflict
+
+    _p, plain, pid = setup
+    go = tmp_path / "go"
+    slow = _stand_in(tmp_path, "slow-python",
+                     f"while [ ! -e {go} ]; do sleep 0.05; done\n"
+                     'echo \'{"outcome": "needs_review", "summary": "stand-in: AUC 0.52"}\'')
+    airlock = _configured(plain, slow)
+    name, data = GOOD["onnx"]
+    got = _submit(airlock, pid, name, data)
+    assert _checks(got)["model_mia"]["details"]["state"] == "queued"
+    with pytest.raises(Conflict, match="has not finished"):
+        airlock.vote(ADMINS[0], pid, got["id"], "approve", None, False, None, None)
+    go.touch()
+    done = _after_jobs(airlock, pid, got["id"])
+    assert "AUC 0.52" in _checks(done)["model_mia"]["reason"]
+    for admin in ADMINS:
+        airlock.vote(admin, pid, got["id"], "approve", None, False, None, None)
+    assert airlock.get(ALICE, pid, got["id"])["state"] == "released"
+
+
+def test_a_job_lost_with_its_process_runs_again_at_start(
+        setup: tuple[PermitService, AirlockService, str], tmp_path: Path,
+        db: Database) -> None:
+    """The SPE stopped while a job ran (simulated: the stored check put back to queued):
+    the next start runs it again; without an environment it says the attack did not run."""
+    from spe.airlock.models import ExportFile
+
+    _p, plain, pid = setup
+    answer = _stand_in(tmp_path, "answer-python",
+                       'echo \'{"outcome": "fail", "summary": "stand-in: AUC 0.88"}\'')
+    airlock = _configured(plain, answer)
+    got = _submit(airlock, pid, *GOOD["safetensors"])
+    queued = _checks(got)["model_mia"]
+    _after_jobs(airlock, pid, got["id"])
+
+    def lose_result() -> None:
+        with db.write() as s:
+            row = s.get(ExportFile, got["files"][0]["id"])
+            assert row is not None
+            row.checks = [c for c in row.checks if c["name"] != "model_mia"] + [queued]
+
+    lose_result()
+    restarted = _configured(plain, answer)
+    assert restarted.resume_mia_jobs() == 1
+    done = _checks(_after_jobs(restarted, pid, got["id"]))["model_mia"]
+    assert done["outcome"] == "fail" and "AUC 0.88" in done["reason"]
+    assert restarted.resume_mia_jobs() == 0  # nothing waits any more
+
+    lose_result()
+    unconfigured = AirlockService(db, plain.settings)
+    assert unconfigured.resume_mia_jobs() == 1
+    after = _checks(unconfigured.get(ALICE, pid, got["id"]))["model_mia"]
+    assert "MIA not run" in after["reason"] and after["details"].get("state") != "queued"
+    unconfigured.vote(ADMINS[0], pid, got["id"], "approve", None, False, None, None)
