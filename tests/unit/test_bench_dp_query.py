@@ -64,3 +64,13 @@ def test_engine_accepts_the_cohort_and_first_diagnosis_forms(tmp_path: Path) -> 
                    "JOIN condition_occurrence c ON p.person_id = c.person_id GROUP BY 1")
     with pytest.raises(QueryRefused):  # MIN is released only per person, inside a derived table
         prepare(per_row_min, meta, terms, epsilon=1.0, delta=1e-6)
+
+
+def test_bench_runs_only_the_queries_asked_for(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.dp_query", "--persons", "300", "--runs", "1",
+         "--no-polars", "--no-http", "--data-dir", str(tmp_path), "--query", "by gender"],
+        capture_output=True, text=True, timeout=600, check=True).stdout
+    names = [name for name, _raw, _dp in dp_query.QUERIES
+             if any(line.startswith(name + " ") for line in out.splitlines())]
+    assert names == ["count by gender"]
