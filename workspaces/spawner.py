@@ -35,6 +35,7 @@ import contextlib
 import html
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,16 @@ def check_permit(db: Database, person: str, permit_id: str) -> PermitTerms:
     return terms
 
 
+@dataclass(frozen=True)
+class _Stopping:
+    """A sandbox being torn down, with the identity it ran under."""
+
+    ws: Any
+    person: str
+    permit_id: str
+    ws_id: str
+
+
 def _audit(db: Database, action: str, person: str, permit_id: str | None, ws_id: str,
            outcome: Outcome = Outcome.SUCCESS, reason: str | None = None,
            **details: Any) -> None:
@@ -133,6 +144,7 @@ class SandboxSpawner(Spawner):
         self._permit_id = ""
         self._token = ""
         self._token_at = 0.0
+        self._stopping: asyncio.Future[None] | None = None  # the teardown in progress
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -279,21 +291,45 @@ class SandboxSpawner(Spawner):
         token_refresh.write_token_file(ws.home_on_host, ws.uid, ws.gid, minted.token)
         self._token, self._token_at = minted.token, time.monotonic()
 
-    def _teardown(self, db: Database, reason: str) -> None:
-        ws, self._ws, self._proc = self._ws, None, None
-        if ws is not None:
+    def _take_for_teardown(self) -> _Stopping:
+        """What a teardown needs, taken at once and cleared from the spawner: the hub may
+        clear its state (``clear_state``: permit, so workspace id) while the teardown runs."""
+        taken = _Stopping(ws=self._ws, person=self.person, permit_id=self._permit_id,
+                          ws_id=self.ws_id)
+        self._ws, self._proc = None, None
+        return taken
+
+    def _teardown(self, db: Database, reason: str, taken: _Stopping | None = None) -> None:
+        """Destroy the sandbox, release its GPUs, revoke its tokens, record it stopped."""
+        t = taken or self._take_for_teardown()
+        if t.ws is not None:
             with contextlib.suppress(Exception):
-                self.backend.destroy(ws)
-        gpu.release(db, self.ws_id, actor=self.person)
+                self.backend.destroy(t.ws)
+        gpu.release(db, t.ws_id, actor=t.person)
         from spe.auth.workspace_tokens import revoke_workspace_tokens
 
         with db.write() as session:
-            revoke_workspace_tokens(session, self.ws_id, reason=f"workspace stopped: {reason}")
+            revoke_workspace_tokens(session, t.ws_id, reason=f"workspace stopped: {reason}")
         with contextlib.suppress(Exception):
-            lifecycle.record_state(db, person=self.person, permit_id=self.permit_id,
+            lifecycle.record_state(db, person=t.person, permit_id=t.permit_id,
                                    state="stopped", error=None if reason == "stopped" else reason)
-        _audit(db, "workspace.stop", self.person, self.permit_id, self.ws_id, reason=reason,
+        _audit(db, "workspace.stop", t.person, t.permit_id, t.ws_id, reason=reason,
                at=datetime.now(UTC).isoformat())
+
+    async def _teardown_once(self, reason: str) -> None:
+        """The teardown, from the event loop, run once: a caller that comes while one runs
+        (the hub's stop beside its poll, or the other way round) waits for that one, so the
+        hub never sees the server stopped before its sandbox is gone and recorded."""
+        if self._stopping is None:
+            taken = self._take_for_teardown()
+            self._stopping = asyncio.ensure_future(asyncio.to_thread(
+                self._teardown, _db(self.spe_settings), reason, taken))
+            self._stopping.add_done_callback(self._stopped)
+        await asyncio.shield(self._stopping)
+
+    def _stopped(self, done: asyncio.Future[None]) -> None:
+        if self._stopping is done:
+            self._stopping = None
 
     # -- Spawner API -----------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -319,7 +355,7 @@ class SandboxSpawner(Spawner):
             self._proc = backend.start(ws, cmd, env=env, log=ws.root / "server.log")
             self._started_at = time.monotonic()
         except BaseException:
-            await asyncio.to_thread(self._teardown, _db(self.spe_settings), "start failed")
+            await self._teardown_once("start failed")
             raise
         await asyncio.to_thread(lifecycle.record_state, _db(self.spe_settings),
                                 person=self.person, permit_id=self.permit_id, state="running")
@@ -339,14 +375,13 @@ class SandboxSpawner(Spawner):
                 # Later, the log holds whatever the researcher's code printed, which may be
                 # data: it stays in the workspace's own file, never in the hub's log.
                 self.log.error("Workspace %s server exited with %s", self.ws_id, code)
-            await asyncio.to_thread(self._teardown, _db(self.spe_settings),
-                                    f"server exited ({code})")
+            await self._teardown_once(f"server exited ({code})")
             return int(code)
         try:
             await asyncio.to_thread(check_permit, _db(self.spe_settings), self.person,
                                     self.permit_id)
         except (PermitNotUsable, NotNamedInPermit, NotFound) as exc:
-            await asyncio.to_thread(self._teardown, _db(self.spe_settings), str(exc))
+            await self._teardown_once(str(exc))
             return 1
         ws = self._ws
         every = token_refresh.refresh_interval(self.spe_settings)
@@ -359,8 +394,8 @@ class SandboxSpawner(Spawner):
         return None
 
     async def stop(self, now: bool = False) -> None:
-        if self._ws is not None:
-            await asyncio.to_thread(self._teardown, _db(self.spe_settings), "stopped")
+        if self._ws is not None or self._stopping is not None:
+            await self._teardown_once("stopped")
 
     def get_state(self) -> dict[str, Any]:
         state: dict[str, Any] = super().get_state()
