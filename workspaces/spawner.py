@@ -319,7 +319,11 @@ class SandboxSpawner(Spawner):
     async def _teardown_once(self, reason: str) -> None:
         """The teardown, from the event loop, run once: a caller that comes while one runs
         (the hub's stop beside its poll, or the other way round) waits for that one, so the
-        hub never sees the server stopped before its sandbox is gone and recorded."""
+        hub never sees the server stopped before its sandbox is gone and recorded. With no
+        sandbox and no teardown running (another caller finished it meanwhile, and the hub
+        may have cleared the permit since), there is nothing left to tear down or record."""
+        if self._stopping is None and self._ws is None:
+            return
         if self._stopping is None:
             taken = self._take_for_teardown()
             self._stopping = asyncio.ensure_future(asyncio.to_thread(

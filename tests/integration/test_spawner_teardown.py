@@ -88,3 +88,34 @@ def test_concurrent_stops_record_one_stop_under_the_right_permit(
         rows = list(s.execute(select(WorkspaceRow)).scalars())
     assert [(e.permit_id, e.target) for e in stops] == [(pid, ws_id)]
     assert [(r.permit_id, r.state) for r in rows] == [(pid, "stopped")]
+
+
+def test_a_teardown_after_one_finished_records_nothing(db: Database, tmp_path: Path) -> None:
+    """The poll's permit check returns after a stop finished and the hub cleared the state:
+    no second stop under an empty permit."""
+    register_dataset(db)
+    pid = issue(PermitService(db))
+    settings = Settings(data_dir=tmp_path / "var", database_url=db.url)
+
+    class Spawner(SandboxSpawner):
+        @property
+        def spe_settings(self) -> Settings:
+            return settings
+
+    backend = _HeldDestroy()
+    backend.release.set()
+    spawner = Spawner(user=SimpleNamespace(name="alice", url="/user/alice/",
+                                           base_url="/user/alice/"))
+    spawner._permit_id, spawner._backend = pid, backend  # type: ignore[assignment]
+    spawner._ws = SimpleNamespace(ws_id=accounts.workspace_id("alice", pid))
+
+    async def late() -> None:
+        await spawner.stop()
+        spawner.clear_state()
+        await spawner._teardown_once("No permit .")  # what the late poll would do
+
+    asyncio.run(late())
+    with db.read() as s:
+        stops = list(s.execute(select(AuditEntry.permit_id).where(
+            AuditEntry.action == "workspace.stop")).scalars())
+    assert stops == [pid]
