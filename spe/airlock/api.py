@@ -95,7 +95,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await run_in_threadpool(service.sweep_quarantine)
         await run_in_threadpool(service.close_ended)
-        await run_in_threadpool(service.resume_mia_jobs)
+        try:
+            await run_in_threadpool(service.resume_mia_jobs)
+        except Exception:  # fails closed: those files still wait, the API still starts
+            logger.exception("airlock: restarting lost membership-inference jobs failed")
         follower.start()
         interval = app.state.spe.settings.airlock_purge_interval_seconds
         if interval > 0:
