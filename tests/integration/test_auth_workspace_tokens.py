@@ -139,10 +139,10 @@ def test_expired_workspace_token_is_refused(
 ) -> None:
     settings = api_settings.model_copy(update={"token_leeway_seconds": 0})
     api_app.state.spe.settings = settings
-    minted = _mint(db, settings, permits, ttl_seconds=1)
-    with TestClient(api_app) as client:
+    with TestClient(api_app) as client:  # minted after the app's start-up, which takes time
+        minted = _mint(db, settings, permits, ttl_seconds=2)
         assert _me(client, minted.token).status_code == 200
-        time.sleep(2.1)
+        time.sleep(3.1)
         response = _me(client, minted.token)
     assert response.status_code == 401 and "expired" in response.json()["detail"]
 
