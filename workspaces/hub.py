@@ -107,12 +107,27 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None,
     raise TimeoutError(f"hub at {url} not ready after {timeout:.0f} s")
 
 
+def _data_dir(env: Mapping[str, str]) -> Path:
+    """The data directory the hub's config will use with ``env`` (it runs in the repository)."""
+    configured = env.get("SPE_DATA_DIR")
+    if configured:
+        path = Path(configured)
+    else:
+        from spe.config import Settings
+
+        path = Settings.model_fields["data_dir"].default
+    return (path if path.is_absolute() else REPO / path).resolve()
+
+
 def start_hub(*, public_url: str, env: Mapping[str, str], log_path: Path,
               config: Path = CONFIG, timeout: float = 60.0,
               proxy_pid_file: Path | None = None) -> HubProcess:
     """Start the hub with ``env`` added to this process's environment; wait until ready.
-    ``proxy_pid_file``: where the config has the proxy write its pid (stopped with the hub)."""
+    ``proxy_pid_file``: where the config has the proxy write its pid (stopped with the hub);
+    with the SPE's own config it defaults to where that config puts it (``<data dir>/hub``)."""
     full_env = {**os.environ, **env}
+    if proxy_pid_file is None and config == CONFIG:
+        proxy_pid_file = _data_dir(full_env) / "hub" / "proxy.pid"
     full_env["SPE_HUB_PUBLIC_URL"] = public_url
     full_env.setdefault("PYTHONPATH", str(REPO))
     log_path.parent.mkdir(parents=True, exist_ok=True)
