@@ -477,3 +477,59 @@ def test_export_review_and_download(console: dict[str, Any], chromium: Any) -> N
     third.shot("admin-export-differencing")
     third.check_headers()
     third.close()
+
+
+def test_model_approval_waits_for_the_membership_inference_result(
+        console: dict[str, Any], chromium: Any, tmp_path: Path) -> None:
+    """A model in review whose membership-inference attack still runs: the reviewer's approve
+    is refused on the page with the reason, and counts once the result is stored. SACRO-ML
+    needs PyTorch, which cannot be installed here: a stand-in interpreter plays the configured
+    attack environment and answers when the test lets it (tests/integration/
+    test_airlock_models.py has the runner's own tests)."""
+    import stat
+
+    from spe.airlock.service import AirlockService
+    from tests.integration.test_airlock_models import GOOD
+
+    ids, base = console["ids"], console["base"]
+    pid = ids["exports"]
+    go = tmp_path / "go"
+    stand_in = tmp_path / "sacroml-python"
+    stand_in.write_text(f"#!/bin/sh\ncat >/dev/null\nwhile [ ! -e {go} ]; do sleep 0.05; "
+                        "done\necho '{\"outcome\": \"needs_review\", \"summary\": "
+                        "\"stand-in attack: AUC 0.51\"}'\n")
+    stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
+    airlock = AirlockService(console["db"], console["settings"].model_copy(update={
+        "airlock_sacroml_python": stand_in, "airlock_mia_timeout_seconds": 60.0}))
+    alice = Principal(subject="alice", username="alice", kind="user",
+                      roles=frozenset({Role.RESEARCHER}))
+    name, data = GOOD["onnx"]
+    made = airlock.create(alice, pid, "the fitted model", [
+        {"evidence": "model", "file": name, "training_rows": 1000}])
+    airlock.upload(alice, pid, made["id"], name, data)
+    airlock.submit(alice, pid, made["id"])
+    page_path = f"/console/permits/{pid}/exports/{made['id']}"
+    admin = Visit(chromium, base)
+    admin.login("hadmin", password_of("hadmin"))
+    try:
+        admin.open(page_path)
+        assert "MIA queued" in admin.page.inner_text("main")
+        admin.page.check("#d-approve")
+        admin.page.click("button:has-text('Send vote')")
+        assert "has not finished" in admin.page.inner_text("main")
+        assert "0 of 2" in admin.page.inner_text("dl.facts")
+        admin.shot("admin-export-model-mia-running")
+        go.touch()
+        for thread in airlock.mia_threads:
+            thread.join(timeout=60)
+        admin.open(page_path)
+        assert "AUC 0.51" in admin.page.inner_text("main")
+        admin.page.check("#d-approve")
+        admin.page.click("button:has-text('Send vote')")
+        admin.page.wait_for_url(f"{base}{page_path}")
+        assert "1 of 2" in admin.page.inner_text("dl.facts")
+        admin.shot("admin-export-model-mia-done")
+        admin.check_headers()
+    finally:
+        go.touch()
+        admin.close()
